@@ -1,0 +1,1 @@
+"""Pure algorithm functions (tensors in, tensors out): advantages, losses, MAPO weights."""

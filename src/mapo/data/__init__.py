@@ -1,0 +1,1 @@
+"""Data: record schema, adapters, audio loading, validation, prompts and batching, the benchmark."""

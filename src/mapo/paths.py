@@ -1,0 +1,11 @@
+"""Where generated files go. Everything the project writes lives under one git-ignored folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Root of generated files (models, data, runs). Override with MAPO_ARTIFACTS.
+ARTIFACTS = Path(os.environ.get("MAPO_ARTIFACTS", "artifacts"))
+TINY_MODEL_DIR = ARTIFACTS / "models" / "tiny-qwen2-audio"
+SYNTHETIC_DATA_DIR = ARTIFACTS / "data" / "synthetic"

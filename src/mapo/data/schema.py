@@ -15,13 +15,14 @@ class Record:
     """One multiple-choice audio question.
 
     id:       unique id within its manifest.
-    audio:    absolute path of the clip, or None for a text-only item.
+    audio:    path of the clip (absolute once read by `mapo.data.adapters.read_manifest`; manifests may
+              store it relative to their own folder), or None for a text-only item.
     question: the question text (no options; the prompt builder adds them).
     choices:  option texts, in the order shown to the model.
     answer:   text of the right option; always one of `choices`.
-    task:     task family (e.g. "tone_count"); "unknown" when the source has none.
+    task:     task family (e.g. "tone_count"; MMAU: sound / music / speech); "unknown" when absent.
     split:    "train", "test", "counter_prior", … .
-    category: optional coarser grouping (MMAU: sound / music / speech).
+    category: optional finer grouping (MMAU: the skill category).
     trace:    optional reference reasoning (no answer tag), used by the supervised warm start.
     meta:     anything else the source carried (kept, never interpreted).
     """

@@ -1,0 +1,185 @@
+"""Structured configs for the training program, one dataclass per Hydra group (DESIGN §7).
+
+The dataclasses are the schema: Hydra validates every YAML file and command-line override against
+them, so a misspelt key fails with the valid ones listed. The YAML files in `conf/<group>/` hold the
+named choices (`model=tiny`, `algo=grpo`, …) and `conf/experiment/` the named experiments that
+`make train EXP=…` selects. Defaults here are the paper-script defaults of DESIGN §3 where they exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a Qwen2-Audio checkpoint (never downloaded)
+    build_tiny_if_missing: bool = False  # build the tiny model (and its data) at `path` when absent
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # text-model attention kernel: sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
+    freeze_audio_tower: bool = True  # keep the audio encoder fixed (its embeddings are then cached per prompt)
+    freeze_projector: bool = False  # keep the audio→text projector fixed
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # label shown in logs and tables
+    dir: str = "artifacts/data/synthetic"  # folder holding the manifests (relative paths resolve against it)
+    train: str = "train.jsonl"  # training manifest, relative to `dir` or absolute
+    eval_splits: dict[str, str] = field(
+        default_factory=lambda: {"test": "test.jsonl", "counter_prior": "counter_prior.jsonl"}
+    )  # split name -> manifest evaluated periodically and in the final table
+    layout: str = "auto"  # manifest layout: auto | jsonl | mmau | avqa
+    skip_bad: bool = False  # drop bad manifest rows (counted and reported) instead of stopping
+    generate_if_missing: bool = False  # run the synthetic generator when `dir` has no manifests
+    eval_max_items: int = 240  # cap on items per eval split (0 = all), taken evenly over tasks
+    text_only_fraction: float = 0.0  # fraction of training prompts shown without their audio (mixed batches)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 4  # prompts per RL step (global, over all ranks)
+    group_size: int = 8  # G: sampled completions per prompt
+    max_new_tokens: int = 48  # completion length cap; truncated completions score 0 accuracy
+    temperature: float = 1.0  # sampling temperature (also used when scoring entropies)
+    top_p: float = 1.0  # nucleus sampling threshold (1 = off)
+    eval_batch_size: int = 32  # prompts per greedy evaluation batch
+
+
+@dataclass
+class MaskConfig:
+    enabled: bool = True  # weight the policy gradient by the modality relevance mask ω̃ (False: ω̃ ≡ 1)
+    kind: str = "soft"  # soft | threshold | topk | quantile
+    score: str = "entropy"  # Δh source: entropy (DESIGN Δh) | kl_token | kl_full (KL(π_θ‖π_ablated))
+    tau_base: float = 1.0  # τ_T = tau_base·log(max(T, 2)) (soft kind)
+    cap: float = 5.0  # C_mask: upper bound of ω̃
+    threshold: float = 0.5  # |Δh| threshold (threshold kind)
+    floor: float = 0.1  # weight of tokens below threshold / outside top-ρ
+    rho: float = 0.3  # fraction of tokens kept (topk, quantile kinds)
+
+
+@dataclass
+class ReferenceConfig:
+    model: str = "frozen"  # audio-ablated reference: frozen (copy of the initial policy) | policy (current policy)
+    ablation: str = "drop_features"  # drop_features | mask_audio_keys | silence | noise
+
+
+@dataclass
+class AttnConfig:
+    eta: float = 0.05  # η: weight of the audio-attention loss (0 disables capture entirely)
+    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # decoder layers captured (negative = from the top)
+    head_reduce: str = "max"  # reduce over heads: max | mean
+    layer_reduce: str = "mean"  # reduce over layers: mean | max
+    method: str = "sdpa"  # sdpa (indicator value, O(T) memory) | eager (full attention weights, reference)
+    schedule: str = "power"  # temporal weight w_t: power | exp | step | constant
+    kappa: float = 1.0  # κ of the power / exp schedules
+    token_gate: str = "content"  # p_t: content (letters/digits, no specials or tags) | all
+    tau_base: float = 1.0  # τ for the targeting weights ν̃
+    cap: float = 5.0  # C_mask for ν̃
+    fail_floor: float = 0.1  # f_floor of the sequence gate
+    adv_eps: float = 0.02  # ε_A of the sequence gate
+    gate_cap: float = 3.0  # C_pref of the sequence gate
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "mapo"  # mapo | grpo | sft
+    adv_scale: str = "group"  # advantage scaling: group | batch | none (Dr.GRPO)
+    adv_eps: float = 1e-4  # added to the std of the advantage normaliser
+    eps_low: float = 0.2  # PPO clip range below 1
+    eps_high: float = 0.2  # PPO clip range above 1 (DAPO's clip-higher: raise it)
+    loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean | token_mean | seq_mean_token_sum | dr_grpo
+    beta: float = 0.02  # β: weight of the KL penalty to the frozen reference (0 = no reference KL)
+    kl_kind: str = "k3"  # k1 | k2 | k3
+    updates_per_rollout: int = 1  # optimizer passes over each rollout (>1 makes the ratio ≠ 1)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # registry names (mapo.rewards)
+    weights: list[float] = field(default_factory=lambda: [1.0, 0.1])  # weight of each function in the total
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: bool = False  # supervised warm start on reference traces before RL (cached by config hash)
+    steps: int = 400  # optimizer steps
+    batch_size: int = 32  # items per step
+    lr: float = 3e-3  # AdamW learning rate (constant after warm-up)
+    warmup_steps: int = 20  # linear warm-up
+    cache_dir: str = "artifacts/warm_start"  # cached checkpoints, keyed by model/data/warm-start config
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0  # seeds python, numpy, torch and the per-prompt sampling
+    steps: int = 100  # optimizer steps of the main phase (RL steps, or SFT steps for algo=sft)
+    lr: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
+    warmup_steps: int = 5  # linear warm-up steps
+    schedule: str = "constant"  # lr after warm-up: constant | cosine | linear
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    micro_batch_size: int = 16  # rows per forward/backward; the global normaliser keeps the loss exact
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 2  # torch CPU threads (1 is steadier on a shared 2-core machine)
+    eval_every: int = 0  # evaluate every N steps (0 = only before and after)
+    eval_on_start: bool = True  # evaluate before training (the "before" column of the final table)
+    checkpoint_every: int = 50  # write a checkpoint every N steps (and at the end)
+    keep_last: int = 2  # checkpoints kept
+    resume: str = "auto"  # auto (latest checkpoint of run_dir, if any) | never | path to a checkpoint
+    run_dir: Optional[str] = None  # where metrics, plots and checkpoints go (default: Hydra's output folder)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb (online if configured, else offline files) | none
+    project: str = "mapo"  # W&B project
+    run_name: Optional[str] = None  # W&B run name (default: experiment name + time)
+    mode: Optional[str] = None  # force W&B mode: online | offline | disabled (default: decided from the environment)
+    log_every: int = 1  # metrics every N steps
+    sample_every: int = 25  # completion sample table every N steps
+
+
+@dataclass
+class MapoConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    algo: AlgoConfig = MISSING
+    reward: RewardConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    experiment_name: str = "custom"  # set by each experiment file; names runs and tables
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the run config
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "algo": AlgoConfig,
+    "reward": RewardConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore: `mapo_schema` and one `<group>/schema` per group.
+
+    The YAML choices list `<group>/schema` first in their defaults, so every value is type-checked.
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="mapo_schema", node=MapoConfig)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name="schema", node=node)

@@ -1,0 +1,185 @@
+"""Everything about running on several processes, in one place (DESIGN §2, torchtitan's rule).
+
+- `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the
+  process group (nccl on CUDA, gloo on CPU); without torchrun it returns a single-process context.
+- `apply_fsdp(model, ctx)` shards a *built* model with FSDP2 (`fully_shard`): each text decoder layer
+  and each audio-encoder layer, then the root, with bf16 mixed precision on GPU. The model code knows
+  nothing of it. (`Qwen2AudioAttention` is not wrapped on its own: FIELD-NOTES.)
+- `reduce_metrics`, `all_done`, `gather_1d`, `global_sum` are the only collectives the loop uses.
+- `shard_indices` gives each rank its slice of a global batch.
+- `full_model_state` / `load_full_model_state` move weights in and out of a sharded model for
+  checkpoints (rank 0 writes a plain safetensors state dict).
+
+Algorithm code never imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    fsdp: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` → the local CUDA device when there is one, else CPU; `cuda` without CUDA is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but CUDA is not available (use trainer.device=auto or cpu)")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"trainer.device must be auto, cpu or cuda, got {name!r}")
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Start the process group when launched by torchrun; a plain single-process context otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, fsdp=world_size > 1)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def apply_fsdp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """Shard decoder layers, audio-encoder layers and the root with FSDP2; no-op on one process."""
+    if not ctx.enabled:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if ctx.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    inner = model.model
+    for layer in inner.language_model.layers:
+        fully_shard(layer, **kwargs)
+    for layer in inner.audio_tower.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def shard_indices(n: int, ctx: DistContext) -> slice:
+    """This rank's contiguous slice of a global batch of `n` items (n must divide evenly)."""
+    if n % ctx.world_size:
+        raise ValueError(f"global batch of {n} prompts does not divide over {ctx.world_size} ranks")
+    per = n // ctx.world_size
+    return slice(ctx.rank * per, (ctx.rank + 1) * per)
+
+
+def global_sum(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum of a tensor over ranks (a copy; the input is left as it is)."""
+    x = x.detach().clone()
+    if ctx.enabled:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def gather_1d(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Concatenate equal-length 1-D tensors of all ranks in rank order: [n] → [world·n]."""
+    if not ctx.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_done(local_done: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True when every rank is done: lets ranks under FSDP keep decoding together (no deadlock)."""
+    if not ctx.enabled:
+        return local_done
+    flag = torch.tensor([0.0 if local_done else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return bool(flag.item() == 0)
+
+
+def reduce_metrics(metrics: dict[str, torch.Tensor | float], ctx: DistContext) -> dict[str, float]:
+    """Average scalar metrics over ranks in one collective and move them to the host once.
+
+    Keys ending in `_max` are reduced with max, `_min` with min, `_sum` with sum; the rest are means.
+    """
+    keys = sorted(metrics)
+    if not keys:
+        return {}
+    vals = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).detach().cpu().reshape(()) for k in keys])
+    if ctx.enabled:
+        kinds = [("max" if k.endswith("_max") else "min" if k.endswith("_min") else "sum" if k.endswith("_sum") else "mean") for k in keys]
+        dev = ctx.device
+        out = vals.clone()
+        for kind, op in (("mean", dist.ReduceOp.SUM), ("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX), ("min", dist.ReduceOp.MIN)):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            if not idx:
+                continue
+            part = vals[idx].to(dev)
+            dist.all_reduce(part, op=op)
+            part = part.cpu()
+            if kind == "mean":
+                part = part / ctx.world_size
+            out[idx] = part
+        vals = out
+    return {k: float(v) for k, v in zip(keys, vals.tolist())}
+
+
+def full_model_state(model: torch.nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """A full, CPU, unsharded state dict (gathered under FSDP; every rank must call it)."""
+    if not ctx.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], ctx: DistContext) -> None:
+    if not ctx.enabled:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict:
+    if not ctx.enabled:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
+    if not ctx.enabled:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

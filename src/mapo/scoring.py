@@ -1,0 +1,369 @@
+"""Scoring passes over a rollout: log-probs and entropies of the completion tokens, with or without audio.
+
+One pass = build the inputs (`sequence_inputs`: how the audio enters), run the base model to hidden
+states (`hidden_states`: the forward an attention-capture context manager can wrap), then turn hidden
+states into per-token values chunk by chunk (`logprobs_from_hidden`), so the fp32 `[N, T, V]` logits
+of the whole batch never exist at once. Alignment (DESIGN §3): completion token t (0-based) is
+predicted by the hidden state at position P + t − 1.
+
+Temperature divides the logits before the softmax, so log-probs and entropies are those of the
+distribution the rollout sampled from (top-p truncation is not applied: it would give the unsampled
+tail log-prob −inf and make ratios and KL undefined).
+
+How the audio enters (`AudioInput`):
+  "cached"           the rollout's embeddings (encoded once, DESIGN §9). Exact while the audio tower and
+                     projector are the ones that ran at rollout time (frozen, or not yet updated).
+  "recompute"        re-encode the rollout's features with *this* model's tower, under the caller's
+                     grad mode: a trainable tower/projector, or a reference model whose audio weights
+                     differ from the policy's.
+  "drop_features"    placeholders keep the bare `<|AUDIO|>` embedding (paper default ablation).
+  "mask_audio_keys"  attention mask 0 on the audio positions; positions of the other tokens keep the
+                     values computed from the original mask, so nothing shifts.
+  "silence"/"noise"  an all-zero / fixed-seed white-noise waveform of each clip's length goes through the
+                     feature extractor and this model's tower (same number of audio tokens).
+The last four are the ablations of DESIGN §3 (`ABLATION_MODES`); the reference model is the caller's
+choice (`pick_reference_model`): the frozen reference or the current policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mapo.models.embed import (
+    audio_token_id,
+    build_inputs_embeds,
+    encode_audio,
+    position_ids_from_mask,
+    split_audio_by_row,
+)
+from mapo.rollout import Rollout
+
+AblationMode = Literal["drop_features", "mask_audio_keys", "silence", "noise"]
+AudioInput = Literal["cached", "recompute", "drop_features", "mask_audio_keys", "silence", "noise"]
+ABLATION_MODES: tuple[str, ...] = get_args(AblationMode)
+AUDIO_INPUTS: tuple[str, ...] = get_args(AudioInput)
+ReferenceChoice = Literal["frozen", "policy"]
+
+#: Token positions per lm_head chunk. 512 × a 152k vocabulary in fp32 is ~0.3 GB per temporary.
+DEFAULT_CHUNK_SIZE = 512
+
+
+@dataclass
+class TokenScores:
+    """Per completion token values of one pass; 0 where completion_mask is 0.
+
+    logprobs: [N, T] fp32, log π(y_t | ·) at the sampling temperature.
+    entropy:  [N, T] fp32, full-vocabulary entropy of π(· | ·) at that position.
+    hidden:   [N, P+T, H] final hidden states, only when asked for (full-vocabulary KL).
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+def pick_reference_model(choice: ReferenceChoice, policy: nn.Module, frozen_reference: nn.Module | None) -> nn.Module:
+    """The model of the audio-ablated reference pass: the frozen reference (paper default) or the policy."""
+    if choice == "policy":
+        return policy
+    if choice == "frozen":
+        if frozen_reference is None:
+            raise ValueError("reference choice 'frozen' needs a frozen reference model, got None")
+        return frozen_reference
+    raise ValueError(f"unknown reference choice {choice!r}; valid: 'frozen', 'policy'")
+
+
+def ablation_features(
+    feature_extractor,
+    feature_attention_mask: torch.Tensor,
+    kind: Literal["silence", "noise"],
+    *,
+    noise_seed: int = 0,
+    noise_std: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of a silent / white-noise waveform with the same number of valid frames as each clip.
+
+    feature_attention_mask: [C, F] of the real clips. Every clip gets `L_c · hop_length` samples, which the
+    extractor turns into exactly L_c valid frames, hence the same number of audio tokens.
+    Noise is N(0, noise_std²) from `np.random.default_rng(noise_seed)`, the same for every clip and call.
+    Returns input_features [C, n_mels, F] and feature_attention_mask [C, F].
+    """
+    if feature_extractor is None:
+        raise ValueError(f"the {kind!r} ablation needs a feature_extractor (the processor's), got None")
+    hop = int(feature_extractor.hop_length)
+    frame_counts = feature_attention_mask.sum(-1).tolist()
+    waves = []
+    for frames in frame_counts:
+        n = int(frames) * hop
+        if kind == "silence":
+            waves.append(np.zeros(n, dtype=np.float32))
+        else:
+            waves.append((np.random.default_rng(noise_seed).standard_normal(n) * noise_std).astype(np.float32))
+    out = feature_extractor(
+        waves, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True, return_tensors="pt"
+    )
+    features, mask = out["input_features"], out["attention_mask"]
+    if features.shape[-1] != feature_attention_mask.shape[-1] or mask.sum(-1).tolist() != frame_counts:
+        raise ValueError(
+            f"feature_extractor made {features.shape[-1]} frames with valid counts {mask.sum(-1).tolist()}; "
+            f"the rollout's clips have {feature_attention_mask.shape[-1]} frames with {frame_counts}: "
+            "use the processor's own feature extractor"
+        )
+    return features, mask
+
+
+def _encoded_rows(model: nn.Module, rollout: Rollout, features: torch.Tensor, mask: torch.Tensor):
+    """Encode C clips with `model`'s tower and hand each of the N rows its prompt's embeddings."""
+    clips = encode_audio(model, features, mask)
+    per_prompt = split_audio_by_row(clips, rollout.unique_prompt_ids(), audio_token_id(model))
+    return [per_prompt[b] for b in rollout.group_index.tolist()]
+
+
+def sequence_inputs(
+    model: nn.Module,
+    rollout: Rollout,
+    audio: AudioInput = "cached",
+    *,
+    feature_extractor=None,
+    noise_seed: int = 0,
+    noise_std: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of a full-sequence pass: inputs_embeds [N, P+T, H], attention_mask [N, P+T], position_ids [N, P+T].
+
+    Positions always come from the rollout's own mask, so they equal the ones used while sampling.
+    """
+    if audio not in AUDIO_INPUTS:
+        raise ValueError(f"unknown audio input {audio!r}; valid: {', '.join(AUDIO_INPUTS)}")
+    attention_mask = rollout.attention_mask
+    position_ids = position_ids_from_mask(attention_mask)
+    has_clips = rollout.input_features is not None
+    if audio == "cached":
+        rows = rollout.row_audio_embeds()
+    elif audio in ("recompute", "silence", "noise") and has_clips:
+        features, mask = rollout.input_features, rollout.feature_attention_mask
+        if audio != "recompute":
+            features, mask = ablation_features(
+                feature_extractor, mask, audio, noise_seed=noise_seed, noise_std=noise_std
+            )
+        rows = _encoded_rows(model, rollout, features, mask)
+    else:
+        # drop_features / mask_audio_keys (or a text-only rollout): placeholders keep bare embeddings.
+        rows = None
+    if audio == "mask_audio_keys":
+        attention_mask = attention_mask.masked_fill(rollout.audio_mask.to(attention_mask.device), 0)
+    inputs_embeds = build_inputs_embeds(model, rollout.full_ids, rows)
+    return inputs_embeds, attention_mask.to(inputs_embeds.device), position_ids.to(inputs_embeds.device)
+
+
+def hidden_states(
+    model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """Final (normed) hidden states of the base model, no LM head: [N, S, H].
+
+    This is the forward to wrap in an attention-capture context manager for the policy update.
+    """
+    out = model.model(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def _chunk_logprob_entropy(
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden: [c, H], targets: [c] -> (log-prob of the target [c], entropy [c]), fp32."""
+    logits = lm_head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
+def logprobs_from_hidden(
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    completion_ids: torch.Tensor,
+    prompt_len: int,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the completion tokens and full-vocabulary entropies, `chunk_size` positions at a time.
+
+    hidden: [N, P+T, H]; completion_ids: [N, T]; completion_mask: [N, T] or None.
+    Returns (logprobs [N, T], entropy [N, T]) in fp32, 0 where completion_mask is 0.
+    With grad enabled each chunk is checkpointed: the backward recomputes that chunk's logits instead
+    of keeping all of them, so peak memory stays at one chunk of logits either way.
+    """
+    num_rows, num_tokens = completion_ids.shape
+    if hidden.shape[1] != prompt_len + num_tokens:
+        raise ValueError(
+            f"hidden has {hidden.shape[1]} positions, expected prompt_len + T = {prompt_len} + {num_tokens}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    queries = hidden[:, prompt_len - 1 : prompt_len - 1 + num_tokens].reshape(num_rows * num_tokens, -1)
+    targets = completion_ids.to(hidden.device).reshape(-1)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
+    logprob_chunks, entropy_chunks = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        args = (lm_head, queries[start : start + chunk_size], targets[start : start + chunk_size], temperature)
+        if needs_grad:
+            token_logp, entropy = checkpoint(_chunk_logprob_entropy, *args, use_reentrant=False)
+        else:
+            token_logp, entropy = _chunk_logprob_entropy(*args)
+        logprob_chunks.append(token_logp)
+        entropy_chunks.append(entropy)
+    logprobs = torch.cat(logprob_chunks).view(num_rows, num_tokens)
+    entropy = torch.cat(entropy_chunks).view(num_rows, num_tokens)
+    if completion_mask is not None:
+        keep = completion_mask.to(logprobs.device).bool()
+        logprobs = logprobs.masked_fill(~keep, 0.0)
+        entropy = entropy.masked_fill(~keep, 0.0)
+    return logprobs, entropy
+
+
+def score_tokens(
+    model: nn.Module,
+    rollout: Rollout,
+    *,
+    audio: AudioInput = "cached",
+    feature_extractor=None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_grad: bool = False,
+    keep_hidden: bool = False,
+    noise_seed: int = 0,
+    noise_std: float = 0.1,
+) -> TokenScores:
+    """One full pass of `model` over the rollout. with_grad=False runs under no_grad.
+
+    Returns TokenScores: logprobs [N, T], entropy [N, T] (and hidden [N, P+T, H] if keep_hidden).
+    """
+    with torch.set_grad_enabled(with_grad):
+        inputs = sequence_inputs(
+            model, rollout, audio, feature_extractor=feature_extractor, noise_seed=noise_seed, noise_std=noise_std
+        )
+        hidden = hidden_states(model, *inputs)
+        logprobs, entropy = logprobs_from_hidden(
+            model.lm_head,
+            hidden,
+            rollout.completion_ids,
+            rollout.prompt_len,
+            completion_mask=rollout.completion_mask,
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+    return TokenScores(logprobs=logprobs, entropy=entropy, hidden=hidden if keep_hidden else None)
+
+
+def token_logprobs_and_entropy(
+    model: nn.Module,
+    rollout: Rollout,
+    *,
+    audio: AudioInput = "cached",
+    feature_extractor=None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [N, T], entropy [N, T]) of the completion tokens; see `score_tokens`."""
+    scores = score_tokens(
+        model,
+        rollout,
+        audio=audio,
+        feature_extractor=feature_extractor,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_grad=with_grad,
+    )
+    return scores.logprobs, scores.entropy
+
+
+def reference_pass(
+    ref_model: nn.Module,
+    rollout: Rollout,
+    mode: AblationMode = "drop_features",
+    *,
+    feature_extractor=None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep_hidden: bool = False,
+    noise_seed: int = 0,
+    noise_std: float = 0.1,
+) -> TokenScores:
+    """The audio-ablated reference pass of DESIGN §3 (no grad). ref_model: see `pick_reference_model`.
+
+    Returns TokenScores: logprobs [N, T], entropy [N, T] of π_ref(· | ablated audio, text, y_<t).
+    """
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}; valid: {', '.join(ABLATION_MODES)}")
+    return score_tokens(
+        ref_model,
+        rollout,
+        audio=mode,
+        feature_extractor=feature_extractor,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        keep_hidden=keep_hidden,
+        noise_seed=noise_seed,
+        noise_std=noise_std,
+    )
+
+
+def delta_entropy(
+    entropy_ref_ablated: torch.Tensor, entropy_policy: torch.Tensor, completion_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Δh_t = H(π_ref | audio ablated) − H(π_θ | audio). All [N, T]; 0 where completion_mask is 0."""
+    delta = entropy_ref_ablated - entropy_policy
+    return delta if completion_mask is None else delta * completion_mask.to(delta.dtype)
+
+
+def kl_score(
+    logprobs_policy: torch.Tensor, logprobs_ablated: torch.Tensor, completion_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sampled-token estimate of KL(π_θ ‖ π_ablated): log π_θ(y_t) − log π_ablated(y_t). All [N, T]."""
+    score = logprobs_policy - logprobs_ablated
+    return score if completion_mask is None else score * completion_mask.to(score.dtype)
+
+
+@torch.no_grad()
+def kl_full_vocabulary(
+    policy_lm_head: nn.Module,
+    policy_hidden: torch.Tensor,
+    ablated_lm_head: nn.Module,
+    ablated_hidden: torch.Tensor,
+    prompt_len: int,
+    *,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Exact KL(π_θ ‖ π_ablated) = Σ_v p_θ(v)·(log p_θ(v) − log p_abl(v)) at each completion position, chunked.
+
+    policy_hidden, ablated_hidden: [N, P+T, H] (e.g. `score_tokens(..., keep_hidden=True).hidden`);
+    completion_mask: [N, T]. Returns [N, T] fp32, 0 where the mask is 0.
+    """
+    num_rows, num_tokens = completion_mask.shape
+    span = slice(prompt_len - 1, prompt_len - 1 + num_tokens)
+    policy_q = policy_hidden[:, span].reshape(num_rows * num_tokens, -1)
+    ablated_q = ablated_hidden[:, span].reshape(num_rows * num_tokens, -1)
+    chunks = []
+    for start in range(0, policy_q.shape[0], chunk_size):
+        stop = start + chunk_size
+        logp = torch.log_softmax(policy_lm_head(policy_q[start:stop]).float() / temperature, dim=-1)
+        logq = torch.log_softmax(ablated_lm_head(ablated_q[start:stop]).float() / temperature, dim=-1)
+        chunks.append((logp.exp() * (logp - logq)).sum(-1))
+    kl = torch.cat(chunks).view(num_rows, num_tokens)
+    return kl * completion_mask.to(kl.device, kl.dtype)

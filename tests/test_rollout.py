@@ -1,0 +1,221 @@
+"""Rollout: greedy equality with HF generate, EOS masking, audio encoded once, per-prompt seeds, layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+from mapo.models.embed import encode_audio
+from mapo.rollout import completion_mask_from_ids, generate_rollout, sample_from_probs, top_p_filter
+
+torch.set_num_threads(1)
+
+PAD, EOS, AUDIO = 0, 1, 5
+VOCAB = 100
+
+
+def tiny_model(seed: int = 0, eos_bias: float = 0.0) -> Qwen2AudioForConditionalGeneration:
+    """Qwen2-Audio architecture: text hidden 64, 2 layers; audio d_model 32, 1 layer, 100-frame window.
+
+    eos_bias > 0 gives the LM head a bias on EOS so that sampled completions end at varied lengths.
+    """
+    torch.manual_seed(seed)
+    config = Qwen2AudioConfig(
+        audio_config=dict(
+            model_type="qwen2_audio_encoder", d_model=32, encoder_layers=1, encoder_attention_heads=2,
+            encoder_ffn_dim=64, num_mel_bins=128, max_source_positions=50,
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD,
+        ),
+        audio_token_index=AUDIO,
+    )
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    if eos_bias:
+        head = nn.Linear(64, VOCAB, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.zero_()
+            head.bias[EOS] = eos_bias
+        model.lm_head = head
+    return model
+
+
+# Prompts: 100 valid mel frames -> 25 audio tokens, 60 -> 15 ((L-1)//2+1 = 50 / 30, then (x-2)//2+1).
+PROMPTS = [
+    [10, 11, 2] + [AUDIO] * 25 + [3, 12, 13, 14],  # clip 0
+    [10, 20, 21, 22, 23],  # text only
+    [10, 2] + [AUDIO] * 15 + [3, 15, 16],  # clip 1
+]
+CLIP_FRAMES = [100, 60]
+
+
+def make_batch(prompt_rows=(0, 1, 2), feature_seed: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded processor-like batch of the chosen PROMPTS with their clips."""
+    prompts = [PROMPTS[i] for i in prompt_rows]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), PAD)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(p)
+        attention_mask[row, width - len(p):] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    clips = [{0: 0, 2: 1}[i] for i in prompt_rows if i != 1]
+    if clips:
+        gen = torch.Generator().manual_seed(feature_seed)
+        all_features = torch.randn(2, 128, 100, generator=gen)
+        features = all_features[clips]
+        mask = torch.zeros(len(clips), 100, dtype=torch.long)
+        for k, c in enumerate(clips):
+            mask[k, : CLIP_FRAMES[c]] = 1
+            features[k, :, CLIP_FRAMES[c]:] = 0.0
+        batch.update(input_features=features, feature_attention_mask=mask)
+    return batch
+
+
+def test_greedy_equals_hf_generate():
+    model = tiny_model(seed=0, eos_bias=0.25)  # greedy lengths 3, 12, 11
+    batch = make_batch()
+    rollout = generate_rollout(
+        model, batch, group_size=2, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, do_sample=False
+    )
+    reference = model.generate(
+        **batch, max_new_tokens=12, do_sample=False, eos_token_id=EOS, pad_token_id=PAD, suppress_tokens=[AUDIO]
+    )
+    expected = reference[:, batch["input_ids"].shape[1]:].repeat_interleave(2, dim=0)
+    assert torch.equal(rollout.completion_ids, expected)
+    # Non-vacuous: with this seed at least one prompt stops early and one does not.
+    lengths = rollout.completion_mask.sum(-1)
+    assert lengths.min() < 12 and lengths.max() == 12, lengths
+
+
+def test_completion_mask_masks_after_first_eos():
+    # Hand-worked: eos = 1. Row 0 ends at t=1 (the 2nd 1 is after the end); row 1 at t=0; row 2 never.
+    ids = torch.tensor([[5, 1, 7, 1], [1, 0, 0, 0], [4, 4, 4, 4]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    assert torch.equal(completion_mask_from_ids(ids, [EOS]), expected)
+
+    model = tiny_model(seed=1, eos_bias=3.0)
+    rollout = generate_rollout(
+        model, make_batch(), group_size=4, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3]
+    )
+    ended_early = 0
+    for ids_row, mask_row in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+        first_eos = ids_row.index(EOS) if EOS in ids_row else len(ids_row) - 1
+        assert mask_row == [1] * (first_eos + 1) + [0] * (len(ids_row) - first_eos - 1)
+        assert all(tok == PAD for tok in ids_row[first_eos + 1:])  # pad after the end
+        ended_early += first_eos < len(ids_row) - 1
+    assert ended_early >= 3
+    assert AUDIO not in rollout.completion_ids.tolist()  # always suppressed
+
+
+def test_forced_eos_and_sync_finished_keeps_stepping():
+    model = tiny_model(seed=0)
+    everything_but_eos = [t for t in range(VOCAB) if t != EOS]
+    kwargs = dict(
+        group_size=2, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, suppress_token_ids=everything_but_eos
+    )
+    alone = generate_rollout(model, make_batch(), **kwargs)
+    assert alone.completion_ids.shape == (6, 1) and (alone.completion_ids == EOS).all()
+
+    # Another "rank" is still going for the first 4 checks: this one keeps stepping, emitting pad.
+    calls = []
+    def other_rank_done_at_fifth_check(locally_done: bool) -> bool:
+        calls.append(locally_done)
+        return len(calls) >= 5
+
+    synced = generate_rollout(model, make_batch(), sync_finished=other_rank_done_at_fifth_check, **kwargs)
+    assert calls == [True] * 5
+    assert synced.completion_ids.shape == (6, 5)
+    assert torch.equal(synced.completion_ids[:, 0], torch.full((6,), EOS))
+    assert (synced.completion_ids[:, 1:] == PAD).all()
+    assert torch.equal(synced.completion_mask, torch.tensor([[1, 0, 0, 0, 0]] * 6))
+
+
+def test_audio_tower_runs_once_per_prompt():
+    model = tiny_model(seed=0)
+    encoded_batches: list[int] = []
+    model.model.audio_tower.register_forward_hook(lambda mod, args, out: encoded_batches.append(args[0].shape[0]))
+    model.train()  # the rollout switches to eval and must restore the mode
+    rollout = generate_rollout(
+        model, make_batch(), group_size=4, max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD
+    )
+    assert model.training
+    # One tower call over the 2 clips of the 2 audio prompts, not 2 × G = 8 clips, none while decoding.
+    assert encoded_batches == [2]
+    assert rollout.completion_ids.shape[0] == 12
+
+
+def test_per_prompt_seed_gives_same_samples_alone_or_batched():
+    model = tiny_model(seed=2, eos_bias=1.5)
+    kwargs = dict(group_size=3, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, temperature=1.3, top_p=0.95)
+    batched = generate_rollout(model, make_batch((0, 1, 2)), seeds=[11, 22, 33], **kwargs)
+    alone = generate_rollout(model, make_batch((2,)), seeds=[33], **kwargs)
+    in_batch = batched.completion_ids[6:9]
+    width = alone.completion_ids.shape[1]
+    assert torch.equal(in_batch[:, :width], alone.completion_ids)
+    assert (in_batch[:, width:] == PAD).all()  # the lone run stopped only because its rows had ended
+    # Different seeds do give different samples (the test can fail).
+    other = generate_rollout(model, make_batch((2,)), seeds=[34], **kwargs)
+    assert not torch.equal(other.completion_ids[:, :2], alone.completion_ids[:, :2])
+
+
+def test_layout_group_index_audio_mask_and_cached_embeds():
+    model = tiny_model(seed=0)
+    batch = make_batch()
+    rollout = generate_rollout(
+        model, batch, group_size=4, max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD, seeds=[0, 1, 2]
+    )
+    n, width = 12, batch["input_ids"].shape[1]
+    assert rollout.prompt_len == width and rollout.full_ids.shape == (n, width + rollout.completion_ids.shape[1])
+    assert rollout.group_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for row in range(n):
+        prompt = batch["input_ids"][row // 4]
+        assert torch.equal(rollout.prompt_ids[row], prompt)
+        expected_audio = torch.cat([prompt == AUDIO, torch.zeros(rollout.completion_ids.shape[1], dtype=torch.bool)])
+        assert torch.equal(rollout.audio_mask[row], expected_audio)
+        expected_mask = torch.cat([batch["attention_mask"][row // 4], rollout.completion_mask[row]])
+        assert torch.equal(rollout.attention_mask[row], expected_mask)
+    assert rollout.audio_mask.sum(-1).tolist() == [25] * 4 + [0] * 4 + [15] * 4
+    assert rollout.has_audio.tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    clips = encode_audio(model, batch["input_features"], batch["feature_attention_mask"])
+    assert rollout.prompt_audio_embeds[1] is None
+    assert torch.allclose(rollout.prompt_audio_embeds[0], clips[0], atol=1e-6)
+    assert torch.allclose(rollout.prompt_audio_embeds[2], clips[1], atol=1e-6)
+    assert rollout.row_audio_embeds()[5] is None and rollout.row_audio_embeds()[9] is rollout.prompt_audio_embeds[2]
+
+
+def test_top_p_filter_hand_worked():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    logits = probs.log()
+    # Sorted: 0.5, 0.3, 0.15, 0.05; mass strictly above each: 0, 0.5, 0.8, 0.95.
+    # top_p=0.7 drops mass_above ≥ 0.7 -> keeps 0.5 and 0.3 (tokens 1 and 3).
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[False, True, False, True]]
+    # top_p=0.5: 0.3's mass above is 0.5 ≥ 0.5 -> only the top token.
+    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[False, True, False, False]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_sample_from_probs_is_inverse_cdf():
+    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7]] * 2 + [[0.25, 0.25, 0.25, 0.25]] * 2)
+    generators = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    tokens = sample_from_probs(probs, generators, group_size=2)
+    # Loop reference: the same uniforms, the first k whose cumulative mass exceeds u.
+    uniforms = torch.cat([torch.rand(2, 1, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]).flatten()
+    expected = []
+    for row, u in enumerate(uniforms.tolist()):
+        cum = 0.0
+        for k, p in enumerate(probs[row].tolist()):
+            cum += p
+            if u < cum:
+                expected.append(k)
+                break
+    assert tokens.tolist() == expected
+    # Zero-probability tokens never come out; frequencies follow the probabilities.
+    torch.manual_seed(0)
+    many = sample_from_probs(torch.tensor([[0.5, 0.0, 0.5]]).expand(4000, 3), None, group_size=1)
+    assert (many != 1).all()
+    assert abs((many == 0).float().mean().item() - 0.5) < 0.03

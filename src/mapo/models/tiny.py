@@ -1,0 +1,312 @@
+"""Build the tiny Qwen2-Audio offline: tokenizer, processor and a randomly initialised model.
+
+`python -m mapo.models.tiny key=value ...` writes a folder that the common loader
+(`mapo.models.loader.load_model_and_processor`) reads exactly like a real Qwen2-Audio checkpoint:
+config.json + model.safetensors + generation_config.json, the tokenizer files (a `Qwen2Tokenizer`, as in
+the real checkpoint), the feature extractor's config and the chat template.
+
+- Tokenizer: byte-level BPE trained locally with the Qwen2 pre-tokenizer on the benchmark's chat text
+  (system line, question, options, instruction, trace, answer tag), plus the ChatML and audio special
+  tokens. Byte-level, so any text encodes and decodes back unchanged.
+- Processor: `Qwen2AudioProcessor` with a Whisper feature extractor whose window is `window_seconds`
+  (not 30 s) so CPU steps take milliseconds; the encoder's `max_source_positions` is half the window's
+  mel frames, as the encoder requires.
+- Model: `Qwen2AudioForConditionalGeneration` with small sizes (config fields), built under `seed`, with
+  the audio path re-initialised by `mapo.models.init.init_audio_path` (the stock random init makes the
+  audio almost unusable for learning; see that module).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jinja2
+import torch
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import (
+    GenerationConfig,
+    Qwen2AudioConfig,
+    Qwen2AudioEncoderConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    WhisperFeatureExtractor,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from mapo import paths
+from mapo.cli_args import parse_overrides
+from mapo.data import prompt
+from mapo.data.schema import Record
+from mapo.models.init import init_audio_path
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+AUDIO_BOS, AUDIO, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"
+#: Special tokens, in id order (ids 0..5 in the tiny tokenizer).
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, AUDIO_BOS, AUDIO, AUDIO_EOS)
+
+SAMPLING_RATE = 16_000
+HOP_LENGTH = 160  # samples per mel frame: 100 frames per second
+N_MELS = 128  # Qwen2-Audio's encoder reads 128 mel bins
+
+#: Qwen2-Audio-Instruct's ChatML layout: a default system turn, each clip as
+#: "Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>\n" (the processor expands <|AUDIO|> to one token per
+#: audio position), and "<|im_start|>assistant\n" as the generation prompt.
+CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif 'text' in content %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyModelConfig:
+    seed: int = 0  # seeds the model's random init and the audio-path init
+    out_dir: str = str(paths.TINY_MODEL_DIR)  # folder written with save_pretrained
+    corpus: str = str(paths.SYNTHETIC_DATA_DIR / "train.jsonl")  # JSONL of Records whose text trains the tokenizer
+    window_seconds: int = 3  # audio window (feature extractor chunk_length); longer clips are cut
+    vocab_size: int = 512  # BPE target size (256 bytes + 6 specials + merges); may end smaller on a small corpus
+    audio_d_model: int = 64  # audio encoder width
+    audio_layers: int = 2  # audio encoder layers
+    audio_heads: int = 4  # audio encoder attention heads
+    audio_ffn: int = 128  # audio encoder feed-forward width
+    text_hidden: int = 64  # text decoder width
+    text_layers: int = 2  # text decoder layers
+    text_heads: int = 4  # text decoder query heads
+    text_kv_heads: int = 2  # text decoder key/value heads (fewer than query heads: exercises GQA)
+    text_intermediate: int = 128  # text decoder MLP width
+    max_position: int = 1024  # longest sequence (prompt + audio positions + completion)
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def read_corpus(path: str | Path) -> list[Record]:
+    """Records from a JSONL manifest (one `Record.to_json()` object per line); errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: tokenizer corpus not found (build the benchmark first: `make data`, or pass corpus=...)"
+        )
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(Record(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise ValueError(f"{path}:{line_no}: not a Record ({err})") from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def chat_texts(records: list[Record]) -> list[str]:
+    """Each record's whole conversation as the model sees it: system turn, user turn, assistant completion.
+
+    Rendered with CHAT_TEMPLATE, so the tokenizer is trained on exactly the strings it will encode.
+    """
+    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    texts = []
+    for record in records:
+        conversation = prompt.messages(record) + [
+            {"role": "assistant", "content": prompt.reference_completion(record)}
+        ]
+        texts.append(template.render(messages=conversation, add_generation_prompt=False))
+    return texts
+
+
+_SPECIALS_PATTERN = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> Qwen2Tokenizer:
+    """Train a byte-level BPE on `texts` and wrap it as a `Qwen2Tokenizer` (left padding).
+
+    Special tokens in `texts` are cut out before training (they are added whole, ids 0..5).
+    eos = <|im_end|> (ends the assistant turn), pad = <|endoftext|>, no bos, no unk (byte-level).
+    `seed` is accepted for symmetry with the other builders; BPE training is deterministic (ties are
+    broken by the pair itself), so the same texts always give the same tokenizer.
+    """
+    del seed  # nothing random to seed
+    min_size = 256 + len(SPECIAL_TOKENS)
+    if vocab_size <= min_size:
+        raise ValueError(f"vocab_size must exceed {min_size} (256 byte tokens + {len(SPECIAL_TOKENS)} specials), got {vocab_size}")
+    pieces = [piece for text in texts for piece in _SPECIALS_PATTERN.split(text) if piece]
+    if not pieces:
+        raise ValueError("no text to train the tokenizer on")
+
+    # The Qwen2 pipeline (same normaliser, pre-tokeniser and decoder as Qwen2Tokenizer builds), so the
+    # wrapped tokenizer splits text exactly as the one that learned the merges.
+    bpe = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+        show_progress=False,
+    )
+    bpe.train_from_iterator(pieces, trainer=trainer)
+    model_json = json.loads(bpe.to_str())["model"]
+
+    tokenizer = Qwen2Tokenizer(
+        vocab=model_json["vocab"],
+        merges=[tuple(pair) for pair in model_json["merges"]],
+        unk_token=None,
+        bos_token=None,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        extra_special_tokens=[token for token in SPECIAL_TOKENS if token not in (ENDOFTEXT, IM_END)],
+        padding_side="left",  # batched generation appends on the right
+        clean_up_tokenization_spaces=False,  # decode(encode(text)) == text
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    if ids != list(range(len(SPECIAL_TOKENS))):
+        raise RuntimeError(f"special tokens got ids {ids}, expected 0..{len(SPECIAL_TOKENS) - 1}")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- audio
+
+
+def build_processor(tokenizer: Qwen2Tokenizer, window_seconds: int) -> Qwen2AudioProcessor:
+    """`Qwen2AudioProcessor` over `tokenizer` with a `window_seconds` Whisper feature extractor.
+
+    input_features: [B, 128, 100 · window_seconds]; a clip of s seconds expands <|AUDIO|> into
+    ~25 · s audio tokens (exactly ((L - 1) // 2 + 1 - 2) // 2 + 1 for L = 100 · s valid frames).
+    """
+    if window_seconds < 1:
+        raise ValueError(f"window_seconds must be >= 1, got {window_seconds}")
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=N_MELS,
+        sampling_rate=SAMPLING_RATE,
+        hop_length=HOP_LENGTH,
+        chunk_length=window_seconds,
+        n_fft=400,
+        padding_value=0.0,
+        return_attention_mask=True,
+    )
+    return Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_tiny_model(cfg: TinyModelConfig, tokenizer: Qwen2Tokenizer) -> Qwen2AudioForConditionalGeneration:
+    """A randomly initialised small Qwen2-Audio for `tokenizer`, identical for the same `cfg.seed`.
+
+    The global torch RNG is seeded inside a fork, so callers' random state is left as it was.
+    """
+    frames = cfg.window_seconds * SAMPLING_RATE // HOP_LENGTH  # mel frames per window
+    audio_config = Qwen2AudioEncoderConfig(
+        num_mel_bins=N_MELS,
+        d_model=cfg.audio_d_model,
+        encoder_layers=cfg.audio_layers,
+        encoder_attention_heads=cfg.audio_heads,
+        encoder_ffn_dim=cfg.audio_ffn,
+        max_source_positions=frames // 2,  # the encoder checks input_features.shape[-1] == 2 · this
+    )
+    pad_id, eos_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        intermediate_size=cfg.text_intermediate,
+        max_position_embeddings=cfg.max_position,
+        tie_word_embeddings=False,  # as in Qwen2-Audio-7B
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    config = Qwen2AudioConfig(
+        audio_config=audio_config,
+        text_config=text_config,
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Qwen2AudioForConditionalGeneration(config)
+    init_audio_path(model, seed=cfg.seed)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
+    return model.eval()
+
+
+def write_tiny(cfg: TinyModelConfig, texts: list[str] | None = None) -> Path:
+    """Build tokenizer, processor and model and save them to `cfg.out_dir` (safetensors); returns the folder.
+
+    texts: tokenizer training text; None reads the records of `cfg.corpus` and uses `chat_texts` of them.
+    """
+    if texts is None:
+        texts = chat_texts(read_corpus(cfg.corpus))
+    tokenizer = build_tokenizer(texts, cfg.vocab_size, cfg.seed)
+    processor = build_processor(tokenizer, cfg.window_seconds)
+    model = build_tiny_model(cfg, tokenizer)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)  # safetensors is the default
+    processor.save_pretrained(out_dir)
+    # Provenance: the exact builder settings next to the weights.
+    (out_dir / "tiny_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return out_dir
+
+
+def folder_size_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_overrides(TinyModelConfig, argv)
+    start = time.perf_counter()
+    try:
+        texts = chat_texts(read_corpus(cfg.corpus))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    out_dir = write_tiny(cfg, texts)
+    elapsed = time.perf_counter() - start
+    from mapo.models.loader import load_model_and_processor  # check it loads the way training will load it
+
+    model, processor = load_model_and_processor(out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"[tiny] wrote {out_dir}: {n_params / 1e6:.3f} M parameters, vocab {len(processor.tokenizer)}, "
+        f"window {cfg.window_seconds} s, {folder_size_bytes(out_dir) / 1e6:.2f} MB on disk, {elapsed:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

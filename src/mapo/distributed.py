@@ -71,22 +71,40 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def apply_fsdp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """Shard decoder layers, audio-encoder layers and the root with FSDP2; no-op on one process."""
+class ModelRunner(torch.nn.Module):
+    """Runs a function of the model inside this module's forward: `runner(fn, *args) = fn(model, *args)`.
+
+    Rollout and scoring call the model's parts directly (the text model, the LM head, the token
+    table, the audio tower) so that audio is encoded once and logits are chunked. FSDP2 gathers the
+    parameters that belong to the root unit (embeddings, norms, LM head, audio convolutions, projector)
+    in the root's forward hook, so every such function must run inside a forward of the root: this
+    wrapper is that root. Without FSDP it adds nothing but one call.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def apply_fsdp(runner: ModelRunner, ctx: DistContext) -> ModelRunner:
+    """Shard decoder layers, audio-encoder layers and the root (the runner) with FSDP2; no-op on one process."""
     if not ctx.enabled:
-        return model
+        return runner
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if ctx.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    inner = model.model
+    inner = runner.model.model
     for layer in inner.language_model.layers:
         fully_shard(layer, **kwargs)
     for layer in inner.audio_tower.layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
+    fully_shard(runner, **kwargs)
+    return runner
 
 
 def shard_indices(n: int, ctx: DistContext) -> slice:

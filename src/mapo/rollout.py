@@ -188,6 +188,7 @@ def generate_rollout(
     suppress_token_ids: Sequence[int] = (),
     seeds: Sequence[int] | None = None,
     sync_finished: Callable[[bool], bool] | None = None,
+    drop_audio: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt of a processor batch.
 
@@ -198,6 +199,8 @@ def generate_rollout(
     sync_finished: called every step with "all rows of this process are done"; returns "all rows of all
     processes are done" (e.g. an all-reduce). Every process then runs the same number of forwards,
     which FSDP needs. The rollout itself never touches torch.distributed.
+    drop_audio: sample with the audio features dropped (placeholders keep their bare embedding, the
+    "drop_features" ablation): the language-prior floor used by evaluation. The tower never runs.
     Returns a Rollout with N = B·G rows and T ≤ max_new_tokens completion columns.
     """
     input_ids = prompt_batch["input_ids"]
@@ -237,11 +240,11 @@ def generate_rollout(
     model.eval()
     try:
         # 1. Encode each prompt's audio once; the embeddings are kept for later passes.
-        if input_features is not None:
+        if input_features is not None and not drop_audio:
             clip_embeds = encode_audio(model, input_features, feature_attention_mask)
             prompt_audio_embeds = split_audio_by_row(clip_embeds, input_ids, audio_token)
         else:
-            if (input_ids == audio_token).any():
+            if (input_ids == audio_token).any() and not drop_audio:
                 raise ValueError("prompt_batch has <|AUDIO|> tokens but no input_features")
             prompt_audio_embeds = [None] * num_prompts
 

@@ -1,0 +1,302 @@
+"""Context manager that records the differentiable audio attention mass during a policy forward.
+
+Usage (DESIGN §3 "Audio attention mass", §4):
+
+    keys = audio_key_mask_from_ids(input_ids, audio_token_id, attention_mask)      # [B, S] bool
+    with capture_audio_attention(model, keys, layers=(-3, -2, -1)) as cap:
+        out = model(**batch)
+    a = cap.mass                       # [B, S] float32, differentiable in the captured q/k projections
+    a_t = completion_mass(a, P, T)     # [B, T]: the mass at the query position that predicts y_t
+
+`cap.mass[b, i]` = reduce_layers reduce_heads Σ_{k : audio_key_mask[b, k]} α_{i,k}: the attention that
+query position i puts on the audio keys, with α the layer's softmax attention weights under the model's
+own padding + causal mask (padding keys get α = 0, so they never count; a left-padding query row, whose
+keys are all blocked, gets mass 0).
+
+How it is installed, and why this way:
+
+- Each chosen `Qwen2Attention` looks its attention function up by `self.config._attn_implementation`.
+  Inside the context, *only the chosen attention modules* get a read-through view of the shared text
+  config that reports a private implementation name, registered in the attention-function registry the
+  module's modeling file uses. The registered wrapper first calls the model's original function
+  (`sdpa` or `eager`, whatever the model was loaded with) with the unchanged arguments — so outputs and
+  gradients of the model are exactly as without the capture — then computes the mass from the same
+  query/key tensors (after rotary embedding) and the same attention mask.
+- The attention mask is built by the text model from its own config, which is never touched, so the
+  wrapper receives exactly the padding + causal mask the original function receives (a custom
+  `_attn_implementation` on the model config would instead need its own mask function, and silently
+  get `attention_mask=None` without one — FIELD-NOTES "Attention").
+- On exit (normal or exception) the original config objects are put back and the private name is
+  removed from the registry; nothing stays installed. The recorded masses stay readable after exit.
+
+Limits: the model must run its text decoder with `attn_implementation` "sdpa" or "eager" (flash and
+flex kernels take a different mask format). With gradient checkpointing on the captured layers, call
+`backward()` inside the `with` block: the recomputation re-runs the captured attention and must find the
+capture installed (torch raises a CheckpointError otherwise). One capture per model at a time. If the
+model runs several forwards inside one context, `mass` refers to the latest one; assign
+`cap.audio_key_mask` before a forward on a new batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from mapo.capture.kernels import audio_mass_eager, audio_mass_sdpa
+
+MASS_METHODS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": audio_mass_sdpa, "eager": audio_mass_eager}
+HEAD_REDUCTIONS = ("max", "mean")
+LAYER_REDUCTIONS = ("mean", "max")
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+# Attribute paths from a model object to its text decoder's layer list, tried in order:
+# Qwen2AudioForConditionalGeneration, Qwen2AudioModel, a plain causal LM (Qwen2ForCausalLM).
+_DECODER_LAYER_PATHS = ("model.language_model.layers", "language_model.layers", "model.layers")
+
+
+def text_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The text decoder's layers (`Qwen2DecoderLayer` list) of `model`; raises naming the paths tried."""
+    for path in _DECODER_LAYER_PATHS:
+        node: Any = model
+        for name in path.split("."):
+            node = getattr(node, name, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise ValueError(
+        f"cannot find the text decoder layers of {type(model).__name__}; tried {list(_DECODER_LAYER_PATHS)}"
+    )
+
+
+def audio_key_mask_from_ids(
+    input_ids: torch.Tensor, audio_token_id: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Which key positions are audio: input_ids [B, S] long, attention_mask [B, S] (1 = real token) or None.
+
+    Returns [B, S] bool, True where input_ids == audio_token_id and the position is not padding.
+    """
+    keys = input_ids == audio_token_id
+    if attention_mask is not None:
+        keys = keys & attention_mask.bool()
+    return keys
+
+
+class _ConfigView:
+    """Read-through view of a config that reports another attention implementation.
+
+    Reads of every other attribute go to the shared config (so later changes stay visible) and writes go
+    to it too; only `_attn_implementation` differs.
+    """
+
+    def __init__(self, base: Any, attn_implementation: str) -> None:
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_attn_implementation", attn_implementation)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+
+class AudioAttentionCapture:
+    """Installed on enter, removed on exit; see the module docstring. Build it with `capture_audio_attention`.
+
+    Attributes after a forward inside the context:
+        mass:       [B, Q] float32, differentiable — audio attention mass per query position, reduced.
+        head_mass:  [B, L, Hq, Q] float32 — the unreduced per-layer, per-head masses (L = len(layers)).
+        layer_indices: the captured decoder layer indices, non-negative, in the order given.
+    Q equals S (the key length) for a forward without a KV cache.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        audio_key_mask: torch.Tensor,
+        layers: Sequence[int] = (-3, -2, -1),
+        head_reduce: str = "max",
+        layer_reduce: str = "mean",
+        method: str = "sdpa",
+    ) -> None:
+        if method not in MASS_METHODS:
+            raise ValueError(f"method must be one of {list(MASS_METHODS)}; got {method!r}")
+        if head_reduce not in HEAD_REDUCTIONS:
+            raise ValueError(f"head_reduce must be one of {list(HEAD_REDUCTIONS)}; got {head_reduce!r}")
+        if layer_reduce not in LAYER_REDUCTIONS:
+            raise ValueError(f"layer_reduce must be one of {list(LAYER_REDUCTIONS)}; got {layer_reduce!r}")
+        decoder_layers = text_decoder_layers(model)
+        self.layer_indices = _normalise_layer_indices(layers, len(decoder_layers))
+        self._attention_modules = [_self_attention(decoder_layers[i], i) for i in self.layer_indices]
+        self.audio_key_mask = audio_key_mask
+        self.head_reduce = head_reduce
+        self.layer_reduce = layer_reduce
+        self._mass_fn = MASS_METHODS[method]
+        self._name = f"mapo_audio_capture_{id(self):x}"
+        # Filled on enter: module -> (slot in layer_indices, original attention function).
+        self._slots: dict[nn.Module, tuple[int, Callable]] = {}
+        self._saved_configs: list[tuple[nn.Module, Any]] = []
+        self._registries: list[Any] = []
+        self._head_mass: list[torch.Tensor | None] = [None] * len(self.layer_indices)
+
+    # ----------------------------------------------------------------------------- inputs
+    @property
+    def audio_key_mask(self) -> torch.Tensor:
+        """[B, S] bool, True on audio keys. Assigning a new one clears the recorded masses."""
+        return self._audio_key_mask
+
+    @audio_key_mask.setter
+    def audio_key_mask(self, mask: torch.Tensor) -> None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"audio_key_mask must be a [B, S] bool tensor; got {got}")
+        self._audio_key_mask = mask
+        self._head_mass = [None] * len(self.layer_indices)
+
+    # ----------------------------------------------------------------------------- install / remove
+    def __enter__(self) -> AudioAttentionCapture:
+        if self._saved_configs:
+            raise RuntimeError("this AudioAttentionCapture is already installed")
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._uninstall()
+
+    def _install(self) -> None:
+        for slot, attn in enumerate(self._attention_modules):
+            config = attn.config
+            if isinstance(config, _ConfigView):
+                raise RuntimeError(f"decoder layer {self.layer_indices[slot]} is already inside another audio capture")
+            implementation = config._attn_implementation
+            if implementation not in SUPPORTED_IMPLEMENTATIONS:
+                raise ValueError(
+                    f"audio attention capture supports attn_implementation {list(SUPPORTED_IMPLEMENTATIONS)} for the "
+                    f"text decoder; layer {self.layer_indices[slot]} uses {implementation!r}"
+                )
+            modeling_module = sys.modules[type(attn).__module__]
+            registry = getattr(modeling_module, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+            eager_default = getattr(modeling_module, "eager_attention_forward", None)
+            # The same lookup the attention module itself performs, so the wrapper calls what it would.
+            original = registry.get_interface(implementation, eager_default)
+            if original is None:
+                raise ValueError(f"{modeling_module.__name__} has no eager_attention_forward to fall back to")
+            if not any(r is registry for r in self._registries):
+                if self._name in registry:
+                    raise RuntimeError(f"attention function name {self._name!r} is already registered")
+                registry[self._name] = self._attention
+                self._registries.append(registry)
+            self._slots[attn] = (slot, original)
+            self._saved_configs.append((attn, config))
+            attn.config = _ConfigView(config, self._name)
+
+    def _uninstall(self) -> None:
+        for attn, config in reversed(self._saved_configs):
+            attn.config = config
+        self._saved_configs.clear()
+        for registry in self._registries:
+            if self._name in registry:
+                del registry[self._name]
+        self._registries.clear()
+        self._slots.clear()
+
+    # ----------------------------------------------------------------------------- the wrapper
+    def _attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention-function signature of transformers: query [B, Hq, Q, d], key/value [B, Hkv, S, d]."""
+        if module not in self._slots:
+            raise RuntimeError(f"{type(module).__name__} called the audio capture function but is not captured")
+        slot, original = self._slots[module]
+        output = original(module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5  # SDPA's default, used by the original function too
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        audio_keys = self._audio_key_mask.to(key.device)
+        self._head_mass[slot] = self._mass_fn(query, key, audio_keys, attention_mask, scaling, is_causal)
+        return output
+
+    # ----------------------------------------------------------------------------- results
+    @property
+    def head_mass(self) -> torch.Tensor:
+        """[B, L, Hq, Q] float32: per captured layer (in `layer_indices` order) and per query head."""
+        missing = [i for i, m in zip(self.layer_indices, self._head_mass) if m is None]
+        if missing:
+            raise RuntimeError(
+                f"no forward through captured decoder layers {missing} happened inside the capture context "
+                "(or audio_key_mask was reassigned since)"
+            )
+        return torch.stack(self._head_mass, dim=1)  # type: ignore[arg-type]
+
+    @property
+    def mass(self) -> torch.Tensor:
+        """[B, Q] float32: `layer_reduce` over layers of `head_reduce` over heads of the audio mass."""
+        per_head = self.head_mass  # [B, L, Hq, Q]
+        per_layer = per_head.amax(dim=2) if self.head_reduce == "max" else per_head.mean(dim=2)
+        return per_layer.amax(dim=1) if self.layer_reduce == "max" else per_layer.mean(dim=1)
+
+
+def capture_audio_attention(
+    model: nn.Module,
+    audio_key_mask: torch.Tensor,
+    layers: Sequence[int] = (-3, -2, -1),
+    head_reduce: str = "max",
+    layer_reduce: str = "mean",
+    method: str = "sdpa",
+) -> AudioAttentionCapture:
+    """Context manager recording the audio attention mass of `model`'s text decoder.
+
+    model: Qwen2AudioForConditionalGeneration (or a Qwen2 causal LM) run with attn_implementation
+        "sdpa" or "eager" in its text decoder.
+    audio_key_mask: [B, S] bool, True on the audio token positions of the batch about to be run
+        (see `audio_key_mask_from_ids`); S is the full sequence length (prompt + completion).
+    layers: indices into the text decoder layers; negative counts from the end (default: last 3).
+    head_reduce: "max" | "mean" over query heads; layer_reduce: "mean" | "max" over the chosen layers.
+    method: "sdpa" (indicator-value SDPA, no Q×S tensor) | "eager" (full softmax weights; reference).
+    Returns the capture; after the forward, `.mass` is [B, S] float32 and differentiable.
+    """
+    return AudioAttentionCapture(model, audio_key_mask, layers, head_reduce, layer_reduce, method)
+
+
+def _normalise_layer_indices(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Map possibly negative indices into 0..num_layers-1; reject empty, out-of-range and repeated ones."""
+    if len(layers) == 0:
+        raise ValueError("layers must name at least one decoder layer")
+    normalised = []
+    for index in layers:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"layer index {index} is out of range for a text decoder with {num_layers} layers")
+        normalised.append(index % num_layers)
+    if len(set(normalised)) != len(normalised):
+        raise ValueError(f"layers {tuple(layers)} name the same decoder layer twice ({num_layers} layers)")
+    return tuple(normalised)
+
+
+def _self_attention(layer: nn.Module, index: int) -> nn.Module:
+    """The `self_attn` module of a decoder layer, with the attributes the capture relies on."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not hasattr(attn, "config"):
+        raise ValueError(f"decoder layer {index} ({type(layer).__name__}) has no self_attn module with a config")
+    return attn

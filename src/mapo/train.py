@@ -376,7 +376,8 @@ def run(cfg: MapoConfig) -> dict:
 
     model.train()
     t_start = time.perf_counter()
-    while phase.step < phase.steps:
+    stop_at = min(phase.steps, cfg.trainer.stop_after) if cfg.trainer.stop_after > 0 else phase.steps
+    while phase.step < stop_at:
         t0 = time.perf_counter()
         if is_sft:
             sft_phase(phase, collator, cfg, ctx, logger, run_dir, cfg.trainer.micro_batch_size * ctx.world_size, "")
@@ -387,13 +388,18 @@ def run(cfg: MapoConfig) -> dict:
             logger.log(phase.step, metrics)
         logger.progress(phase.step, metrics)
         if cfg.logger.sample_every and phase.step % cfg.logger.sample_every == 0:
-            logger.log_samples(phase.step, [dict(s, step=phase.step) for s in samples])
+            logger.log_samples(phase.step, samples)
         if cfg.trainer.eval_every and phase.step % cfg.trainer.eval_every == 0 and phase.step < phase.steps:
             logger.log(phase.step, eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, ("audio",)), "eval/"))
         if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
     train_seconds = time.perf_counter() - t_start
     phase.save(run_dir, ctx, cfg.trainer.keep_last)
+    if phase.step < phase.steps:
+        print(f"[mapo] stopped after step {phase.step} of {phase.steps} (trainer.stop_after); resume with trainer.run_dir={run_dir} trainer.resume=auto")
+        logger.finish()
+        dist_utils.shutdown(ctx)
+        return {"step": phase.step}
 
     after = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions)
     final = {"step": phase.step, "train_seconds": train_seconds, **eval_metrics(after, "")}

@@ -48,7 +48,7 @@ def _inputs(
     return query, key, audio_keys, mask, weights
 
 
-def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Peak bytes allocated by `step` above what was allocated before it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -120,7 +120,7 @@ def compare(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-        per_method[name] = {"time_s": statistics.median(times), "peak_bytes": float(_peak_bytes(step, device))}
+        per_method[name] = {"time_s": statistics.median(times), "peak_bytes": float(peak_bytes(step, device))}
     eager, sdpa = per_method["eager"], per_method["sdpa"]
     return {
         "eager": eager,

@@ -1,0 +1,179 @@
+"""The training program: configs compose, short runs end to end, resume equality, torchrun, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mapo.config import register_configs
+from mapo.train import check_override_keys
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "data", "rollout", "algo", "reward", "trainer", "logger")
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+register_configs()
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_file_composes(group):
+    options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert options, f"conf/{group} has no options"
+    for option in options:
+        cfg = compose_cfg([f"{group}={option}"])
+        assert cfg[group] is not None
+
+
+def test_experiments_resolve_to_expected_values():
+    assert set(EXPERIMENTS) >= {"tiny_sft", "tiny_grpo", "tiny_mapo", "qwen2audio_grpo", "qwen2audio_mapo"}
+    mapo = compose_cfg(["experiment=tiny_mapo"])
+    assert (mapo.algo.name, mapo.algo.attn.eta, mapo.algo.beta, mapo.algo.mask.enabled) == ("mapo", 0.05, 0.02, True)
+    assert mapo.trainer.warm_start.enabled and mapo.model.build_tiny_if_missing
+    grpo = compose_cfg(["experiment=tiny_grpo"])
+    assert (grpo.algo.name, grpo.algo.attn.eta, grpo.algo.mask.enabled) == ("grpo", 0.0, False)
+    sft = compose_cfg(["experiment=tiny_sft"])
+    assert sft.algo.name == "sft" and not sft.trainer.warm_start.enabled
+    for name in ("qwen2audio_mapo", "qwen2audio_grpo"):
+        q = compose_cfg([f"experiment={name}"])
+        assert q.model.dtype == "bfloat16" and q.model.gradient_checkpointing and q.model.freeze_audio_tower
+        assert q.model.path == "" and not q.model.build_tiny_if_missing
+        assert q.rollout.group_size == 8 and q.algo.beta == 0.02
+    q = compose_cfg(["experiment=qwen2audio_mapo"])
+    assert (q.algo.attn.eta, q.algo.attn.kappa, q.algo.mask.tau_base, q.algo.mask.cap) == (0.05, 1.0, 1.0, 5.0)
+    assert list(q.algo.attn.layers) == [-3, -2, -1]
+
+
+def test_overrides_reach_the_config():
+    cfg = compose_cfg(["experiment=tiny_mapo", "algo.attn.eta=0.1", "algo.mask.kind=topk"])
+    assert cfg.algo.attn.eta == 0.1 and cfg.algo.mask.kind == "topk"
+
+
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("algo.etaa=1", "algo has no 'etaa'; valid: name, adv_scale"),
+        ("algo.attn.kapa=2", "algo.attn has no 'kapa'; valid: eta, layers"),
+        ("algorithm.eta=1", "unknown config group 'algorithm'"),
+        ("trainer.lr.x=1", "trainer.lr is a value, not a group"),
+    ],
+)
+def test_misspelt_keys_fail_with_the_valid_ones(arg, expected):
+    with pytest.raises(SystemExit) as err:
+        check_override_keys([arg])
+    assert expected in str(err.value)
+
+
+def test_valid_keys_pass_the_check():
+    check_override_keys(["algo.attn.eta=0.1", "data.eval_splits.mmau=x.json", "experiment=tiny_grpo", "logger=none"])
+
+
+def test_unknown_group_option_lists_choices():
+    with pytest.raises(Exception) as err:
+        compose_cfg(["algo=foo"])
+    assert "grpo" in str(err.value) and "mapo" in str(err.value)
+
+
+def test_missing_model_path_fails_with_what_is_expected(tmp_path):
+    from mapo.assets import ensure_model
+    from mapo.config import DataConfig, ModelConfig
+
+    with pytest.raises(ValueError, match="model.path is empty.*Qwen2-Audio-7B-Instruct"):
+        ensure_model(ModelConfig(path=""), DataConfig())
+    from mapo.models.loader import load_model_and_processor
+
+    with pytest.raises(FileNotFoundError, match="model folder not found; expected a local folder with config.json"):
+        load_model_and_processor(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- end-to-end (subprocess)
+def train_cmd(env, run_dir, experiment, *extra):
+    return [
+        sys.executable, "-m", "mapo.train", f"experiment={experiment}", "logger=none",
+        f"model.path={env['model']}", f"data.dir={env['data']}", f"trainer.run_dir={run_dir}",
+        f"trainer.warm_start.cache_dir={env['root'] / 'warm'}", "trainer.warm_start.steps=3",
+        "trainer.warm_start.batch_size=8", "trainer.steps=2", "trainer.num_threads=1", "data.eval_max_items=6",
+        "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=12", "trainer.micro_batch_size=4",
+        *extra,
+    ]
+
+
+def run_ok(cmd, **kw):
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("experiment", ["tiny_grpo", "tiny_mapo"])
+def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
+    run_dir = tmp_path / experiment
+    proc = run_ok(train_cmd(tiny_env, run_dir, experiment))
+    train_rows = [r for r in metrics_lines(run_dir) if "reward/mean" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for row in train_rows:
+        assert 0.0 <= row["reward/accuracy"] <= 1.0 and "loss/pg" in row and "loss/kl" in row
+        assert ("loss/attn" in row) == (experiment == "tiny_mapo")
+        assert ("mapo/abs_delta_h" in row) == (experiment == "tiny_mapo")
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["step"] == 2 and 0.0 <= final["test/audio/accuracy"] <= 1.0
+    assert "| counter_prior | with audio |" in proc.stdout and str(run_dir) in proc.stdout
+    assert (run_dir / "checkpoints").is_dir() and (run_dir / "plots" / "reward.png").is_file()
+
+
+def test_resumed_run_reproduces_uninterrupted_metrics(tiny_env, tmp_path):
+    common = ("trainer.steps=4", "trainer.checkpoint_every=2", "trainer.eval_on_start=false")
+    full = tmp_path / "full"
+    run_ok(train_cmd(tiny_env, full, "tiny_mapo", *common))
+    part = tmp_path / "part"
+    run_ok(train_cmd(tiny_env, part, "tiny_mapo", *common, "trainer.stop_after=2"))
+    assert [r["step"] for r in metrics_lines(part) if "reward/mean" in r] == [1, 2]
+    run_ok(train_cmd(tiny_env, part, "tiny_mapo", *common, "trainer.resume=auto"))
+    want = {r["step"]: r for r in metrics_lines(full) if "reward/mean" in r}
+    got = {r["step"]: r for r in metrics_lines(part) if "reward/mean" in r and r["step"] > 2}
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss/total", "loss/pg", "reward/mean", "mapo/abs_delta_h", "grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
+
+
+def test_torchrun_two_processes_match_one_process(tiny_env, tmp_path):
+    base = ("trainer.eval_on_start=false", "data.eval_max_items=2", "trainer.micro_batch_size=8")
+    single = tmp_path / "single"
+    run_ok(train_cmd(tiny_env, single, "tiny_grpo", *base))
+    double = tmp_path / "double"
+    cmd = train_cmd(tiny_env, double, "tiny_grpo", *base)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
+    run_ok(cmd)
+    one = [r for r in metrics_lines(single) if "reward/mean" in r]
+    two = [r for r in metrics_lines(double) if "reward/mean" in r]
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)
+        for key in ("loss/total", "loss/pg", "loss/kl"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+
+
+def test_sweep_summary_lists_every_run(tiny_env, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = train_cmd(tiny_env, "unused", "tiny_grpo", "trainer.steps=1", "trainer.eval_on_start=false", "data.eval_max_items=2")
+    cmd = [a for a in cmd if not a.startswith("trainer.run_dir=")]
+    cmd = [sys.executable, "-m", "mapo.sweep", *cmd[3:], "algo.eps_high=0.2,0.28", f"hydra.sweep.dir={sweep_dir}"]
+    run_ok(cmd)
+    md = (sweep_dir / "summary.md").read_text()
+    csv = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert len(csv) == 3 and "algo.eps_high" in csv[0]
+    assert "0.28" in md and "0.2" in md and md.count("| ok ") == 2

@@ -3,76 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+from toy_model import AUDIO, EOS, PAD, VOCAB, make_batch, tiny_model
 
 from mapo.models.embed import encode_audio
 from mapo.rollout import completion_mask_from_ids, generate_rollout, sample_from_probs, top_p_filter
 
 torch.set_num_threads(1)
-
-PAD, EOS, AUDIO = 0, 1, 5
-VOCAB = 100
-
-
-def tiny_model(seed: int = 0, eos_bias: float = 0.0) -> Qwen2AudioForConditionalGeneration:
-    """Qwen2-Audio architecture: text hidden 64, 2 layers; audio d_model 32, 1 layer, 100-frame window.
-
-    eos_bias > 0 gives the LM head a bias on EOS so that sampled completions end at varied lengths.
-    """
-    torch.manual_seed(seed)
-    config = Qwen2AudioConfig(
-        audio_config=dict(
-            model_type="qwen2_audio_encoder", d_model=32, encoder_layers=1, encoder_attention_heads=2,
-            encoder_ffn_dim=64, num_mel_bins=128, max_source_positions=50,
-        ),
-        text_config=dict(
-            model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD,
-        ),
-        audio_token_index=AUDIO,
-    )
-    model = Qwen2AudioForConditionalGeneration(config).eval()
-    if eos_bias:
-        head = nn.Linear(64, VOCAB, bias=True)
-        with torch.no_grad():
-            head.weight.copy_(model.lm_head.weight)
-            head.bias.zero_()
-            head.bias[EOS] = eos_bias
-        model.lm_head = head
-    return model
-
-
-# Prompts: 100 valid mel frames -> 25 audio tokens, 60 -> 15 ((L-1)//2+1 = 50 / 30, then (x-2)//2+1).
-PROMPTS = [
-    [10, 11, 2] + [AUDIO] * 25 + [3, 12, 13, 14],  # clip 0
-    [10, 20, 21, 22, 23],  # text only
-    [10, 2] + [AUDIO] * 15 + [3, 15, 16],  # clip 1
-]
-CLIP_FRAMES = [100, 60]
-
-
-def make_batch(prompt_rows=(0, 1, 2), feature_seed: int = 0) -> dict[str, torch.Tensor]:
-    """Left-padded processor-like batch of the chosen PROMPTS with their clips."""
-    prompts = [PROMPTS[i] for i in prompt_rows]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), PAD)
-    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        input_ids[row, width - len(p):] = torch.tensor(p)
-        attention_mask[row, width - len(p):] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    clips = [{0: 0, 2: 1}[i] for i in prompt_rows if i != 1]
-    if clips:
-        gen = torch.Generator().manual_seed(feature_seed)
-        all_features = torch.randn(2, 128, 100, generator=gen)
-        features = all_features[clips]
-        mask = torch.zeros(len(clips), 100, dtype=torch.long)
-        for k, c in enumerate(clips):
-            mask[k, : CLIP_FRAMES[c]] = 1
-            features[k, :, CLIP_FRAMES[c]:] = 0.0
-        batch.update(input_features=features, feature_attention_mask=mask)
-    return batch
 
 
 def test_greedy_equals_hf_generate():

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor
+from toy_model import AUDIO, CLIP_OF_PROMPT, EOS, PAD, make_batch, tiny_model
+from transformers import WhisperFeatureExtractor
 
 from mapo.models.embed import build_inputs_embeds, encode_audio, position_ids_from_mask, split_audio_by_row
 from mapo.rollout import generate_rollout
@@ -27,56 +28,11 @@ from mapo.scoring import (
 
 torch.set_num_threads(1)
 
-PAD, EOS, AUDIO = 0, 1, 5
-VOCAB = 100
 
-
-def tiny_model(seed: int = 0) -> Qwen2AudioForConditionalGeneration:
-    """Qwen2-Audio architecture: text hidden 64, 2 layers; audio d_model 32, 1 layer, 100-frame window."""
-    torch.manual_seed(seed)
-    config = Qwen2AudioConfig(
-        audio_config=dict(
-            model_type="qwen2_audio_encoder", d_model=32, encoder_layers=1, encoder_attention_heads=2,
-            encoder_ffn_dim=64, num_mel_bins=128, max_source_positions=50,
-        ),
-        text_config=dict(
-            model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD,
-        ),
-        audio_token_index=AUDIO,
-    )
-    model = Qwen2AudioForConditionalGeneration(config).eval()
-    # Random init makes the audio path nearly silent (FIELD-NOTES); a larger projector makes the audio
-    # change the outputs clearly, so "with audio they change" is a strong check.
-    with torch.no_grad():
-        model.model.multi_modal_projector.linear.weight.mul_(50.0)
-    return model
-
-
-# 100 valid mel frames -> 25 audio tokens; 60 -> 15. Prompt 1 is text only.
-PROMPTS = [
-    [10, 11, 2] + [AUDIO] * 25 + [3, 12, 13, 14],
-    [10, 20, 21, 22, 23],
-    [10, 2] + [AUDIO] * 15 + [3, 15, 16],
-]
-CLIP_FRAMES = [100, 60]
-
-
-def make_batch(feature_seed: int = 0) -> dict[str, torch.Tensor]:
-    width = max(len(p) for p in PROMPTS)
-    input_ids = torch.full((3, width), PAD)
-    attention_mask = torch.zeros(3, width, dtype=torch.long)
-    for row, p in enumerate(PROMPTS):
-        input_ids[row, width - len(p):] = torch.tensor(p)
-        attention_mask[row, width - len(p):] = 1
-    features = torch.randn(2, 128, 100, generator=torch.Generator().manual_seed(feature_seed))
-    mask = torch.zeros(2, 100, dtype=torch.long)
-    for c, frames in enumerate(CLIP_FRAMES):
-        mask[c, :frames] = 1
-        features[c, :, frames:] = 0.0
-    return dict(
-        input_ids=input_ids, attention_mask=attention_mask, input_features=features, feature_attention_mask=mask
-    )
+def audible_model(seed: int = 0):
+    """The toy model with its projector scaled ×50: random init makes the audio path nearly silent
+    (FIELD-NOTES), so the larger projector makes "with audio they change" a strong check."""
+    return tiny_model(seed, projector_gain=50.0)
 
 
 def make_rollout(model, group_size: int = 2, max_new_tokens: int = 8):
@@ -103,8 +59,7 @@ def full_logits_reference(model, rollout, temperature: float):
     n = rollout.prompt_ids.shape[0]
     features = rollout.input_features
     # Model forward wants one clip per audio-bearing row: rows of prompt 0 use clip 0, of prompt 2 clip 1.
-    clip_of_row = {0: 0, 2: 1}
-    rows_clips = [clip_of_row[g] for g in rollout.group_index.tolist() if g in clip_of_row]
+    rows_clips = [CLIP_OF_PROMPT[g] for g in rollout.group_index.tolist() if g in CLIP_OF_PROMPT]
     logits = model(
         input_ids=rollout.full_ids,
         attention_mask=rollout.attention_mask,
@@ -122,7 +77,7 @@ def full_logits_reference(model, rollout, temperature: float):
 
 
 def test_build_inputs_embeds_reproduces_model_forward():
-    model = tiny_model()
+    model = audible_model()
     batch = make_batch()
     clips = encode_audio(model, batch["input_features"], batch["feature_attention_mask"])
     assert [c.shape for c in clips] == [(25, 64), (15, 64)]
@@ -144,7 +99,7 @@ def test_build_inputs_embeds_reproduces_model_forward():
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
 def test_chunked_logprobs_and_entropy_equal_full_logits(chunk_size):
-    model = tiny_model()
+    model = audible_model()
     rollout = make_rollout(model)
     expected_logp, expected_entropy = full_logits_reference(model, rollout, temperature=0.7)
     logp, entropy = token_logprobs_and_entropy(model, rollout, temperature=0.7, chunk_size=chunk_size)
@@ -162,7 +117,7 @@ def test_chunked_logprobs_and_entropy_equal_full_logits(chunk_size):
 
 def test_logprobs_align_with_prefix_forwards_and_mask():
     """Loop reference: log p(y_t) from a forward over the unpadded prefix prompt + y_<t, one t at a time."""
-    model = tiny_model()
+    model = audible_model()
     rollout = generate_rollout(
         model, make_batch(), group_size=2, max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, seeds=[5, 6, 7]
     )
@@ -188,7 +143,7 @@ def test_logprobs_align_with_prefix_forwards_and_mask():
 
 
 def test_ablated_reference_ignores_the_waveform_and_audio_does_not():
-    model = tiny_model()
+    model = audible_model()
     extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=1)
     rollout = make_rollout(model)
     swapped = with_other_waveform(model, rollout)
@@ -216,7 +171,7 @@ def test_ablated_reference_ignores_the_waveform_and_audio_does_not():
 
 
 def test_mask_audio_keys_equals_cutting_the_audio_out():
-    model = tiny_model()
+    model = audible_model()
     rollout = make_rollout(model)
     masked = reference_pass(model, rollout, "mask_audio_keys")
     for row in (0, 5):  # prompt 0 (25 audio tokens) and prompt 2 (15)
@@ -258,7 +213,7 @@ def test_silence_features_hand_worked():
 
 
 def test_with_grad_matches_unchunked_gradients():
-    model = tiny_model()
+    model = audible_model()
     rollout = make_rollout(model)
     mask = rollout.completion_mask.float()
     logp, entropy = token_logprobs_and_entropy(model, rollout, with_grad=True, chunk_size=5)
@@ -287,7 +242,7 @@ def test_delta_entropy_and_kl_scores():
     score = kl_score(torch.tensor([[-0.2, -2.0, -3.0]]), torch.tensor([[-1.2, -0.5, -0.1]]), mask)
     assert torch.allclose(score, torch.tensor([[1.0, -1.5, 0.0]]))
 
-    model = tiny_model()
+    model = audible_model()
     rollout = make_rollout(model)
     policy = score_tokens(model, rollout, keep_hidden=True)
     ablated = reference_pass(model, rollout, "drop_features", keep_hidden=True)

@@ -4,7 +4,7 @@ measured in one run on one machine (DESIGN §9). Prints a table and writes artif
 1. Audio-attention capture: SDPA with an indicator value vs eager softmax weights (one layer, fwd+bwd).
 2. Scoring: chunked log-probs + entropy from hidden states vs full fp32 [N, T, V] logits (fwd+bwd).
 3. Rollout: our decode loop (audio encoded once per prompt, prompt prefilled once per group) vs
-   `generate` on the G-times repeated batch, on the tiny model (time, audio-tower calls).
+   `generate` on the G-times repeated batch, on the tiny model (time, clips through the audio tower).
 
     python -m mapo.bench [--quick]
 """
@@ -13,29 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from mapo import paths
 from mapo.capture.bench import compare as compare_capture
-from mapo.capture.bench import peak_bytes
-
-
-def _timed(step, device: torch.device, repeats: int) -> float:
-    step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from mapo.capture.bench import median_time, peak_bytes
 
 
 def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch.device, repeats: int) -> dict:
@@ -61,7 +45,7 @@ def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch
 
     out = {}
     for name, step in (("chunked", chunked), ("full", full)):
-        out[name] = {"time_s": _timed(step, device, repeats), "peak_bytes": float(peak_bytes(step, device))}
+        out[name] = {"time_s": median_time(step, device, repeats), "peak_bytes": float(peak_bytes(step, device))}
     out["time_ratio"] = out["full"]["time_s"] / out["chunked"]["time_s"]
     out["memory_ratio"] = out["full"]["peak_bytes"] / max(out["chunked"]["peak_bytes"], 1.0)
     return out
@@ -80,8 +64,12 @@ def bench_rollout(model_dir: Path, prompts: int, group: int, new_tokens: int, re
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = processor.tokenizer.pad_token_id
     suppress = generation_suppressed_token_ids(processor)
-    calls = {"n": 0}
-    hook = model.model.audio_tower.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    clips = {"n": 0}  # clips the audio tower encodes in one rollout
+
+    def count(module, inputs, output):
+        clips["n"] += inputs[0].shape[0]
+
+    hook = model.model.audio_tower.register_forward_hook(count)
 
     def ours():
         generate_rollout(model, batch, group_size=group, max_new_tokens=new_tokens, eos_token_id=eos,
@@ -96,9 +84,9 @@ def bench_rollout(model_dir: Path, prompts: int, group: int, new_tokens: int, re
 
     out = {}
     for name, step in (("ours", ours), ("hf_generate", hf)):
-        calls["n"] = 0
+        clips["n"] = 0
         step()
-        out[name] = {"time_s": _timed(step, torch.device("cpu"), repeats), "audio_tower_calls_per_rollout": calls["n"]}
+        out[name] = {"clips_encoded_per_rollout": clips["n"], "time_s": median_time(step, torch.device("cpu"), repeats)}
     hook.remove()
     out["time_ratio"] = out["hf_generate"]["time_s"] / out["ours"]["time_s"]
     return out
@@ -131,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(results["rollout"], dict):
         ro = results["rollout"]
         print(f"{'rollout: HF generate ×G / encode+prefill once':<44}{ro['time_ratio']:>12.2f}{'':>14}")
-        print(f"  audio-tower calls per rollout: ours {ro['ours']['audio_tower_calls_per_rollout']}, "
-              f"generate {ro['hf_generate']['audio_tower_calls_per_rollout']}")
+        print(f"  clips through the audio tower per rollout of {ro['prompts']} prompts x G={ro['group']}: "
+              f"ours {ro['ours']['clips_encoded_per_rollout']}, generate {ro['hf_generate']['clips_encoded_per_rollout']}")
     print(f"wrote {out}")
 
 

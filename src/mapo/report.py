@@ -54,20 +54,26 @@ def write_plots(run_dir: Path) -> dict[str, str]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
+
+    def save(fig, ax, name: str, xlabel: str, ylabel: str) -> None:
+        """Label, legend and grid `ax`, write `fig` to plots/<name>.png, close it and record the path."""
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written[name] = str(path)
+
     if rows:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         steps = [r["step"] for r in rows]
         for key in ("reward/mean", "reward/accuracy", "reward/format"):
             if key in rows[0]:
                 ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key, lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("reward")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / "reward.png", dpi=100)
-        plt.close(fig)
-        written["reward"] = str(out_dir / "reward.png")
+        save(fig, ax, "reward", "step", "reward")
         buckets = sorted(k for k in rows[0] if k.startswith("audio_mass/q"))
         if buckets:
             half = max(1, len(rows) // 2)
@@ -75,12 +81,5 @@ def write_plots(run_dir: Path) -> dict[str, str]:
             for name, part in (("first half", rows[:half]), ("second half", rows[half:] or rows)):
                 means = [sum(r.get(b, 0.0) for r in part) / len(part) for b in buckets]
                 ax.plot(range(1, len(buckets) + 1), means, marker="o", label=name)
-            ax.set_xlabel("relative position in the completion (quarter)")
-            ax.set_ylabel("audio attention mass")
-            ax.legend()
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(out_dir / "audio_mass.png", dpi=100)
-            plt.close(fig)
-            written["audio_mass"] = str(out_dir / "audio_mass.png")
+            save(fig, ax, "audio_mass", "relative position in the completion (quarter)", "audio attention mass")
     return written

@@ -268,26 +268,13 @@ def score_tokens(
     return TokenScores(logprobs=logprobs, entropy=entropy, hidden=hidden if keep_hidden else None)
 
 
-def token_logprobs_and_entropy(
-    model: nn.Module,
-    rollout: Rollout,
-    *,
-    audio: AudioInput = "cached",
-    feature_extractor=None,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    with_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs [N, T], entropy [N, T]) of the completion tokens; see `score_tokens`."""
-    scores = score_tokens(
-        model,
-        rollout,
-        audio=audio,
-        feature_extractor=feature_extractor,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_grad=with_grad,
-    )
+def token_logprobs_and_entropy(model: nn.Module, rollout: Rollout, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [N, T], entropy [N, T]) of the completion tokens.
+
+    options: the keyword arguments of `score_tokens` (audio, feature_extractor, temperature, chunk_size,
+    with_grad, ...), passed through unchanged so the two cannot drift apart.
+    """
+    scores = score_tokens(model, rollout, **options)
     return scores.logprobs, scores.entropy
 
 

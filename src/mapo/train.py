@@ -294,6 +294,9 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
                                              if rollout.completion_ids.shape[1] == cfg.rollout.max_new_tokens else torch.zeros(()),
                                              torch.tensor(float(n_local))]),
     }
+    groups = rewards.total.view(-1, G)
+    informative = (groups.amax(-1) > groups.amin(-1)).float()  # groups with a non-zero advantage somewhere
+    extra["rollout/informative_groups"] = torch.stack([informative.sum(), torch.tensor(float(len(informative)))])
     for name, values in rewards.per_function.items():
         extra[f"reward/{name}"] = torch.stack([values.sum(), torch.tensor(float(n_local))])
     sums.add(extra)

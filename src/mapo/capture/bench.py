@@ -48,6 +48,25 @@ def _inputs(
     return query, key, audio_keys, mask, weights
 
 
+def median_time(step: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median wall time in seconds of `repeats` calls of `step`, after one untimed warm-up call.
+
+    The warm-up takes kernel selection and allocator growth out of the timings; on CUDA the device is
+    synchronised around each call so the time covers the queued kernels, not just their launch.
+    """
+    step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Peak bytes allocated by `step` above what was allocated before it."""
     if device.type == "cuda":
@@ -110,17 +129,7 @@ def compare(
             (mass * weights).sum().backward()
             masses[name] = mass.detach()
 
-        step()  # warm-up (kernel selection, allocator)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        per_method[name] = {"time_s": statistics.median(times), "peak_bytes": float(peak_bytes(step, device))}
+        per_method[name] = {"time_s": median_time(step, device, repeats), "peak_bytes": float(peak_bytes(step, device))}
     eager, sdpa = per_method["eager"], per_method["sdpa"]
     return {
         "eager": eager,

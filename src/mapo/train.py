@@ -153,7 +153,7 @@ def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, ru
         for batch in batches:
             nll, correct, count = phase.runner(sft_nll, batch)
             (nll / num_tokens * ctx.world_size).backward()
-            sums.add({"loss/nll": torch.stack([nll.detach() / num_tokens, torch.ones(())]),
+            sums.add({"loss/nll": torch.stack([nll.detach() / num_tokens, torch.ones((), device=nll.device)]),
                       "sft/token_accuracy": torch.stack([correct.float(), count.float()])})
         grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
         phase.step += 1

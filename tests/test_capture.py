@@ -10,6 +10,7 @@ from torch.utils.checkpoint import CheckpointError
 from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from mapo.models.loader import enable_activation_checkpointing
 from mapo.capture import (
     audio_key_mask_from_ids,
     audio_mass_eager,
@@ -338,7 +339,7 @@ def test_gradient_checkpointing_needs_backward_inside(models):
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     plain = grads(True)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     checkpointed = grads(True)
     assert len(plain) == len(checkpointed)
     for a, b in zip(plain, checkpointed):

@@ -37,7 +37,7 @@ from mapo.config import MapoConfig
 from mapo.data.collate import Collator, FeatureCache
 from mapo.data.sampler import EpochSampler
 from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate
-from mapo.models.loader import generation_suppressed_token_ids, load_model_and_processor
+from mapo.models.loader import enable_activation_checkpointing, generation_suppressed_token_ids, load_model_and_processor
 from mapo.optim import build_optimizer, build_scheduler
 from mapo.report import final_table, write_plots
 from mapo.rewards import compute_rewards
@@ -330,7 +330,7 @@ def run(cfg: MapoConfig) -> dict:
             cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation, device=ctx.device
         )
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         return model, processor
 
     model, processor = load()

@@ -124,3 +124,16 @@ def generation_suppressed_token_ids(processor: Qwen2AudioProcessor) -> list[int]
     if missing:
         raise ValueError(f"tokenizer lacks the special tokens {missing}; is this a Qwen2-Audio tokenizer?")
     return sorted({vocab[token] for token in tokens})
+
+
+def enable_activation_checkpointing(model: Qwen2AudioForConditionalGeneration) -> None:
+    """Recompute decoder activations in backward (non-reentrant), across transformers 5.x.
+
+    transformers 5.2x names it `activation_checkpointing_enable` and keeps `gradient_checkpointing_enable`
+    as a deprecated alias; earlier 5.x releases have only the latter.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -36,6 +36,7 @@ help:
 	@echo "make tiny | make data                                      build the tiny model / the synthetic benchmark"
 	@echo "make check DATA=path/to/manifest                           validate a manifest (JSONL, MMAU JSON, AVQA JSONL)"
 	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05'           Hydra multirun + summary table"
+	@echo "make eval EXP=qwen2audio_mapo ARGS='model.path=...'          accuracy tables (with / without / shuffled audio) only"
 	@echo "make bench                                                 speed/memory ratios of the fast paths"
 
 install: $(STAMP)
@@ -71,6 +72,9 @@ endif
 
 sweep: install
 	$(PY) -m mapo.sweep experiment=$(EXP) $(SWEEP) $(ARGS)
+
+eval: install
+	$(PY) -m mapo.train experiment=$(EXP) trainer.steps=0 trainer.warm_start.enabled=false trainer.eval_on_start=false $(ARGS)
 
 bench: install
 	$(PY) -m mapo.bench $(ARGS)

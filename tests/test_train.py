@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from mapo.config import register_configs
@@ -132,6 +133,21 @@ def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
     assert final["step"] == 2 and 0.0 <= final["test/audio/accuracy"] <= 1.0
     assert "| counter_prior | with audio |" in proc.stdout and str(run_dir) in proc.stdout
     assert (run_dir / "checkpoints").is_dir() and (run_dir / "plots" / "reward.png").is_file()
+    # the exported policy loads through the common loader and differs from the initial tiny model
+    from mapo.models.loader import load_model_and_processor
+
+    exported, _ = load_model_and_processor(run_dir / "final_model")
+    initial, _ = load_model_and_processor(tiny_env["model"])
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert exported.state_dict().keys() == initial.state_dict().keys()
+    assert not torch.equal(exported.state_dict()[name], initial.state_dict()[name])
+
+
+def test_batches_may_mix_items_with_and_without_audio(tiny_env, tmp_path):
+    run_dir = tmp_path / "mixed"
+    run_ok(train_cmd(tiny_env, run_dir, "tiny_mapo", "data.text_only_fraction=0.5", "trainer.eval_on_start=false"))
+    rows = [r for r in metrics_lines(run_dir) if "reward/mean" in r]
+    assert len(rows) == 2 and all(0 < r["loss/attn"] < 20 for r in rows)
 
 
 def test_resumed_run_reproduces_uninterrupted_metrics(tiny_env, tmp_path):

@@ -136,6 +136,7 @@ class TrainerConfig:
     checkpoint_every: int = 50  # write a checkpoint every N steps (and at the end)
     keep_last: int = 2  # checkpoints kept
     resume: str = "auto"  # auto (latest checkpoint of run_dir, if any) | never | path to a checkpoint
+    export_final: bool = True  # save the final policy as a Hugging Face folder (run_dir/final_model) the loader reads
     stop_after: int = 0  # end this invocation after N steps with a checkpoint, to resume later (0 = run to `steps`)
     run_dir: Optional[str] = None  # where metrics, plots and checkpoints go (default: Hydra's output folder)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)

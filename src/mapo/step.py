@@ -159,6 +159,7 @@ def prepare_batch(
         gate = mask
     else:
         raise ValueError(f"algo.attn.token_gate must be content or all, got {algo.attn.token_gate!r}")
+    gate = gate & rollout.has_audio.to(device)[:, None]  # no audio span, no attention to pull toward it
     return PreparedBatch(
         advantages=advantages.to(device),
         accuracy=accuracy.to(device),

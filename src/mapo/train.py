@@ -115,6 +115,15 @@ class Phase:
         restore_rng(ckpt.rng)
 
 
+def without_some_audio(records: list, fraction: float, seed: int, step: int) -> list:
+    """Copies of `records` where a `fraction` of them (chosen by (seed, step), the same on every rank)
+    have no audio: the prompt is then text only, and batches mix items with and without audio."""
+    if fraction <= 0:
+        return records
+    drop = np.random.default_rng([seed, step, 7]).random(len(records)) < fraction
+    return [dataclasses.replace(r, audio=None) if d else r for r, d in zip(records, drop)]
+
+
 def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
     tokenizer = processor.tokenizer
     kwargs = dict(
@@ -145,7 +154,9 @@ def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, ru
     micro = max(1, cfg.trainer.micro_batch_size)
     while phase.step < phase.steps:
         t0 = time.perf_counter()
-        records = phase.sampler.next_batch(batch_size)[dist_utils.shard_indices(batch_size, ctx)]
+        records = phase.sampler.next_batch(batch_size)
+        records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, phase.step)
+        records = records[dist_utils.shard_indices(batch_size, ctx)]
         batches = [collator.supervised(records[i : i + micro]) for i in range(0, len(records), micro)]
         num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         num_tokens = float(dist_utils.global_sum(torch.tensor(float(num_tokens)), ctx))
@@ -243,6 +254,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     n_global = cfg.rollout.prompts_per_step
     step_index = phase.step
     records = phase.sampler.next_batch(n_global)
+    records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, step_index)
     local = dist_utils.shard_indices(n_global, ctx)
     records = records[local]
     seeds = [cfg.trainer.seed * 1_000_003 + step_index * 10_007 + i for i in range(local.start, local.stop)]
@@ -397,12 +409,19 @@ def run(cfg: MapoConfig) -> dict:
         if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
     train_seconds = time.perf_counter() - t_start
-    phase.save(run_dir, ctx, cfg.trainer.keep_last)
+    if phase.step > 0:
+        phase.save(run_dir, ctx, cfg.trainer.keep_last)
     if phase.step < phase.steps:
         print(f"[mapo] stopped after step {phase.step} of {phase.steps} (trainer.stop_after); resume with trainer.run_dir={run_dir} trainer.resume=auto")
         logger.finish()
         dist_utils.shutdown(ctx)
         return {"step": phase.step}
+
+    if cfg.trainer.export_final and phase.step > 0:
+        state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
+        if ctx.is_main:  # a folder the common loader reads: make eval ARGS='model.path=<run_dir>/final_model'
+            model.save_pretrained(run_dir / "final_model", state_dict=state)
+            processor.save_pretrained(run_dir / "final_model")
 
     after = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions)
     final = {"step": phase.step, "train_seconds": train_seconds, **eval_metrics(after, "")}

@@ -146,3 +146,39 @@ def test_mask_weights_follow_delta_h(setup):
     m = metrics[0]
     assert float(m["mapo/abs_delta_h"][0]) > 0
     assert 1.0 < float(m["mapo/omega_max"][0]) <= 5.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mask.kind": "threshold"}, {"mask.kind": "topk"}, {"mask.kind": "quantile"},
+        {"mask.score": "kl_token"}, {"mask.score": "kl_full"},
+        {"reference.ablation": "mask_audio_keys"}, {"reference.ablation": "silence"}, {"reference.ablation": "noise"},
+        {"reference.model": "policy"}, {"attn.method": "eager"}, {"attn.schedule": "exp", "attn.kappa": 2.0},
+        {"attn.schedule": "step"}, {"attn.schedule": "constant"}, {"attn.token_gate": "all"},
+        {"attn.head_reduce": "mean", "attn.layer_reduce": "max"}, {"kl_kind": "k1"}, {"kl_kind": "k2"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_every_option_gives_a_finite_loss_and_gradient(setup, options):
+    model, collator, rollout, content = setup
+    model = copy.deepcopy(model)
+    algo = mapo_algo()
+    for key, value in options.items():
+        node = algo
+        *path, leaf = key.split(".")
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    n = rollout.completion_ids.shape[0]
+    reference = copy.deepcopy(model).requires_grad_(False)
+    prepared = prepare_batch(
+        plain_call(model), rollout, torch.randn(n, generator=torch.Generator().manual_seed(0)),
+        (torch.arange(n) % 2).float(), algo, frozen_reference=plain_call(reference),
+        feature_extractor=collator.feature_extractor, content_vocab_mask=content, temperature=1.0, old_pass=True,
+    )
+    loss, metrics = total_loss(model, rollout, prepared, algo)
+    assert torch.isfinite(loss) and float(metrics[0]["loss/attn"][0]) > 0
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    assert torch.isfinite(grad_norm) and grad_norm > 0

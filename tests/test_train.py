@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mapo.config import register_configs
-from mapo.train import check_override_keys
+from mapo.config import check_override_keys
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "data", "rollout", "algo", "reward", "trainer", "logger")

@@ -8,6 +8,7 @@ named choices (`model=tiny`, `algo=grpo`, …) and `conf/experiment/` the named 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -185,3 +186,31 @@ def register_configs() -> None:
     cs.store(name="mapo_schema", node=MapoConfig)
     for group, node in GROUPS.items():
         cs.store(group=group, name="schema", node=node)
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Fail fast on a misspelt `group.key=value` override, listing the valid keys of that group."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("hydra", "+", "~", "-")):
+            continue
+        key = arg.split("=", 1)[0].lstrip("+")
+        parts = key.split(".")
+        if len(parts) == 1:
+            if parts[0] not in GROUPS and parts[0] not in {f.name for f in dataclasses.fields(MapoConfig)} and parts[0] != "experiment":
+                raise SystemExit(f"error: unknown config key {key!r}; valid: experiment, {', '.join(f.name for f in dataclasses.fields(MapoConfig))}")
+            continue
+        node = GROUPS.get(parts[0])
+        if node is None:
+            raise SystemExit(f"error: unknown config group {parts[0]!r} in {arg!r}; valid groups: {', '.join(GROUPS)}")
+        for depth, name in enumerate(parts[1:], start=1):
+            fields = {f.name: f for f in dataclasses.fields(node)}
+            if name not in fields:
+                where = ".".join(parts[:depth])
+                raise SystemExit(f"error: unknown key {key!r}: {where} has no {name!r}; valid: {', '.join(fields)}")
+            default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else fields[name].default
+            if dataclasses.is_dataclass(default):
+                node = type(default)
+            elif isinstance(default, dict) and depth < len(parts) - 1:
+                break  # free-form mapping (e.g. data.eval_splits.<name>)
+            elif depth < len(parts) - 1:
+                raise SystemExit(f"error: unknown key {key!r}: {'.'.join(parts[:depth + 1])} is a value, not a group")

@@ -132,6 +132,15 @@ def gather_1d(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_objects(items: list, ctx: DistContext) -> list[list]:
+    """Every rank's Python list, in rank order, on every rank (small payloads: evaluation answers)."""
+    if not ctx.enabled:
+        return [items]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, items)
+    return out
+
+
 def all_done(local_done: bool, ctx: DistContext, device: torch.device) -> bool:
     """True when every rank is done: lets ranks under FSDP keep decoding together (no deadlock)."""
     if not ctx.enabled:

@@ -116,13 +116,33 @@ def evaluate_split(
     condition: str,
     *,
     seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[list], list] | None = None,
     **generation,
 ) -> EvalResult:
-    """Accuracy of `records` under `condition` (one of CONDITIONS); see `generate_answers` for the rest."""
+    """Accuracy of `records` under `condition` (one of CONDITIONS); see `generate_answers` for the rest.
+
+    shard = (rank, world): this process answers items rank, rank + world, … of the list padded to a
+    multiple of `world` (every rank then runs the same number of batches, as FSDP needs); `gather`
+    collects each rank's list of (index, completion) into one list on every rank (an all-gather the
+    caller supplies; this module never touches torch.distributed). The shuffle of the `shuffled`
+    condition is drawn over the whole list first, so results do not depend on the number of ranks.
+    """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown eval condition {condition!r}; valid: {', '.join(CONDITIONS)}")
     shown = shuffled_audio(records, seed) if condition == "shuffled" else list(records)
-    completions = generate_answers(model, collator, shown, drop_audio=condition == "no_audio", **generation)
+    rank, world = shard
+    padded = -(-len(shown) // world) * world
+    mine = list(range(rank, padded, world))
+    texts = generate_answers(
+        model, collator, [shown[min(i, len(shown) - 1)] for i in mine], drop_audio=condition == "no_audio", **generation
+    )
+    pairs = [(i, t) for i, t in zip(mine, texts) if i < len(shown)]
+    if gather is not None:
+        pairs = [p for part in gather(pairs) for p in part]
+    completions = [t for _, t in sorted(pairs)]
+    if len(completions) != len(records):
+        raise RuntimeError(f"evaluation of {split}/{condition}: gathered {len(completions)} answers for {len(records)} items")
     predictions = [predicted_choice(text, r.choices) for text, r in zip(completions, records)]
     accuracy, per_task = accuracy_by_task(records, predictions)
     return EvalResult(split, condition, accuracy, per_task, predictions, completions, n=len(records))

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if sweep_dir is None:
         sweep_dir = f"multirun/{experiment}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
         argv.append(f"hydra.sweep.dir={sweep_dir}")
-    from mapo.train import check_override_keys
+    from mapo.config import check_override_keys
 
     check_override_keys(argv)
     cmd = [sys.executable, "-m", "mapo.train", "--multirun", *argv]

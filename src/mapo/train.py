@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from mapo import distributed as dist_utils
 from mapo.algos.advantages import group_advantages
@@ -47,6 +49,12 @@ from mapo.step import MetricSums, Normalisers, mapo_step, prepare_batch, sft_nll
 
 
 # ------------------------------------------------------------------------------------------ setup
+def say(ctx, message: str) -> None:
+    """Print once per job (rank 0), not once per process."""
+    if ctx.is_main:
+        print(message, flush=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -138,14 +146,10 @@ def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
 
 # ------------------------------------------------------------------------------------------ warm start
 def warm_start_key(cfg: MapoConfig) -> str:
-    """Hash of everything the warm-started weights depend on."""
-    parts = {
-        "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-        "data": [cfg.data.dir, cfg.data.train],
-        "warm_start": dataclasses.asdict(cfg.trainer.warm_start) if dataclasses.is_dataclass(cfg.trainer.warm_start) else dict(cfg.trainer.warm_start),
-        "seed": cfg.trainer.seed,
-    }
-    parts["warm_start"].pop("cache_dir", None)
+    """Hash of everything the warm-started weights depend on (not where the cache lives)."""
+    settings = dataclasses.asdict(cfg.trainer.warm_start)
+    settings.pop("cache_dir")
+    parts = {"model": dataclasses.asdict(cfg.model), "data": [cfg.data.dir, cfg.data.train], "warm_start": settings, "seed": cfg.trainer.seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -176,58 +180,54 @@ def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, ru
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
 
 
-def warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx) -> None:
-    """Load the cached warm-start weights, or run the warm start and cache them (atomic rename)."""
+def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx) -> Path:
+    """The cached warm-start weights (a safetensors file); trains `model` to make them when missing.
+
+    Training shards `model` in place under FSDP: the caller reloads it before loading the weights.
+    The work folder keeps checkpoints, so an interrupted warm start resumes; it is removed once the
+    weights are in the cache (written to a temporary folder, then renamed).
+    """
     ws = cfg.trainer.warm_start
     cache = Path(ws.cache_dir) / warm_start_key(cfg)
     weights = cache / "model.safetensors"
-    if not weights.is_file():
-        print(f"[mapo] warm start: {ws.steps} supervised steps (cached in {cache})")
-        work = cache.with_name(cache.name + ".run")
-        set_trainable(model, cfg, everything=True)
-        runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
-        phase = Phase("warm_start", runner, model, ws.lr, ws.steps, ws.warmup_steps, "constant", cfg, train_items)
-        resume = resolve_resume(work, "auto")
-        if resume is not None:
-            phase.resume(resume, ctx)
-        logger = make_logger("none", work, {}, total_steps=ws.steps, enabled=ctx.is_main,
-                             progress_keys={"loss": "warm/loss/nll", "tok_acc": "warm/sft/token_accuracy"})
-        sft_phase(phase, collator, cfg, ctx, logger, work, ws.batch_size, "warm/")
-        logger.finish()
-        state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
-        if ctx.is_main:
-            from safetensors.torch import save_file
-
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-            tmp.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-            (tmp / "warm_start.json").write_text(json.dumps({"steps": ws.steps, "key": cache.name}) + "\n")
-            if cache.exists():
-                import shutil
-
-                shutil.rmtree(cache)
-            os.replace(tmp, cache)
-        if ctx.enabled:
-            torch.distributed.barrier()
-        raise _Restart  # FSDP has sharded `model` in place: reload it plainly for the next phase
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(weights)))
-    print(f"[mapo] warm start: loaded cached weights {weights}")
-
-
-class _Restart(Exception):
-    """Raised after a fresh warm start so the model is reloaded unsharded from the new cache."""
+    if weights.is_file():
+        say(ctx, f"[mapo] warm start: cached weights {weights}")
+        return weights
+    say(ctx, f"[mapo] warm start: {ws.steps} supervised steps (cached in {cache})")
+    work = cache.with_name(cache.name + ".run")
+    set_trainable(model, cfg, everything=True)
+    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
+    phase = Phase("warm_start", runner, model, ws.lr, ws.steps, ws.warmup_steps, "constant", cfg, train_items)
+    resume = resolve_resume(work, "auto")
+    if resume is not None:
+        phase.resume(resume, ctx)
+    logger = make_logger("none", work, {}, total_steps=ws.steps, enabled=ctx.is_main,
+                         progress_keys={"loss": "warm/loss/nll", "tok_acc": "warm/sft/token_accuracy"})
+    sft_phase(phase, collator, cfg, ctx, logger, work, ws.batch_size, "warm/")
+    logger.finish()
+    state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
+    if ctx.is_main:
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / "warm_start.json").write_text(json.dumps({"steps": ws.steps, "key": cache.name}) + "\n")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+        shutil.rmtree(work, ignore_errors=True)
+    if ctx.enabled:
+        torch.distributed.barrier()
+    return weights
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions) -> dict[str, dict]:
-    """{split/condition: result} for every eval split and condition (greedy)."""
+def evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx) -> dict[str, dict]:
+    """{split/condition: result} for every eval split and condition (greedy; items sharded over ranks)."""
     results = {}
     for split, records in eval_sets.items():
         for condition in conditions:
             results[f"{split}/{condition}"] = runner(
                 evaluate_split, collator, records, split, condition, seed=cfg.trainer.seed,
+                shard=(ctx.rank, ctx.world_size), gather=lambda items: dist_utils.gather_objects(items, ctx),
                 batch_size=cfg.rollout.eval_batch_size, max_new_tokens=cfg.rollout.max_new_tokens, **gen_kwargs,
             )
         if "no_audio" in conditions:
@@ -348,11 +348,10 @@ def run(cfg: MapoConfig) -> dict:
     model, processor = load()
     collator = Collator(processor, feature_cache=FeatureCache())
     if cfg.trainer.warm_start.enabled and cfg.algo.name != "sft":
-        try:
-            warm_start(cfg, model, collator, train_items, ctx)
-        except _Restart:
+        weights = run_warm_start(cfg, model, collator, train_items, ctx)
+        if ctx.enabled:  # FSDP sharded it in place during a fresh warm start
             model, _ = load()
-            warm_start(cfg, model, collator, train_items, ctx)
+        model.load_state_dict(load_file(str(weights)))
     seed_everything(cfg.trainer.seed)
 
     is_sft = cfg.algo.name == "sft"
@@ -368,7 +367,7 @@ def run(cfg: MapoConfig) -> dict:
     resume = resolve_resume(run_dir, cfg.trainer.resume)
     if resume is not None:
         phase.resume(resume, ctx)
-        print(f"[mapo] resumed from {resume} at step {phase.step}")
+        say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
     audio_input = "cached" if (cfg.model.freeze_audio_tower and cfg.model.freeze_projector) or is_sft else "recompute"
     gen_kwargs = generation_kwargs(cfg, processor, ctx)
@@ -382,7 +381,7 @@ def run(cfg: MapoConfig) -> dict:
     before = {}
     before_file = run_dir / "eval_before.json"
     if cfg.trainer.eval_on_start and phase.step == 0:
-        before = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions)
+        before = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
         logger.log(0, eval_metrics(before, "eval/"))
         if ctx.is_main:
             write_json_atomic(before_file, eval_metrics(before, ""))
@@ -405,14 +404,14 @@ def run(cfg: MapoConfig) -> dict:
         if cfg.logger.sample_every and phase.step % cfg.logger.sample_every == 0:
             logger.log_samples(phase.step, samples)
         if cfg.trainer.eval_every and phase.step % cfg.trainer.eval_every == 0 and phase.step < phase.steps:
-            logger.log(phase.step, eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, ("audio",)), "eval/"))
+            logger.log(phase.step, eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, ("audio",), ctx), "eval/"))
         if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
     train_seconds = time.perf_counter() - t_start
     if phase.step > 0:
         phase.save(run_dir, ctx, cfg.trainer.keep_last)
     if phase.step < phase.steps:
-        print(f"[mapo] stopped after step {phase.step} of {phase.steps} (trainer.stop_after); resume with trainer.run_dir={run_dir} trainer.resume=auto")
+        say(ctx, f"[mapo] stopped after step {phase.step} of {phase.steps} (trainer.stop_after); resume with trainer.run_dir={run_dir} trainer.resume=auto")
         logger.finish()
         dist_utils.shutdown(ctx)
         return {"step": phase.step}
@@ -423,7 +422,7 @@ def run(cfg: MapoConfig) -> dict:
             model.save_pretrained(run_dir / "final_model", state_dict=state)
             processor.save_pretrained(run_dir / "final_model")
 
-    after = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions)
+    after = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
     final = {"step": phase.step, "train_seconds": train_seconds, **eval_metrics(after, "")}
     logger.log(phase.step, {f"eval/{k}": v for k, v in eval_metrics(after, "").items()})
     if ctx.is_main:
@@ -441,40 +440,10 @@ def run(cfg: MapoConfig) -> dict:
     return final
 
 
-def check_override_keys(argv: list[str]) -> None:
-    """Fail fast on a misspelt `group.key=value` override, listing the valid keys of that group."""
-    from mapo.config import GROUPS, MapoConfig as Root
-
-    for arg in argv:
-        if "=" not in arg or arg.startswith(("hydra", "+", "~", "-")):
-            continue
-        key = arg.split("=", 1)[0].lstrip("+")
-        parts = key.split(".")
-        if len(parts) == 1:
-            if parts[0] not in GROUPS and parts[0] not in {f.name for f in dataclasses.fields(Root)} and parts[0] != "experiment":
-                raise SystemExit(f"error: unknown config key {key!r}; valid: experiment, {', '.join(f.name for f in dataclasses.fields(Root))}")
-            continue
-        node = GROUPS.get(parts[0])
-        if node is None:
-            raise SystemExit(f"error: unknown config group {parts[0]!r} in {arg!r}; valid groups: {', '.join(GROUPS)}")
-        for depth, name in enumerate(parts[1:], start=1):
-            fields = {f.name: f for f in dataclasses.fields(node)}
-            if name not in fields:
-                where = ".".join(parts[:depth])
-                raise SystemExit(f"error: unknown key {key!r}: {where} has no {name!r}; valid: {', '.join(fields)}")
-            default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else fields[name].default
-            if dataclasses.is_dataclass(default):
-                node = type(default)
-            elif isinstance(default, dict) and depth < len(parts) - 1:
-                break  # free-form mapping (e.g. data.eval_splits.<name>)
-            elif depth < len(parts) - 1:
-                raise SystemExit(f"error: unknown key {key!r}: {'.'.join(parts[:depth + 1])} is a value, not a group")
-
-
 def main() -> None:
     import hydra
 
-    from mapo.config import register_configs
+    from mapo.config import check_override_keys, register_configs
 
     check_override_keys(sys.argv[1:])
     register_configs()

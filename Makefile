@@ -46,7 +46,7 @@ $(STAMP): setup.cfg pyproject.toml
 	  echo "[mapo] creating $(VENV)"; $(PYTHON) -m venv --system-site-packages $(VENV); fi
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "[mapo] keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-	else echo "[mapo] installing $(TORCH_SPEC)"; $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	else echo "[mapo] installing $(TORCH_SPEC)"; $(PY) -m pip install -q $(TORCH_SPEC); fi
 	$(PY) -m pip install -q -e ".[test]"
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 

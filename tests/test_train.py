@@ -193,3 +193,17 @@ def test_sweep_summary_lists_every_run(tiny_env, tmp_path):
     csv = (sweep_dir / "summary.csv").read_text().splitlines()
     assert len(csv) == 3 and "algo.eps_high" in csv[0]
     assert "0.28" in md and "0.2" in md and md.count("| ok ") == 2
+
+
+def test_reward_config_needs_accuracy_and_matching_weights():
+    from omegaconf import OmegaConf
+
+    from mapo.train import check_reward_config
+
+    cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "reward.functions=[format]", "reward.weights=[1.0]"]))
+    with pytest.raises(ValueError, match="must include 'accuracy'"):
+        check_reward_config(cfg)
+    cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "reward.weights=[1.0]"]))
+    with pytest.raises(ValueError, match="same length"):
+        check_reward_config(cfg)
+    check_reward_config(OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo"])))

@@ -123,6 +123,15 @@ class Phase:
         restore_rng(ckpt.rng)
 
 
+def check_reward_config(cfg: MapoConfig) -> None:
+    """The accuracy reward must be computed: the MAPO sequence gate and the logs use it."""
+    names, weights = list(cfg.reward.functions), list(cfg.reward.weights)
+    if len(names) != len(weights):
+        raise ValueError(f"reward.functions {names} and reward.weights {weights} must have the same length")
+    if cfg.algo.name != "sft" and "accuracy" not in names:
+        raise ValueError("reward.functions must include 'accuracy' (the MAPO gate uses it; give it weight 0 to keep it out of the reward)")
+
+
 def without_some_audio(records: list, fraction: float, seed: int, step: int) -> list:
     """Copies of `records` where a `fraction` of them (chosen by (seed, step), the same on every rank)
     have no audio: the prompt is then text only, and batches mix items with and without audio."""
@@ -302,8 +311,8 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     extra = {
         "reward/mean": torch.stack([rewards.total.sum(), torch.tensor(float(n_local))]),
         "completion/length": torch.stack([lengths.sum().cpu(), torch.tensor(float(n_local))]),
-        "completion/truncated": torch.stack([(rollout.completion_mask[:, -1] == 1).sum().float().cpu()
-                                             if rollout.completion_ids.shape[1] == cfg.rollout.max_new_tokens else torch.zeros(()),
+        # rows that hit max_new_tokens without emitting EOS (they score 0 accuracy)
+        "completion/truncated": torch.stack([(rollout.completion_ids == gen_kwargs["eos_token_id"]).any(-1).logical_not().sum().float().cpu(),
                                              torch.tensor(float(n_local))]),
     }
     groups = rewards.total.view(-1, G)
@@ -325,6 +334,7 @@ def run(cfg: MapoConfig) -> dict:
     """Train as configured; returns the final metrics (also written to run_dir/final_metrics.json)."""
     if not isinstance(cfg, MapoConfig):
         cfg = OmegaConf.to_object(cfg)
+    check_reward_config(cfg)
     ctx = dist_utils.init_distributed(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.trainer.seed)

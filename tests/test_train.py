@@ -90,6 +90,8 @@ def test_missing_model_path_fails_with_what_is_expected(tmp_path):
 
     with pytest.raises(ValueError, match="model.path is empty.*Qwen2-Audio-7B-Instruct"):
         ensure_model(ModelConfig(path=""), DataConfig())
+    with pytest.raises(FileNotFoundError, match="no config.json; expected a local folder"):
+        ensure_model(ModelConfig(path=str(tmp_path)), DataConfig())
     from mapo.models.loader import load_model_and_processor
 
     with pytest.raises(FileNotFoundError, match="model folder not found; expected a local folder with config.json"):

@@ -12,6 +12,7 @@ from pathlib import Path
 from mapo.config import DataConfig, ModelConfig
 from mapo.data.validate import read_manifest
 from mapo.data.schema import Record
+from mapo.models.loader import check_model_folder
 
 
 def manifest_path(data: DataConfig, name: str) -> Path:
@@ -43,8 +44,11 @@ def ensure_model(model: ModelConfig, data: DataConfig) -> None:
             "model.path is empty: set model.path=/path/to/Qwen2-Audio-7B-Instruct (a local folder with "
             "config.json, safetensors weights, tokenizer and preprocessor files; nothing is downloaded)"
         )
-    if (Path(model.path) / "config.json").is_file() or not model.build_tiny_if_missing:
-        return  # the loader checks the folder and says what is missing
+    if not model.build_tiny_if_missing:
+        check_model_folder(model.path)  # fail now, before any data work, saying what the folder must hold
+        return
+    if (Path(model.path) / "config.json").is_file():
+        return
     from mapo.models.tiny import TinyModelConfig, write_tiny
 
     print(f"[mapo] building the tiny model in {model.path}")

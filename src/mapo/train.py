@@ -340,6 +340,8 @@ def run(cfg: MapoConfig) -> dict:
     seed_everything(cfg.trainer.seed)
     run_dir = resolve_run_dir(cfg)
     if ctx.is_main:
+        if not cfg.model.build_tiny_if_missing:
+            ensure_model(cfg.model, cfg.data)  # a wrong model.path fails before any data work
         ensure_data(cfg.data, cfg.trainer.seed)
         ensure_model(cfg.model, cfg.data)
     if ctx.enabled:

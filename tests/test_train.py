@@ -163,13 +163,20 @@ def test_resumed_run_reproduces_uninterrupted_metrics(tiny_env, tmp_path):
     want = {r["step"]: r for r in metrics_lines(full) if "reward/mean" in r}
     got = {r["step"]: r for r in metrics_lines(part) if "reward/mean" in r and r["step"] > 2}
     assert sorted(got) == [3, 4]
+    assert all(want[step]["loss/total"] != 0 and want[step]["grad_norm"] > 0 for step in (3, 4))
     for step in (3, 4):
         for key in ("loss/total", "loss/pg", "reward/mean", "mapo/abs_delta_h", "grad_norm"):
             assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
 
 
 def test_torchrun_two_processes_match_one_process(tiny_env, tmp_path):
-    base = ("trainer.eval_on_start=false", "data.eval_max_items=2", "trainer.micro_batch_size=8")
+    # A 60-step warm start makes some completions well-formed, so rewards differ inside groups and the
+    # gradients are not zero (with identical rewards every loss would be 0 and the test could not fail).
+    base = (
+        "trainer.eval_on_start=false", "data.eval_max_items=2", "trainer.micro_batch_size=8",
+        f"trainer.warm_start.cache_dir={tmp_path / 'warm'}", "trainer.warm_start.steps=60",
+        "trainer.warm_start.batch_size=16", "rollout.max_new_tokens=24",
+    )
     single = tmp_path / "single"
     run_ok(train_cmd(tiny_env, single, "tiny_grpo", *base))
     double = tmp_path / "double"
@@ -179,8 +186,10 @@ def test_torchrun_two_processes_match_one_process(tiny_env, tmp_path):
     one = [r for r in metrics_lines(single) if "reward/mean" in r]
     two = [r for r in metrics_lines(double) if "reward/mean" in r]
     assert len(one) == len(two) == 2
+    assert all(r["grad_norm"] > 0 for r in one) and one[1]["loss/kl"] > 0
     for a, b in zip(one, two):
         assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         for key in ("loss/total", "loss/pg", "loss/kl"):
             assert b[key] == pytest.approx(a[key], abs=1e-4), key
 

@@ -49,6 +49,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mapo.capture.kernels import audio_mass_eager, audio_mass_sdpa
+from mapo.models.embed import audio_span_mask
 
 MASS_METHODS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": audio_mass_sdpa, "eager": audio_mass_eager}
 HEAD_REDUCTIONS = ("max", "mean")
@@ -80,12 +81,10 @@ def audio_key_mask_from_ids(
 ) -> torch.Tensor:
     """Which key positions are audio: input_ids [B, S] long, attention_mask [B, S] (1 = real token) or None.
 
-    Returns [B, S] bool, True where input_ids == audio_token_id and the position is not padding.
+    Returns [B, S] bool, True where input_ids == audio_token_id and the position is not padding
+    (the audio-span mask of `mapo.models.embed`, named for its use here).
     """
-    keys = input_ids == audio_token_id
-    if attention_mask is not None:
-        keys = keys & attention_mask.bool()
-    return keys
+    return audio_span_mask(input_ids, audio_token_id, attention_mask)
 
 
 class _ConfigView:

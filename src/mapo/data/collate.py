@@ -26,6 +26,7 @@ from transformers import BatchEncoding, Qwen2AudioProcessor
 from mapo.data import prompt
 from mapo.data.audio import load_audio
 from mapo.data.schema import Record
+from mapo.models.embed import audio_span_mask, position_ids_from_mask  # noqa: F401  (part of the batching API)
 
 IGNORE_INDEX = -100  # label value the loss skips
 TURN_END = "<|im_end|>"  # ends the assistant turn; the model must learn to emit it
@@ -37,20 +38,6 @@ def num_audio_tokens(n_frames: int) -> int:
     ((n - 1) // 2 + 1 - 2) // 2 + 1, e.g. 100 frames (1 s) → 50 → 25; 300 frames (3 s) → 150 → 75.
     """
     return ((n_frames - 1) // 2 + 1 - 2) // 2 + 1
-
-
-def audio_span_mask(input_ids: torch.Tensor, audio_token_id: int) -> torch.Tensor:
-    """Where the audio embeddings sit: input_ids [B, S] → bool [B, S], True at <|AUDIO|> positions."""
-    return input_ids == audio_token_id
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rotary positions that ignore left padding: attention_mask [B, S] (1 = token) → long [B, S].
-
-    Counts real tokens from 0; padding gets 0 (it is masked anyway), as `generate` does.
-    """
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 @dataclass

@@ -21,13 +21,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
-
-def audio_token_id(model: nn.Module) -> int:
-    """The id of the `<|AUDIO|>` placeholder token of a Qwen2-Audio model."""
-    token_id = getattr(model.config, "audio_token_id", None)
-    if token_id is None:
-        raise ValueError("model.config has no audio_token_id; is this a Qwen2-Audio model?")
-    return int(token_id)
+from mapo.models.loader import audio_token_id  # noqa: F401  (re-exported: rollout and scoring use it from here)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -38,6 +32,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     mask = attention_mask.long()
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def audio_span_mask(
+    input_ids: torch.Tensor, audio_token_id: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Where the audio embeddings sit: input_ids [B, S] → bool [B, S], True at `<|AUDIO|>` positions
+    (and, when attention_mask [B, S] is given, never on padding)."""
+    span = input_ids == audio_token_id
+    return span if attention_mask is None else span & attention_mask.bool()
 
 
 def audio_output_lengths(model: nn.Module, feature_attention_mask: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,10 @@ test: install
 data: install
 	$(PY) -m mapo.data.synthetic out_dir=$(DATA_DIR) $(ARGS)
 
-tiny: install data
+$(DATA_DIR)/train.jsonl: | $(STAMP)
+	$(PY) -m mapo.data.synthetic out_dir=$(DATA_DIR)
+
+tiny: install $(DATA_DIR)/train.jsonl
 	$(PY) -m mapo.models.tiny out_dir=$(TINY_DIR) corpus=$(DATA_DIR)/train.jsonl $(ARGS)
 
 check: install

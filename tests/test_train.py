@@ -145,6 +145,18 @@ def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
     assert not torch.equal(exported.state_dict()[name], initial.state_dict()[name])
 
 
+def test_sft_experiment_lowers_its_loss_and_honours_stop_after(tiny_env, tmp_path):
+    run_dir = tmp_path / "sft"
+    common = ("trainer.eval_on_start=false", "trainer.micro_batch_size=8", "trainer.warmup_steps=1", "trainer.steps=6")
+    run_ok(train_cmd(tiny_env, run_dir, "tiny_sft", *common, "trainer.stop_after=3"))
+    assert [r["step"] for r in metrics_lines(run_dir)] == [1, 2, 3]
+    run_ok(train_cmd(tiny_env, run_dir, "tiny_sft", *common))
+    rows = [r for r in metrics_lines(run_dir) if "loss/nll" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["loss/nll"] < rows[0]["loss/nll"] - 0.1  # random init: about 6.2 nats per token at step 1
+    assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 6
+
+
 def test_batches_may_mix_items_with_and_without_audio(tiny_env, tmp_path):
     run_dir = tmp_path / "mixed"
     run_ok(train_cmd(tiny_env, run_dir, "tiny_mapo", "data.text_only_fraction=0.5", "trainer.eval_on_start=false"))

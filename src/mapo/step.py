@@ -31,6 +31,9 @@ from mapo.config import AlgoConfig
 from mapo.rollout import Rollout
 from mapo.scoring import (
     DEFAULT_CHUNK_SIZE,
+    delta_entropy,
+    kl_score,
+    pick_reference_model,
     hidden_states,
     kl_full_vocabulary,
     logprobs_from_hidden,
@@ -133,9 +136,7 @@ def prepare_batch(
         ).logprobs
     ablated = ablated_hidden = None
     if uses_ablated_reference(algo):
-        ref_call = policy if algo.reference.model == "policy" else frozen_reference
-        if ref_call is None:
-            raise ValueError("algo.reference.model=frozen needs a frozen reference model")
+        ref_call = pick_reference_model(algo.reference.model, policy, frozen_reference)
         scores = ref_call(
             reference_pass,
             rollout,
@@ -211,9 +212,9 @@ def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
 def relevance_score(algo: AlgoConfig, policy_logprobs: torch.Tensor, policy_entropy: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
     """Δh_t (or the KL score that replaces it), [N, T], no grad."""
     if algo.mask.score == "entropy":
-        return ablated - policy_entropy  # H(π_ref | no audio) − H(π_θ | audio)
+        return delta_entropy(ablated, policy_entropy)  # H(π_ref | no audio) − H(π_θ | audio)
     if algo.mask.score == "kl_token":
-        return policy_logprobs - ablated  # log π_θ(y_t) − log π_ablated(y_t)
+        return kl_score(policy_logprobs, ablated)  # log π_θ(y_t) − log π_ablated(y_t)
     raise ValueError(f"algo.mask.score must be entropy, kl_token or kl_full, got {algo.mask.score!r}")
 
 
@@ -251,7 +252,7 @@ def mapo_step(
     sub = select_rows(rollout, rows)
     mask = sub.completion_mask.bool()
     adv = prepared.advantages[rows]
-    eta = algo.attn.eta if algo.name == "mapo" else 0.0
+    eta = algo.attn.eta
     capture = (
         capture_audio_attention(
             model,

@@ -162,10 +162,12 @@ def warm_start_key(cfg: MapoConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, run_dir: Path, batch_size: int, log_prefix: str) -> None:
-    """Supervised steps on the reference traces (the warm start, or `algo=sft` as the main phase)."""
+def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, run_dir: Path, batch_size: int,
+              log_prefix: str, stop_at: int | None = None) -> None:
+    """Supervised steps on the reference traces (the warm start, or `algo=sft` as the main phase),
+    up to `stop_at` (default: the phase's last step)."""
     micro = max(1, cfg.trainer.micro_batch_size)
-    while phase.step < phase.steps:
+    while phase.step < (phase.steps if stop_at is None else stop_at):
         t0 = time.perf_counter()
         records = phase.sampler.next_batch(batch_size)
         records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, phase.step)
@@ -374,14 +376,14 @@ def run(cfg: MapoConfig) -> dict:
         ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference), ctx)
     set_trainable(model, cfg, everything=is_sft)
     runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
-    lr_total = cfg.trainer.steps
-    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, lr_total, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items)
+    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items)
     resume = resolve_resume(run_dir, cfg.trainer.resume)
     if resume is not None:
         phase.resume(resume, ctx)
         say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
-    audio_input = "cached" if (cfg.model.freeze_audio_tower and cfg.model.freeze_projector) or is_sft else "recompute"
+    # cached audio embeddings are exact only while the tower and projector do not train
+    audio_input = "cached" if cfg.model.freeze_audio_tower and cfg.model.freeze_projector else "recompute"
     gen_kwargs = generation_kwargs(cfg, processor, ctx)
     content_mask = build_content_vocab_mask(collator.tokenizer, model.lm_head.out_features).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -390,24 +392,23 @@ def run(cfg: MapoConfig) -> dict:
                          total_steps=cfg.trainer.steps, enabled=ctx.is_main, wandb_mode=cfg.logger.mode)
 
     conditions = ("audio", "no_audio", "shuffled")
-    before = {}
+    before: dict[str, float] = {}  # flat eval metrics before the main phase (kept in the run folder for resumes)
     before_file = run_dir / "eval_before.json"
     if cfg.trainer.eval_on_start and phase.step == 0:
-        before = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
-        logger.log(0, eval_metrics(before, "eval/"))
+        before = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         if ctx.is_main:
-            write_json_atomic(before_file, eval_metrics(before, ""))
+            write_json_atomic(before_file, before)
     elif before_file.is_file():
         before = json.loads(before_file.read_text())
 
     model.train()
     t_start = time.perf_counter()
     stop_at = min(phase.steps, cfg.trainer.stop_after) if cfg.trainer.stop_after > 0 else phase.steps
+    if is_sft:
+        sft_phase(phase, collator, cfg, ctx, logger, run_dir, cfg.trainer.micro_batch_size * ctx.world_size, "", stop_at)
     while phase.step < stop_at:
         t0 = time.perf_counter()
-        if is_sft:
-            sft_phase(phase, collator, cfg, ctx, logger, run_dir, cfg.trainer.micro_batch_size * ctx.world_size, "")
-            break
         metrics, samples = rl_step(phase, ref_runner, collator, cfg, ctx, gen_kwargs, content_mask, audio_input)
         metrics["time/step_s"] = time.perf_counter() - t0
         if phase.step % cfg.logger.log_every == 0:
@@ -434,12 +435,11 @@ def run(cfg: MapoConfig) -> dict:
             model.save_pretrained(run_dir / "final_model", state_dict=state)
             processor.save_pretrained(run_dir / "final_model")
 
-    after = evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
-    final = {"step": phase.step, "train_seconds": train_seconds, **eval_metrics(after, "")}
-    logger.log(phase.step, {f"eval/{k}": v for k, v in eval_metrics(after, "").items()})
+    after = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
+    final = {"step": phase.step, "train_seconds": train_seconds, **after}
+    logger.log(phase.step, {f"eval/{k}": v for k, v in after.items()})
     if ctx.is_main:
-        before_flat = eval_metrics(before, "") if before and not isinstance(next(iter(before.values())), float) else before
-        table = final_table(before_flat, eval_metrics(after, ""), list(eval_sets), phase_name=phase.name)
+        table = final_table(before, after, list(eval_sets), phase_name=phase.name)
         (run_dir / "final_table.md").write_text(table + "\n")
         write_json_atomic(run_dir / "final_metrics.json", final)
         plots = write_plots(run_dir)

@@ -43,12 +43,6 @@ def audio_span_mask(
     return span if attention_mask is None else span & attention_mask.bool()
 
 
-def audio_output_lengths(model: nn.Module, feature_attention_mask: torch.Tensor) -> torch.Tensor:
-    """Number of audio tokens each clip becomes. feature_attention_mask: [C, F] -> lengths: [C] long."""
-    _, output_lengths = model.model.audio_tower._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
-    return output_lengths
-
-
 def encode_audio(
     model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor
 ) -> list[torch.Tensor]:

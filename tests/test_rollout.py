@@ -6,7 +6,7 @@ import torch
 from toy_model import AUDIO, EOS, PAD, VOCAB, make_batch, tiny_model
 
 from mapo.models.embed import encode_audio
-from mapo.rollout import completion_mask_from_ids, generate_rollout, sample_from_probs, top_p_filter
+from mapo.rollout import completion_mask_from_ids, generate_rollout
 
 torch.set_num_threads(1)
 
@@ -121,37 +121,3 @@ def test_layout_group_index_audio_mask_and_cached_embeds():
     assert torch.allclose(rollout.prompt_audio_embeds[0], clips[0], atol=1e-6)
     assert torch.allclose(rollout.prompt_audio_embeds[2], clips[1], atol=1e-6)
     assert rollout.row_audio_embeds()[5] is None and rollout.row_audio_embeds()[9] is rollout.prompt_audio_embeds[2]
-
-
-def test_top_p_filter_hand_worked():
-    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
-    logits = probs.log()
-    # Sorted: 0.5, 0.3, 0.15, 0.05; mass strictly above each: 0, 0.5, 0.8, 0.95.
-    # top_p=0.7 drops mass_above ≥ 0.7 -> keeps 0.5 and 0.3 (tokens 1 and 3).
-    kept = torch.isfinite(top_p_filter(logits, 0.7))
-    assert kept.tolist() == [[False, True, False, True]]
-    # top_p=0.5: 0.3's mass above is 0.5 ≥ 0.5 -> only the top token.
-    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[False, True, False, False]]
-    assert torch.equal(top_p_filter(logits, 1.0), logits)
-
-
-def test_sample_from_probs_is_inverse_cdf():
-    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7]] * 2 + [[0.25, 0.25, 0.25, 0.25]] * 2)
-    generators = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
-    tokens = sample_from_probs(probs, generators, group_size=2)
-    # Loop reference: the same uniforms, the first k whose cumulative mass exceeds u.
-    uniforms = torch.cat([torch.rand(2, 1, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]).flatten()
-    expected = []
-    for row, u in enumerate(uniforms.tolist()):
-        cum = 0.0
-        for k, p in enumerate(probs[row].tolist()):
-            cum += p
-            if u < cum:
-                expected.append(k)
-                break
-    assert tokens.tolist() == expected
-    # Zero-probability tokens never come out; frequencies follow the probabilities.
-    torch.manual_seed(0)
-    many = sample_from_probs(torch.tensor([[0.5, 0.0, 0.5]]).expand(4000, 3), None, group_size=1)
-    assert (many != 1).all()
-    assert abs((many == 0).float().mean().item() - 0.5) < 0.03

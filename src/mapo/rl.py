@@ -14,7 +14,8 @@ from mapo.data.sampler import without_some_audio
 from mapo.phase import Phase
 from mapo.rewards import compute_rewards
 from mapo.rollout import generate_rollout
-from mapo.step import MetricSums, Normalisers, mapo_step, prepare_batch
+from mapo.step import MetricSums, Normalisers, mapo_step, prepare_batch, uses_ablated_reference, uses_kl_reference
+from mapo.timing import StepTimer
 
 
 def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input) -> tuple[dict, list]:
@@ -29,11 +30,16 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     seeds = [cfg.trainer.seed * 1_000_003 + step_index * 10_007 + i for i in range(local.start, local.stop)]
 
     # rollout (audio encoded once per prompt, prompt prefilled once per group)
-    batch = collator.prompts(records)
-    rollout = phase.runner(
-        generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=seeds, **gen_kwargs,
-    )
+    timer = StepTimer(ctx.device)
+    with timer.phase("rollout"):
+        batch = collator.prompts(records)
+        rollout = phase.runner(
+            generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+            repetition_penalty=cfg.rollout.repetition_penalty, seeds=seeds, **gen_kwargs,
+        )
+    timer.add_tokens("rollout", rollout.completion_mask.sum())
+    sequence_tokens = rollout.attention_mask.sum()
 
     # rewards and advantages (the advantage normaliser may span ranks: gather, compute, slice)
     ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, gen_kwargs["pad_token_id"])
@@ -45,26 +51,31 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     adv = group_advantages(all_rewards, G, scale=algo.adv_scale, eps=algo.adv_eps)[ctx.rank * n_local : (ctx.rank + 1) * n_local]
 
     # no-grad scoring: reference log-probs, ablated reference, (old policy when several passes)
-    prepared = prepare_batch(
-        phase.runner, rollout, adv, rewards.accuracy, algo,
-        frozen_reference=ref_runner, feature_extractor=collator.feature_extractor,
-        content_vocab_mask=content_mask, temperature=cfg.rollout.temperature, audio_input=audio_input,
-        old_pass=algo.updates_per_rollout > 1,
-    )
+    with timer.phase("scoring"):
+        prepared = prepare_batch(
+            phase.runner, rollout, adv, rewards.accuracy, algo,
+            frozen_reference=ref_runner, feature_extractor=collator.feature_extractor,
+            content_vocab_mask=content_mask, temperature=cfg.rollout.temperature, audio_input=audio_input,
+            old_pass=algo.updates_per_rollout > 1,
+        )
+    passes = uses_kl_reference(algo) + uses_ablated_reference(algo) + (algo.updates_per_rollout > 1)
+    timer.add_tokens("scoring", sequence_tokens * passes)
     num_tokens = dist_utils.global_sum(rollout.completion_mask.sum().float(), ctx)
     norms = Normalisers(num_tokens=num_tokens, num_seqs=n_global * G, max_len=cfg.rollout.max_new_tokens)
 
     # update(s) on micro-batches; FSDP averages gradients over ranks, so scale by world size
     sums = MetricSums()
     rows = torch.arange(n_local, device=rollout.completion_ids.device)
-    for _ in range(algo.updates_per_rollout):
-        for chunk in rows.split(max(1, cfg.trainer.micro_batch_size)):
-            _, m = mapo_step(
-                phase.model, rollout, chunk, prepared, algo, norms, temperature=cfg.rollout.temperature,
-                audio_input=audio_input, backward_scale=float(ctx.world_size), call=phase.runner,
-            )
-            sums.add(m)
-        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
+    with timer.phase("update"):
+        for _ in range(algo.updates_per_rollout):
+            for chunk in rows.split(max(1, cfg.trainer.micro_batch_size)):
+                _, m = mapo_step(
+                    phase.model, rollout, chunk, prepared, algo, norms, temperature=cfg.rollout.temperature,
+                    audio_input=audio_input, backward_scale=float(ctx.world_size), call=phase.runner,
+                )
+                sums.add(m)
+            grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
+    timer.add_tokens("update", sequence_tokens * algo.updates_per_rollout)
     phase.step += 1
 
     lengths = rollout.completion_mask.sum(-1).float()
@@ -82,6 +93,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
         extra[f"reward/{name}"] = torch.stack([values.sum(), torch.tensor(float(n_local))])
     sums.add(extra)
     metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
+    metrics.update(timer.metrics())
     metrics["grad_norm"] = float(grad_norm)
     metrics["lr"] = phase.scheduler.get_last_lr()[0]
     samples = [{"id": r.id, "task": r.task, "answer": r.answer, "completion": t, "reward": float(v)}

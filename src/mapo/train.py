@@ -42,6 +42,7 @@ from mapo.phase import Phase, set_trainable
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
 from mapo.run_logging import make_logger, write_json_atomic
+from mapo.timing import timed_generation
 from mapo.step import uses_ablated_reference, uses_kl_reference
 from mapo.warm_start import run_warm_start, sft_phase
 
@@ -79,6 +80,7 @@ def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
         suppress_token_ids=generation_suppressed_token_ids(processor),
+        cuda_graph=cfg.rollout.cuda_graph,
     )
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
@@ -177,8 +179,9 @@ def run(cfg: MapoConfig) -> dict:
     before: dict[str, float] = {}  # flat eval metrics before the main phase (kept in the run folder for resumes)
     before_file = run_dir / "eval_before.json"
     if cfg.trainer.eval_on_start and phase.step == 0:
-        before = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
-        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        results, timing = timed_generation("eval", ctx.device, evaluate_all, runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
+        before = eval_metrics(results, "")
+        logger.log(0, {**{f"eval/{k}": v for k, v in before.items()}, **timing})
         if ctx.is_main:
             write_json_atomic(before_file, before)
     elif before_file.is_file():
@@ -199,7 +202,8 @@ def run(cfg: MapoConfig) -> dict:
         if cfg.logger.sample_every and phase.step % cfg.logger.sample_every == 0:
             logger.log_samples(phase.step, samples)
         if cfg.trainer.eval_every and phase.step % cfg.trainer.eval_every == 0 and phase.step < phase.steps:
-            logger.log(phase.step, eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, ("audio",), ctx), "eval/"))
+            results, timing = timed_generation("eval", ctx.device, evaluate_all, runner, collator, eval_sets, cfg, gen_kwargs, ("audio",), ctx)
+            logger.log(phase.step, {**eval_metrics(results, "eval/"), **timing})
         if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
     train_seconds = time.perf_counter() - t_start
@@ -217,9 +221,10 @@ def run(cfg: MapoConfig) -> dict:
             model.save_pretrained(run_dir / "final_model", state_dict=state)
             processor.save_pretrained(run_dir / "final_model")
 
-    after = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
+    results, timing = timed_generation("eval", ctx.device, evaluate_all, runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
+    after = eval_metrics(results, "")
     final = {"step": phase.step, "train_seconds": train_seconds, **after}
-    logger.log(phase.step, {f"eval/{k}": v for k, v in after.items()})
+    logger.log(phase.step, {**{f"eval/{k}": v for k, v in after.items()}, **timing})
     if ctx.is_main:
         table = final_table(before, after, list(eval_sets), phase_name=phase.name)
         (run_dir / "final_table.md").write_text(table + "\n")

@@ -89,7 +89,7 @@ def time_trl_grpo(model_dir: Path, records, *, prompts: int, group: int, new_tok
             num_generations=group, max_completion_length=new_tokens, temperature=temperature, top_p=1.0, top_k=0,
             beta=0.0, num_iterations=1, learning_rate=1e-6, max_steps=warmup + steps, logging_steps=10_000,
             save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False, seed=seed,
-            dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False,
+            dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False, gradient_checkpointing=False,
             generation_kwargs={"suppress_tokens": generation_suppressed_token_ids(processor)},
         )
         trainer = GRPOTrainer(model=lm, reward_funcs=reward, args=args, train_dataset=dataset,

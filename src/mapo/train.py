@@ -41,6 +41,7 @@ from mapo.models.loader import enable_activation_checkpointing, generation_suppr
 from mapo.phase import Phase, set_trainable
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
+from mapo.rollout import set_default_cuda_graph
 from mapo.run_logging import make_logger, write_json_atomic
 from mapo.timing import timed_generation
 from mapo.step import uses_ablated_reference, uses_kl_reference
@@ -80,7 +81,6 @@ def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
         suppress_token_ids=generation_suppressed_token_ids(processor),
-        cuda_graph=cfg.rollout.cuda_graph,
     )
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
@@ -169,6 +169,7 @@ def run(cfg: MapoConfig) -> dict:
     # cached audio embeddings are exact only while the tower and projector do not train
     audio_input = "cached" if cfg.model.freeze_audio_tower and cfg.model.freeze_projector else "recompute"
     gen_kwargs = generation_kwargs(cfg, processor, ctx)
+    set_default_cuda_graph(cfg.rollout.cuda_graph)  # every rollout of the run, evaluation's included
     content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = make_logger(cfg.logger.kind, run_dir, plain_cfg, project=cfg.logger.project,

@@ -28,7 +28,7 @@ endif
 TINY_DIR := artifacts/models/tiny-qwen2-audio
 DATA_DIR := artifacts/data/synthetic
 
-.PHONY: install test tiny data check train sweep bench eval clean help
+.PHONY: install test tiny data check train sweep bench bench-gpu eval clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
@@ -37,7 +37,7 @@ help:
 	@echo "make check DATA=path/to/manifest                           validate a manifest (JSONL, MMAU JSON, AVQA JSONL)"
 	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05'           Hydra multirun + summary table"
 	@echo "make eval EXP=qwen2audio_mapo ARGS='model.path=...'          accuracy tables (with / without / shuffled audio) only"
-	@echo "make bench                                                 speed/memory ratios of the fast paths"
+	@echo "make bench                                                 speed/memory ratios of the fast paths (CPU, 1 thread; TRL when installed)"
 
 install: $(STAMP)
 
@@ -81,6 +81,9 @@ eval: install
 
 bench: install
 	$(PY) -m mapo.bench $(ARGS)
+
+bench-gpu: install
+	$(PY) -m mapo.bench --suite gpu7b $(ARGS)
 
 clean:
 	rm -rf artifacts outputs multirun wandb

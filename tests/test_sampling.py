@@ -122,7 +122,10 @@ def hf_distribution(logits, input_ids, pad_lengths, settings, suppress_ids):
     """transformers' processors in `generate`'s order, then softmax."""
     scores = logits.clone()
     if settings.repetition_penalty != 1.0:
-        scores = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty, prompt_ignore_length=pad_lengths)(input_ids, scores)
+        # One row at a time without its left padding (what generate passes as prompt_ignore_length in
+        # transformers ≥ 5.2x; earlier releases take no per-row lengths).
+        penalty = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)
+        scores = torch.cat([penalty(input_ids[r : r + 1, int(pad_lengths[r]):], scores[r : r + 1]) for r in range(len(scores))])
     scores = SuppressTokensLogitsProcessor(suppress_ids)(input_ids, scores)
     if settings.temperature != 1.0:
         scores = TemperatureLogitsWarper(settings.temperature)(input_ids, scores)

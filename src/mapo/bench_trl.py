@@ -117,14 +117,17 @@ def time_mapo_grpo(model_dir: Path, data_dir: Path, *, prompts: int, group: int,
 
 def compare(model_dir: Path, data_dir: Path, *, steps: int = 4, warmup: int = 1) -> dict:
     """{"mapo": ..., "trl": ..., "speedup": TRL s/step ÷ mapo s/step} in the issue's setting."""
-    from mapo.bench_rl import RLHarness
+    import dataclasses
+
+    from mapo.bench_rl import compose_config
+    from mapo.data.validate import read_manifest
 
     setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3)
     torch.manual_seed(0)
     mapo = time_mapo_grpo(model_dir, data_dir, steps=steps, warmup=warmup, **setting)
-    harness = RLHarness(model_dir, data_dir, algo="grpo", overrides=["data.text_only_fraction=1.0"])
-    records = harness.text_only_records(setting["prompts"] * (warmup + steps))
-    cfg = harness.cfg
+    cfg = compose_config("tiny_grpo", [])
+    count = setting["prompts"] * (warmup + steps)
+    records = [dataclasses.replace(r, audio=None) for r in read_manifest(data_dir / "train.jsonl").records[:count]]
     trl = time_trl_grpo(model_dir, records, steps=steps, warmup=warmup, reward_functions=list(cfg.reward.functions),
                         reward_weights=list(cfg.reward.weights), **setting)
     return {"setting": {**setting, "beta": 0.0, "micro_batch": MICRO_BATCH, "steps": steps, "warmup": warmup},

@@ -143,6 +143,9 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: Sequence[int
 
 
 
+#: CUDA graphs captured, replays, failed captures (fallbacks to eager), process-wide: `graph_stats()`.
+_GRAPH_STATS = {"captured": 0, "replayed": 0, "failed": 0}
+
 #: `cuda_graph` of rollouts that do not pass one (the training program sets it from `rollout.cuda_graph`, so
 #: evaluation's rollouts follow the config too).
 _DEFAULT_CUDA_GRAPH = ["auto"]
@@ -152,6 +155,12 @@ def set_default_cuda_graph(option: bool | str) -> None:
     """The `cuda_graph` value used by every later rollout of this process that does not pass its own."""
     resolve_cuda_graph(option, torch.device("cpu"), multi_process=False)  # validates
     _DEFAULT_CUDA_GRAPH[0] = option
+
+
+def graph_stats() -> dict[str, int]:
+    """Copies of the process-wide CUDA-graph counters (captured, replayed, failed), e.g. for a benchmark to
+    report whether its decode steps really ran as graphs."""
+    return dict(_GRAPH_STATS)
 
 
 def generated_tokens() -> int:
@@ -229,6 +238,7 @@ class _StaticDecoder:
         self.tokens_in.copy_(tokens)
         if visible in self.graphs:
             self.graphs[visible].replay()
+            _GRAPH_STATS["replayed"] += 1
         elif self.use_graph:
             self._graph_step(visible)
         else:
@@ -258,10 +268,13 @@ class _StaticDecoder:
             warnings.warn(f"rollout: CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly",
                           stacklevel=3)
             self.use_graph, self.bucket = False, 1
+            _GRAPH_STATS["failed"] += 1
             self._forward(visible)
             return
         self.graphs[visible] = graph
+        _GRAPH_STATS["captured"] += 1
         graph.replay()
+        _GRAPH_STATS["replayed"] += 1
 
 
 def _autocast_without_cache():

@@ -44,6 +44,7 @@ from mapo.models.embed import (
     split_audio_by_row,
 )
 from mapo.rollout import Rollout
+from mapo.shared_prefix import can_share_prefix, completion_hidden
 
 AblationMode = Literal["drop_features", "mask_audio_keys", "silence", "noise"]
 AudioInput = Literal["cached", "recompute", "drop_features", "mask_audio_keys", "silence", "noise"]
@@ -129,7 +130,7 @@ def _encoded_rows(model: nn.Module, rollout: Rollout, features: torch.Tensor, ma
     return [per_prompt[b] for b in rollout.group_index.tolist()]
 
 
-def sequence_inputs(
+def audio_inputs(
     model: nn.Module,
     rollout: Rollout,
     audio: AudioInput = "cached",
@@ -137,15 +138,12 @@ def sequence_inputs(
     feature_extractor=None,
     noise_seed: int = 0,
     noise_std: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs of a full-sequence pass: inputs_embeds [N, P+T, H], attention_mask [N, P+T], position_ids [N, P+T].
-
-    Positions always come from the rollout's own mask, so they equal the ones used while sampling.
-    """
+) -> tuple[list[torch.Tensor | None] | None, torch.Tensor]:
+    """How the audio enters a pass: (per-row audio embeddings (N entries) or None for bare placeholders,
+    the attention mask [N, P+T] of the pass: the rollout's, with the audio keys blocked for "mask_audio_keys")."""
     if audio not in AUDIO_INPUTS:
         raise ValueError(f"unknown audio input {audio!r}; valid: {', '.join(AUDIO_INPUTS)}")
     attention_mask = rollout.attention_mask
-    position_ids = position_ids_from_mask(attention_mask)
     has_clips = rollout.input_features is not None
     if audio == "cached":
         rows = rollout.row_audio_embeds()
@@ -161,6 +159,26 @@ def sequence_inputs(
         rows = None
     if audio == "mask_audio_keys":
         attention_mask = attention_mask.masked_fill(rollout.audio_mask.to(attention_mask.device), 0)
+    return rows, attention_mask
+
+
+def sequence_inputs(
+    model: nn.Module,
+    rollout: Rollout,
+    audio: AudioInput = "cached",
+    *,
+    feature_extractor=None,
+    noise_seed: int = 0,
+    noise_std: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of a full-sequence pass: inputs_embeds [N, P+T, H], attention_mask [N, P+T], position_ids [N, P+T].
+
+    Positions always come from the rollout's own mask, so they equal the ones used while sampling.
+    """
+    rows, attention_mask = audio_inputs(
+        model, rollout, audio, feature_extractor=feature_extractor, noise_seed=noise_seed, noise_std=noise_std
+    )
+    position_ids = position_ids_from_mask(rollout.attention_mask)
     inputs_embeds = build_inputs_embeds(model, rollout.full_ids, rows)
     return inputs_embeds, attention_mask.to(inputs_embeds.device), position_ids.to(inputs_embeds.device)
 
@@ -293,8 +311,8 @@ def logprobs_from_hidden(
 
     hidden: [N, P+T, H]; completion_ids: [N, T]; completion_mask: [N, T] or None.
     Returns (logprobs [N, T], entropy [N, T]) in fp32, 0 where completion_mask is 0.
-    Only the positions a mask keeps go through the LM head; on CPU chunks also stay under CPU_CHUNK_BYTES. With grad enabled, a plain linear head uses
-    `_FusedTokenStats` (one custom backward, logits recomputed per chunk, never stored); another head is
+    Only the positions a mask keeps go through the LM head; on CPU a chunk also stays under CPU_CHUNK_BYTES.
+    With grad enabled, a plain linear head uses `_FusedTokenStats` (one custom backward, logits recomputed per chunk, never stored); another head is
     checkpointed chunk by chunk. Either way peak memory stays at about one chunk of logits.
     """
     num_rows, num_tokens = completion_ids.shape
@@ -304,21 +322,42 @@ def logprobs_from_hidden(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    if hidden.device.type == "cpu":
+    queries = hidden[:, prompt_len - 1 : prompt_len - 1 + num_tokens]
+    return completion_logprobs(lm_head, queries, completion_ids, completion_mask=completion_mask,
+                               temperature=temperature, chunk_size=chunk_size)
+
+
+def completion_logprobs(
+    lm_head: nn.Module,
+    queries: torch.Tensor,
+    completion_ids: torch.Tensor,
+    *,
+    completion_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_hidden` on the T query states themselves: queries [N, T, H] (query t predicts
+    completion token t). Returns (logprobs [N, T], entropy [N, T]) fp32, 0 where completion_mask is 0."""
+    num_rows, num_tokens = completion_ids.shape
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if queries.device.type == "cpu":
         vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") else 1
         chunk_size = min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
-    queries = hidden[:, prompt_len - 1 : prompt_len - 1 + num_tokens].reshape(num_rows * num_tokens, -1)
-    targets = completion_ids.to(hidden.device).reshape(-1)
+    needs_grad = torch.is_grad_enabled() and (
+        queries.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
+    device = queries.device
+    queries = queries.reshape(num_rows * num_tokens, -1)
+    targets = completion_ids.to(device).reshape(-1)
     keep = None
     if completion_mask is not None:
-        keep = completion_mask.to(hidden.device).reshape(-1).bool()
-        if bool(keep.any()) and not bool(keep.all()):  # (all masked: score everything, values zeroed below)
+        keep = completion_mask.to(device).reshape(-1).bool()
+        kept = int(keep.sum())
+        if kept == keep.numel():
+            keep = None
+        elif kept > 0:  # (nothing kept: score everything, values zeroed below)
             queries, targets = queries[keep], targets[keep]
-        else:
-            keep = None if bool(keep.all()) else keep
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
-    )
     if _fusable(lm_head):
         if needs_grad:
             logprobs, entropy = _FusedTokenStats.apply(
@@ -364,17 +403,31 @@ def score_tokens(
     noise_seed: int = 0,
     noise_std: float = 0.1,
 ) -> TokenScores:
-    """One full pass of `model` over the rollout. with_grad=False runs under no_grad.
+    """One pass of `model` over the rollout. with_grad=False runs under no_grad.
 
-    Returns TokenScores: logprobs [N, T], entropy [N, T] (and hidden [N, P+T, H] if keep_hidden).
+    When the rollout's rows come in groups that share a prompt (and `can_share_prefix` allows it), each prompt
+    is run once and the completions attend to it (`mapo.shared_prefix`); otherwise one full-sequence pass.
+    Both give the same values (tested). Returns TokenScores: logprobs [N, T], entropy [N, T] (and hidden
+    [N, P+T, H] if keep_hidden, which always takes the full pass).
     """
+    lm_head = get_adapter(model).lm_head(model)
     with torch.set_grad_enabled(with_grad):
+        if not keep_hidden and can_share_prefix(model, rollout, with_grad=with_grad):
+            rows, attention_mask = audio_inputs(
+                model, rollout, audio, feature_extractor=feature_extractor, noise_seed=noise_seed, noise_std=noise_std
+            )
+            queries = completion_hidden(model, rollout, rows, attention_mask)
+            logprobs, entropy = completion_logprobs(
+                lm_head, queries, rollout.completion_ids, completion_mask=rollout.completion_mask,
+                temperature=temperature, chunk_size=chunk_size,
+            )
+            return TokenScores(logprobs=logprobs, entropy=entropy)
         inputs = sequence_inputs(
             model, rollout, audio, feature_extractor=feature_extractor, noise_seed=noise_seed, noise_std=noise_std
         )
         hidden = hidden_states(model, *inputs)
         logprobs, entropy = logprobs_from_hidden(
-            get_adapter(model).lm_head(model),
+            lm_head,
             hidden,
             rollout.completion_ids,
             rollout.prompt_len,

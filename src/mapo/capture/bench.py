@@ -67,6 +67,25 @@ def median_time(step: Callable[[], None], device: torch.device, repeats: int) ->
     return statistics.median(times)
 
 
+def interleaved_times(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Wall times in seconds of `repeats` rounds in which every step runs once, in turn, after one untimed
+    warm-up call each. Interleaving makes a change of machine load hit all steps alike, so ratios of their
+    medians are fairer than back-to-back blocks on a shared machine."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Peak bytes allocated by `step` above what was allocated before it."""
     if device.type == "cuda":

@@ -267,10 +267,10 @@ def run_cpu_suite(args) -> dict:
     section("scoring", lambda: bench_scoring(8, 64 if args.quick else 128, 256, 32_000, device, repeats))
     model_dir, data_dir = Path(args.model_dir), Path(args.data_dir)
     ensure_tiny(model_dir, data_dir)
-    setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3, repeats=repeats)
+    setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3, repeats=repeats + 2)
     section("rollout_audio", lambda: bench_rollout(model_dir, data_dir, text_only=False, **setting))
     section("rollout_text", lambda: bench_rollout(model_dir, data_dir, text_only=True, **setting))
-    section("step", lambda: same_rollout_steps(model_dir, data_dir, ("grpo", "mapo"), overrides=[], repeats=repeats))
+    section("step", lambda: same_rollout_steps(model_dir, data_dir, ("grpo", "mapo"), overrides=[], repeats=repeats + 2))
     if args.no_trl:
         results["trl"] = "skipped (--no-trl)"
     elif not trl_available():

@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             bench = load_benchmark(args.data, args.layout, skip_bad=args.skip_bad, limit=args.limit)
             if args.model:
                 check_model_folder(args.model)
+            else:
+                run_checkpoints(args.run)  # fail now when the run has none
         except (ManifestError, FileNotFoundError, NotADirectoryError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

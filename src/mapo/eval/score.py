@@ -33,6 +33,8 @@ def rescore(
     """
     bench = load_benchmark(data, layout, check_audio=False)
     predictions = read_predictions(pred_path)
+    if not predictions:
+        raise PredictionsError(f"{pred_path}: holds no predictions")
     if predicted_only:
         conditions = {p["condition"] for p in predictions}
         answered = {(p["id"], p["condition"]) for p in predictions if p["model_output"] is not None}

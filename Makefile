@@ -97,7 +97,7 @@ sweep: install
 eval: install
 ifneq ($(RUN),)
 	@if [ -z "$(DATA)" ]; then echo "usage: make eval RUN=run_dir DATA=manifest [OUT=dir] [ARGS=...]"; exit 2; fi
-	$(LAUNCH) -m mapo.eval --run $(RUN) --data $(DATA) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(LAUNCH) -m mapo.eval --run-dir $(RUN) --data $(DATA) $(if $(OUT),--out $(OUT)) $(ARGS)
 else ifneq ($(MODEL)$(DATA),)
 	@if [ -z "$(MODEL)" ] || [ -z "$(DATA)" ]; then echo "usage: make eval MODEL=folder DATA=manifest [OUT=dir] [ARGS=...]"; exit 2; fi
 	$(LAUNCH) -m mapo.eval --model $(MODEL) --data $(DATA) $(if $(OUT),--out $(OUT)) $(ARGS)

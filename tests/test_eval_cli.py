@@ -194,7 +194,7 @@ def test_checkpoint_wise_evaluation(tiny_env, tmp_path, capsys):
     shutil.copytree(tiny_env["model"], run / "final_model")
     (run / "final_metrics.json").write_text(json.dumps({"step": 6}))
     (run / "exports" / "step_000009").mkdir()  # no config.json: not an export, ignored
-    run_eval("--run", run, "--data", MMAU, "--max-new-tokens", 3, "--conditions", "audio,no_audio")
+    run_eval("--run-dir", run, "--data", MMAU, "--max-new-tokens", 3, "--conditions", "audio,no_audio")
     out = run / "eval" / "mmau-test-mini"
     table = json.loads((out / "accuracy_vs_step.json").read_text())
     assert [(r["checkpoint"], r["step"]) for r in table] == [("step_000002", 2), ("step_000004", 4), ("final_model", 6)]
@@ -210,11 +210,11 @@ def test_checkpoint_wise_evaluation(tiny_env, tmp_path, capsys):
     # a second call reuses what is there
     stamp = (out / "step_000002" / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
-    run_eval("--run", run, "--data", MMAU, "--max-new-tokens", 3, "--conditions", "audio,no_audio")
+    run_eval("--run-dir", run, "--data", MMAU, "--max-new-tokens", 3, "--conditions", "audio,no_audio")
     assert "step_000002: reusing" in capsys.readouterr().out
     assert (out / "step_000002" / "summary.json").stat().st_mtime_ns == stamp
     (tmp_path / "empty").mkdir()
-    assert eval_main(["--run", str(tmp_path / "empty"), "--data", str(MMAU)]) == 2
+    assert eval_main(["--run-dir", str(tmp_path / "empty"), "--data", str(MMAU)]) == 2
     assert "no exported model folders" in capsys.readouterr().err
 
 

@@ -1,7 +1,7 @@
 """`python -m mapo.eval` (what `make eval MODEL=… DATA=…` and `make eval RUN=… DATA=…` run).
 
     python -m mapo.eval --model FOLDER --data MANIFEST [--out DIR] [options]
-    python -m mapo.eval --run RUN_DIR --data MANIFEST [--out DIR] [options]
+    python -m mapo.eval --run-dir RUN_DIR --data MANIFEST [--out DIR] [options]
 
 Loads the model folder through the common loader (any folder it reads: a Hub download, a run's
 final_model, an export), reads the manifest in any supported layout, answers every item under the chosen
@@ -10,7 +10,7 @@ answers as the benchmark does (and strictly, as a second column) and writes to O
 summary.json, summary.md, charts/*.png, submission*.json and, with --collapse, collapse.json/png. OUT is
 printed at the end. No training config, no training manifest and no reference model are involved.
 
---run evaluates every exported model folder of a run (`exports/step_XXXXXX/`, `final_model/`) into
+--run-dir evaluates every exported model folder of a run (`exports/step_XXXXXX/`, `final_model/`) into
 OUT/<checkpoint>/ and writes accuracy against step (OUT/accuracy_vs_step.{md,json,png}); a checkpoint
 already evaluated in OUT is reused unless --redo.
 
@@ -47,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mapo.eval", description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="model folder (Hub download, a run's final_model, an export)")
-    which.add_argument("--run", help="run folder: evaluate every exports/step_XXXXXX/ and final_model/")
+    which.add_argument("--run-dir", dest="run", help="run folder: evaluate every exports/step_XXXXXX/ and final_model/")
     p.add_argument("--data", required=True, help="manifest: MMAU JSON, MMAR-meta.json, MMSU jsonl/parquet, AVQA or our JSONL")
     p.add_argument("--out", default=None, help="output folder (default: outputs/eval/<model>/<manifest>-<time>; "
-                   "with --run: <run>/eval/<manifest>)")
+                   "with --run-dir: <run>/eval/<manifest>)")
     p.add_argument("--layout", default="auto", help="manifest layout (default: detected from the keys)")
     p.add_argument("--conditions", default="audio",
                    help="comma-separated: audio, no_audio, shuffled, or 'all' (flip rates against audio come with them)")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="record audio attention mass and |Δh| by decile of the completion (audio / no_audio conditions)")
     diag.add_argument("--collapse-layers", default="",
                       help="decoder layers of the attention mass, e.g. -3,-2,-1 (default: the last 3, or all if fewer)")
-    p.add_argument("--redo", action="store_true", help="with --run: re-evaluate checkpoints already in OUT")
+    p.add_argument("--redo", action="store_true", help="with --run-dir: re-evaluate checkpoints already in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -1,4 +1,9 @@
-"""Greedy evaluation: accuracy per task and split under three audio conditions (DESIGN §6).
+"""Answering a list of records under three audio conditions, sharded over ranks (DESIGN §6).
+
+Training's evaluation (`evaluate_split`: strict accuracy per task) and the benchmark evaluation
+(`mapo.eval`: benchmark matching, breakdowns, collapse diagnostics) share `answer_sharded`, which
+generates greedily by default (sampling with per-item seeds on request) and can run a per-batch
+function on each rollout (`item_extras`) while the completions are at hand.
 
 Conditions:
 - `audio`:    the item's own clip.

@@ -255,26 +255,36 @@ def _duplicates(choices: list[str], meta: dict[str, Any]) -> None:
         meta["duplicate_choices"] = repeated
 
 
+def _choices_and_answer_record(
+    row: dict[str, Any], base_dir: Path, *, audio_key: str, mapped: set[str], task: str, split: str
+) -> Record:
+    """A row with a `choices` list and an `answer` text (MMAU, MMAR); the caller reads task and split."""
+    choices = _choices(row, "choices", allow_duplicates=True)
+    meta = _extras(row, mapped)
+    category = _category(row, "category", meta)
+    _duplicates(choices, meta)
+    return Record(
+        id=_row_id(row, "id"),
+        audio=_audio_path(row, audio_key, base_dir),
+        question=_text(row, "question"),
+        choices=choices,
+        answer=_benchmark_answer(_text(row, "answer"), choices, "answer", meta),
+        task=task,
+        split=split,
+        category=category,
+        meta=meta,
+    )
+
+
 _MMAU_MAPPED = {"id", "audio_id", "question", "choices", "answer", "task", "category", "split"}
 
 
 def parse_mmau(row: dict[str, Any], base_dir: Path) -> Record:
     """An MMAU object (`audio_id` like "./test-mini-audios/x.wav", `answer` is the choice text)."""
     _require(row, ("id", "audio_id", "question", "choices", "answer", "task"))
-    choices = _choices(row, "choices", allow_duplicates=True)
-    meta = _extras(row, _MMAU_MAPPED)
-    category = _category(row, "category", meta)
-    _duplicates(choices, meta)
-    return Record(
-        id=_row_id(row, "id"),
-        audio=_audio_path(row, "audio_id", base_dir),
-        question=_text(row, "question"),
-        choices=choices,
-        answer=_benchmark_answer(_text(row, "answer"), choices, "answer", meta),
-        task=_text(row, "task"),
-        split=_optional_text(row, "split") or "test",
-        category=category,
-        meta=meta,
+    return _choices_and_answer_record(
+        row, base_dir, audio_key="audio_id", mapped=_MMAU_MAPPED,
+        task=_text(row, "task"), split=_optional_text(row, "split") or "test",
     )
 
 
@@ -284,20 +294,9 @@ _MMAR_MAPPED = {"id", "audio_path", "question", "choices", "answer", "modality",
 def parse_mmar(row: dict[str, Any], base_dir: Path) -> Record:
     """An MMAR-meta.json object (`audio_path` like "./audio/x.wav"; `modality` is the task)."""
     _require(row, ("id", "audio_path", "question", "choices", "answer"))
-    choices = _choices(row, "choices", allow_duplicates=True)
-    meta = _extras(row, _MMAR_MAPPED)
-    category = _category(row, "category", meta)
-    _duplicates(choices, meta)
-    return Record(
-        id=_row_id(row, "id"),
-        audio=_audio_path(row, "audio_path", base_dir),
-        question=_text(row, "question"),
-        choices=choices,
-        answer=_benchmark_answer(_text(row, "answer"), choices, "answer", meta),
-        task=_optional_text(row, "modality") or "unknown",
-        split="test",
-        category=category,
-        meta=meta,
+    return _choices_and_answer_record(
+        row, base_dir, audio_key="audio_path", mapped=_MMAR_MAPPED,
+        task=_optional_text(row, "modality") or "unknown", split="test",
     )
 
 

@@ -100,9 +100,9 @@ def default_out(model: str, data: str) -> Path:
 def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Namespace, ctx, out: Path) -> dict[str, Any] | None:
     """Evaluate one model folder on `bench`; rank 0 writes OUT and returns the summary (others: None)."""
     conditions = parse_conditions(args.conditions)
+    dtype = resolve_dtype(args.dtype, ctx.device)
     model, processor = load_model_and_processor(
-        model_path, dtype=resolve_dtype(args.dtype, ctx.device), attn_implementation=args.attn_implementation,
-        device=ctx.device,
+        model_path, dtype=dtype, attn_implementation=args.attn_implementation, device=ctx.device
     )
     runner = dist_utils.ModelRunner(model)
     if args.fsdp:
@@ -148,7 +148,8 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
     rows = score_rows(bench.records, outputs, extras)
     collapse = pooled_curves(diagnostics) if diagnostics else None
     options = {k: getattr(args, k) for k in ("conditions", "batch_size", "max_new_tokens", "do_sample", "temperature",
-                                             "top_p", "seed", "limit", "dtype", "collapse")}
+                                             "top_p", "seed", "limit", "collapse", "attn_implementation")}
+    options.update(dtype=dtype, device=str(ctx.device))
     summary = summarize(
         bench.records, rows, bench.layout, notes=bench.notes, model=str(model_path), manifest=str(bench.path),
         n_items=n, options=options, instruction=INSTRUCTION, world_size=ctx.world_size,

@@ -32,14 +32,14 @@ def mmau():
 
 def test_rows_by_hand(mmau):
     rows = score_rows(mmau.records, {"audio": AUDIO})
-    assert [(r["prediction"], r["matched_choice"], r["correct"], r["strict_choice"], r["correct_strict"]) for r in rows] == [
+    assert [(r["extracted_answer"], r["matched_choice"], r["correct"], r["strict_choice"], r["correct_strict"]) for r in rows] == [
         ("(A) Dog barking", "Dog barking", True, "Dog barking", True),
         ("A violin plays the melody.", "Violin", True, None, False),
         ("C", None, False, "Happy", True),
         ("two", "Two", False, "Two", False),
     ]
     assert rows[0] == {
-        "id": "mmau-1", "condition": "audio", "model_output": AUDIO[0], "prediction": "(A) Dog barking",
+        "id": "mmau-1", "condition": "audio", "model_output": AUDIO[0], "extracted_answer": "(A) Dog barking",
         "matched_choice": "Dog barking", "correct": True, "strict_choice": "Dog barking", "correct_strict": True,
         "answer": "Dog barking",
     }

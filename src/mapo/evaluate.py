@@ -61,7 +61,7 @@ def shuffled_audio(records: Sequence[Record], seed: int) -> list[Record]:
 
 
 def evenly_by_task(records: Sequence[Record], max_items: int) -> list[Record]:
-    """At most `max_items` records, taking the same share of every task (in file order); 0 keeps all."""
+    """About `max_items` records: max_items // tasks of every task (at least one each, in file order); 0 keeps all."""
     if max_items <= 0 or len(records) <= max_items:
         return list(records)
     by_task: dict[str, list[Record]] = defaultdict(list)

@@ -28,7 +28,7 @@ def load_benchmark(
 ) -> Benchmark:
     """Read and validate `path` in any layout (hidden answers allowed: evaluation only).
 
-    limit > 0 keeps that many items, the same share of every task (`mapo.evaluate.evenly_by_task`).
+    limit > 0 keeps limit // tasks items of every task, at least one each (`mapo.evaluate.evenly_by_task`).
     check_audio=False skips the audio files (rescoring needs none). Bad rows stop the read with every
     one listed, unless skip_bad (then they are counted in the notes).
     """

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from mapo import distributed as dist_utils
 from mapo.data.collate import Collator, FeatureCache
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="auto", help="manifest layout (default: detected from the keys)")
     p.add_argument("--conditions", default="audio",
                    help="comma-separated: audio, no_audio, shuffled, or 'all' (flip rates against audio come with them)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate at most N items, evenly over tasks (0 = all)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="about N items: N // tasks from every task, at least one each (0 = all)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest rows (counted in the notes)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
@@ -120,8 +122,6 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
     diagnostics: dict[str, list[dict]] = {}
     n = len(bench.records)
     for condition in conditions:
-        from tqdm import tqdm
-
         bar = tqdm(total=-(-n // ctx.world_size), desc=f"{Path(model_path).name} {condition}", unit="item",
                    disable=args.no_progress or not ctx.is_main, file=sys.stderr)
         want = args.collapse and condition in COLLAPSE_CONDITIONS

@@ -2,7 +2,7 @@
 
 `score_rows` turns raw outputs into prediction rows (one per item and condition):
     id, condition, model_output (raw; null when a rescored file had no output for the item),
-    prediction (the text scored: last <answer>…</answer> content, else the whole output),
+    extracted_answer (the text scored: last <answer>…</answer> content, else the whole output),
     matched_choice (the option the prediction names under benchmark matching, or null),
     correct (benchmark matching; null when the answer is hidden),
     strict_choice, correct_strict (our strict option matching, the second column),
@@ -57,7 +57,7 @@ def score_rows(
                 "id": record.id,
                 "condition": condition,
                 "model_output": output,
-                "prediction": prediction,
+                "extracted_answer": prediction,
                 "matched_choice": None if matched is None else record.choices[matched],
                 "correct": None if hidden else benchmark_correct(prediction, scored_answer, record.choices),
                 "strict_choice": None if strict is None else record.choices[strict],

@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

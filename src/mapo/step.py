@@ -37,12 +37,9 @@ from mapo.scoring import (
     delta_entropy,
     kl_score,
     pick_reference_model,
-    hidden_states,
     kl_full_vocabulary,
-    logprobs_from_hidden,
     reference_pass,
     score_tokens,
-    sequence_inputs,
 )
 
 #: Relative-position buckets of the audio-mass metric (the collapse curve, DESIGN §6).

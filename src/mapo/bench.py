@@ -4,6 +4,7 @@ machine (DESIGN §9). Writes `experiments/bench/<machine>.json` and rewrites the
 
     python -m mapo.bench [--quick] [--no-trl] [--out experiments/bench]      # CPU suite (the tiny model)
     python -m mapo.bench --suite gpu7b                                        # Qwen2-Audio-7B widths on a GPU
+    python -m mapo.bench --tables-only                                        # README tables from the JSON files
 
 CPU suite (one thread; what the tiny model shows):
 1. capture:  audio-attention mass, eager softmax weights vs the SDPA indicator (one layer, fwd+bwd).
@@ -294,7 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toy", action="store_true", help="gpu7b: toy widths (runs on CPU too; for the tests)")
     parser.add_argument("--bandwidth-tbs", type=float, help="gpu7b: the card's peak memory bandwidth, TB/s")
     parser.add_argument("--peak-tflops", type=float, help="gpu7b: the card's peak dense bf16 TFLOP/s")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="only rewrite README.md from the JSON files in --out (e.g. after copying a GPU run's JSON in)")
     args = parser.parse_args(argv)
+    if args.tables_only:
+        print(f"wrote {write_readme(Path(args.out))}")
+        return
     import transformers
 
     if args.suite == "gpu7b":

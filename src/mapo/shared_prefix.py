@@ -19,7 +19,8 @@ Not used (the full pass runs instead) when: the rows are not in groups of ≥ 2 
 family's decoder cannot take a prepared mask (`ModelAdapter.prepared_mask_kind` is None), the prompt has one
 column, its last column is an audio position, the full hidden states are wanted (full-vocabulary KL), or a
 gradient pass meets transformers' activation checkpointing (which drops the cache argument of checkpointed
-layers).
+layers) or FSDP2-sharded decoder layers (FSDP2 reshards a layer after the backward of its last call, before
+the prefix call's backward needs it). Those last two restrict gradient passes only.
 """
 
 from __future__ import annotations
@@ -55,13 +56,23 @@ def _checkpointed(model: nn.Module) -> bool:
     return any(getattr(layer, "gradient_checkpointing", False) for layer in get_adapter(model).decoder_layers(model))
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Decoder layers wrapped by FSDP2: its post-backward reshards a layer after the backward of its last call,
+    while the prefix call's backward through the same layer still needs the weights."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(layer, FSDPModule) for layer in get_adapter(model).decoder_layers(model))
+
+
 def can_share_prefix(model: nn.Module, rollout, *, with_grad: bool, keep_hidden: bool = False) -> bool:
     """Whether a pass of `model` over `rollout` may use the prefix/suffix split (see the module docstring)."""
     if keep_hidden or rollout.group_size < 2 or rollout.prompt_len < 2:
         return False
     if get_adapter(model).prepared_mask_kind(model) is None:
         return False
-    if with_grad and model.training and _checkpointed(model):
+    if with_grad and (_sharded(model) or (model.training and _checkpointed(model))):
         return False
     return not bool(rollout.audio_mask[:, rollout.prompt_len - 1].any())
 

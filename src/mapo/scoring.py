@@ -162,22 +162,13 @@ def audio_inputs(
     return rows, attention_mask
 
 
-def sequence_inputs(
-    model: nn.Module,
-    rollout: Rollout,
-    audio: AudioInput = "cached",
-    *,
-    feature_extractor=None,
-    noise_seed: int = 0,
-    noise_std: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_inputs(model: nn.Module, rollout: Rollout, audio: AudioInput = "cached", **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs of a full-sequence pass: inputs_embeds [N, P+T, H], attention_mask [N, P+T], position_ids [N, P+T].
 
-    Positions always come from the rollout's own mask, so they equal the ones used while sampling.
+    options: those of `audio_inputs` (feature_extractor, noise_seed, noise_std). Positions always come from
+    the rollout's own mask, so they equal the ones used while sampling.
     """
-    rows, attention_mask = audio_inputs(
-        model, rollout, audio, feature_extractor=feature_extractor, noise_seed=noise_seed, noise_std=noise_std
-    )
+    rows, attention_mask = audio_inputs(model, rollout, audio, **options)
     position_ids = position_ids_from_mask(rollout.attention_mask)
     inputs_embeds = build_inputs_embeds(model, rollout.full_ids, rows)
     return inputs_embeds, attention_mask.to(inputs_embeds.device), position_ids.to(inputs_embeds.device)

@@ -54,17 +54,7 @@ def median_time(step: Callable[[], None], device: torch.device, repeats: int) ->
     The warm-up takes kernel selection and allocator growth out of the timings; on CUDA the device is
     synchronised around each call so the time covers the queued kernels, not just their launch.
     """
-    step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(interleaved_times({"step": step}, device, repeats)["step"])
 
 
 def interleaved_times(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, list[float]]:

@@ -184,6 +184,18 @@ def test_static_and_dynamic_caches_and_check_intervals_agree():
     assert lengths.min() < 16 and lengths.max() == static.completion_ids.shape[1]  # trimmed to the longest
 
 
+def test_bucketed_cache_reads_equal_exact_reads(monkeypatch):
+    """Reading the cache up to a rounded-up length (what CUDA graphs do) masks the unwritten columns exactly."""
+    import mapo.rollout as rollout_module
+
+    model = tiny_model(seed=2, eos_bias=-2.0)
+    kwargs = dict(group_size=2, max_new_tokens=20, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3], temperature=1.1)
+    exact = generate_rollout(model, make_batch(), **kwargs)
+    monkeypatch.setattr(rollout_module, "EAGER_BUCKET", 16)
+    bucketed = generate_rollout(model, make_batch(), **kwargs)
+    assert torch.equal(exact.completion_ids, bucketed.completion_ids) and exact.completion_ids.shape[1] == 20
+
+
 def test_cuda_graph_option():
     cpu = torch.device("cpu")
     assert resolve_cuda_graph("auto", cpu, multi_process=False) is False

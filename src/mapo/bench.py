@@ -24,6 +24,7 @@ import json
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         name = machine_name(torch.device("cpu"))
         results.update(machine=name, device=f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)")
     results.update(torch=torch.__version__, transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"),
-                   command="python -m mapo.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
+                   command=("python -m mapo.bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip())
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.json"

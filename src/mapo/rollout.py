@@ -13,10 +13,14 @@ The decode loop (DESIGN §9):
   static shapes, no concatenation. Families whose decoder cannot take a prepared mask (the adapter's
   `prepared_mask_kind` is None: another attention kernel, sliding-window layers) decode with their own
   growing cache instead (`cache="dynamic"` forces that path; the two are tested equal).
-- CUDA graph: on CUDA the one-token forward (embedding → decoder → LM head) is captured once per rollout
-  after two eager warm-up steps and replayed (`cuda_graph`: "auto" = on for CUDA in a single process, off
-  when a `sync_finished` hook is given, since FSDP's hooks run inside every forward). If the capture fails
-  the loop warns once and stays eager.
+  A step's attention reads the cache only up to the current length (eager), or up to it rounded up to
+  GRAPH_BUCKET columns (CUDA graphs: one graph per bucket), so a long budget does not make every step
+  read the whole buffer.
+- CUDA graph: on CUDA the one-token forward (embedding → decoder → LM head) is captured after two eager
+  warm-up steps (one more per new bucket) and replayed (`cuda_graph`: "auto" = on for CUDA in a single
+  process, off when a `sync_finished` hook is given, since FSDP's hooks run inside every forward). If a
+  capture fails the loop warns and stays eager (`graph_stats()` counts captures, replays, failures).
+  Sampling stays outside the graph: it is a dozen small kernels with no host synchronisation.
 - Host synchronisation: "are all rows done?" is read every `finish_check_every` steps (default 1 on CPU,
   where it is free, 8 on CUDA); the sync hook is called at the same steps on every process. Columns past
   the longest completion are trimmed at the end (one read), so the output does not depend on the interval.
@@ -59,8 +63,9 @@ _GENERATED_TOKENS = [0]
 #: real steps of the rollout, not extra work).
 GRAPH_WARMUP_STEPS = 2
 #: With CUDA graphs, attention reads the cache up to the current length rounded up to this many columns
-#: (one graph per bucket); eager decoding reads exactly the written columns.
+#: (one graph per bucket); eager decoding reads exactly the written columns (EAGER_BUCKET).
 GRAPH_BUCKET = 128
+EAGER_BUCKET = 1
 
 
 @dataclass
@@ -213,7 +218,7 @@ class _StaticDecoder:
         self.positions = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [N, 1]
         self.tokens_in = torch.zeros(rows, dtype=torch.long, device=device)
         self.use_graph = use_graph
-        self.bucket = GRAPH_BUCKET if use_graph else 1
+        self.bucket = GRAPH_BUCKET if use_graph else EAGER_BUCKET
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.warm: set[int] = set()
         self.steps = 0
@@ -267,7 +272,7 @@ class _StaticDecoder:
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager decoding
             warnings.warn(f"rollout: CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly",
                           stacklevel=3)
-            self.use_graph, self.bucket = False, 1
+            self.use_graph, self.bucket = False, EAGER_BUCKET
             _GRAPH_STATS["failed"] += 1
             self._forward(visible)
             return

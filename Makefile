@@ -28,7 +28,7 @@ endif
 TINY_DIR := artifacts/models/tiny-qwen2-audio
 DATA_DIR := artifacts/data/synthetic
 
-.PHONY: install test tiny data check train sweep bench eval clean help
+.PHONY: install test tiny data check train sweep bench eval export clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
@@ -38,6 +38,7 @@ help:
 	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05'           Hydra multirun + summary table"
 	@echo "make eval EXP=qwen2audio_mapo ARGS='model.path=...'          accuracy tables (with / without / shuffled audio) only"
 	@echo "make bench                                                 speed/memory ratios of the fast paths"
+	@echo "make export CKPT=<run>/checkpoints/step_000100 OUT=<dir>    a training checkpoint as a Hugging Face folder"
 
 install: $(STAMP)
 
@@ -81,6 +82,10 @@ eval: install
 
 bench: install
 	$(PY) -m mapo.bench $(ARGS)
+
+export: install
+	@if [ -z "$(CKPT)" ] || [ -z "$(OUT)" ]; then echo "usage: make export CKPT=<run_dir>/checkpoints/step_XXXXXX OUT=<folder>"; exit 2; fi
+	$(PY) -m mapo.export checkpoint=$(CKPT) out=$(OUT)
 
 clean:
 	rm -rf artifacts outputs multirun wandb

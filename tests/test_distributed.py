@@ -2,8 +2,9 @@
 
 - gather once: a rollout's all-gathers do not grow with max_new_tokens, and greedy outputs equal one process;
 - sharded checkpoints: each rank writes and reads only its shards, and `trainer.resume=auto` continues a
-  run step for step as if it had never stopped;
-- the 2-rank checkpoint exports (one process, resharded) to a folder both loaders read.
+  run step for step as if it had never stopped, with full fine-tuning and with LoRA;
+- LoRA under FSDP2: the adapter-off reference equals a frozen copy of the base model;
+- the 2-rank checkpoints export (one process, resharded) to folders both loaders read (LoRA merged).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import os
 import shutil
 import socket
+import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,6 +91,39 @@ def check_gather_once(rank: int) -> dict:
     return out
 
 
+def check_lora_reference(rank: int) -> dict:
+    """Under FSDP2 the reference (adapters off) scores like a frozen copy of the base model and the
+    policy like the same LoRA model without FSDP."""
+    from toy_model import make_batch, tiny_model
+
+    from mapo.distributed import DistContext, ModelRunner, all_done, apply_fsdp
+    from mapo.models.lora import adapters_off, add_lora, lora_layers
+    from mapo.phase import set_trainable
+    from mapo.rollout import generate_rollout
+    from mapo.scoring import score_tokens
+
+    ctx = DistContext(rank=rank, world_size=WORLD, fsdp=True)
+    model = tiny_model(seed=4, projector_gain=50.0)
+    frozen = copy.deepcopy(model)
+    add_lora(model, SimpleNamespace(rank=4, alpha=8.0, dropout=0.0, targets="all-linear"))
+    generator = torch.Generator().manual_seed(0)  # trained-looking adapters, the same on both ranks
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.copy_(0.05 * torch.randn(layer.lora_B["default"].weight.shape, generator=generator))
+    set_trainable(model, SimpleNamespace(), everything=False)
+    unsharded = copy.deepcopy(model)
+    runner = apply_fsdp(ModelRunner(model), ctx)
+    rollout = runner.decode(generate_rollout, make_batch(), group_size=2, max_new_tokens=6, eos_token_id=1, pad_token_id=0,
+                            seeds=[1, 2, 3], sync_finished=lambda done: all_done(done, ctx, torch.device("cpu")))
+    reference = adapters_off(runner)(score_tokens, rollout, temperature=1.0).logprobs
+    policy = runner(score_tokens, rollout, temperature=1.0).logprobs
+    return {
+        "reference_vs_frozen": float((reference - score_tokens(frozen, rollout, temperature=1.0).logprobs).abs().max()),
+        "policy_vs_unsharded": float((policy - score_tokens(unsharded, rollout, temperature=1.0).logprobs).abs().max()),
+        "policy_vs_reference": float((policy - reference).abs().max()),
+    }
+
+
 def compose_run_config(env: dict, run_dir: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -145,9 +181,10 @@ def worker(rank: int, env: dict, root: str, ports: list[int]) -> None:
     torch.set_num_threads(1)
     root = Path(root)
     init_group(rank, ports[0])
-    out = {"gather": check_gather_once(rank)}
+    out = {"gather": check_gather_once(rank), "lora_reference": check_lora_reference(rank)}
     dist.destroy_process_group()
     out["full"] = check_resume(rank, ports[1:3], env, root / "full_ft")
+    out["lora"] = check_resume(rank, ports[3:5], env, root / "lora", "model.lora.rank=4", "model.lora.alpha=8")
     (root / f"rank{rank}.json").write_text(json.dumps(out))
 
 
@@ -155,7 +192,7 @@ def worker(rank: int, env: dict, root: str, ports: list[int]) -> None:
 def two_ranks(tiny_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_ranks")
     env = {k: str(v) for k, v in tiny_env.items()}
-    mp.spawn(worker, args=(env, str(root), [free_port() for _ in range(3)]), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(env, str(root), [free_port() for _ in range(5)]), nprocs=WORLD, join=True)
     return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -172,7 +209,7 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss/nll" in r}
 
 
-@pytest.mark.parametrize("kind", ["full_ft"])
+@pytest.mark.parametrize("kind", ["full_ft", "lora"])
 def test_sharded_checkpoint_resumes_step_for_step(two_ranks, kind):
     root, _ = two_ranks
     full, resumed = metrics(root / kind / "full"), metrics(root / kind / "resumed")
@@ -181,6 +218,14 @@ def test_sharded_checkpoint_resumes_step_for_step(two_ranks, kind):
         for key in ("loss/nll", "grad_norm", "lr", "sft/token_accuracy"):
             assert resumed[step][key] == full[step][key], (step, key)
     assert full[1]["loss/nll"] - full[4]["loss/nll"] > 0.01  # training moved
+
+
+def test_lora_reference_under_fsdp_is_the_base_model(two_ranks):
+    _, results = two_ranks
+    for out in results:
+        check = out["lora_reference"]
+        assert check["reference_vs_frozen"] < 1e-6 and check["policy_vs_unsharded"] < 1e-5
+        assert check["policy_vs_reference"] > 1e-3  # the adapters matter, so the first check could fail
 
 
 def test_each_rank_writes_and_reads_only_its_shards(two_ranks):
@@ -230,3 +275,22 @@ def test_two_rank_checkpoint_exports_to_a_folder_both_loaders_read(two_ranks, tm
     assert len(stored) > 10
     for name, tensor in stored.items():
         assert torch.equal(exported[name], tensor), name
+
+
+def test_lora_checkpoint_holds_only_adapters_and_exports_merged(two_ranks, tiny_env, tmp_path):
+    from mapo.models.loader import load_model_and_processor
+
+    root, _ = two_ranks
+    exported, stored = exported_and_stored(root / "lora" / "full" / "checkpoints" / "step_000004", tmp_path / "hf")
+    assert stored and all(".lora_A.default." in k or ".lora_B.default." in k for k in stored)
+    base = load_model_and_processor(tiny_env["model"])[0].state_dict()
+    merged = 0
+    for name, tensor in exported.items():
+        prefix = name.removesuffix(".weight")
+        if f"{prefix}.lora_A.default.weight" in stored:  # W + (alpha / rank)·B@A, alpha 8, rank 4
+            delta = stored[f"{prefix}.lora_B.default.weight"] @ stored[f"{prefix}.lora_A.default.weight"]
+            assert torch.allclose(tensor, base[name] + 2.0 * delta, atol=1e-6), name
+            merged += bool(delta.abs().max() > 0)
+        else:
+            assert torch.equal(tensor, base[name]), name
+    assert merged == len(stored) // 2 == 14  # 7 linear layers × 2 text layers, all trained

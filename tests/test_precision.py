@@ -51,11 +51,16 @@ def lm_loss(model, ids, mask):
     return logits.float().log_softmax(-1)[..., 0].mean(), logits.dtype
 
 
-def test_fp32_master_weights_take_the_adamw_step_that_bf16_storage_rounds_away():
+DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.gpu)] * torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_master_weights_take_the_adamw_step_that_bf16_storage_rounds_away(device):
     lr, wd, betas, eps = 1e-6, 0.1, (0.9, 0.95), 1e-8
-    model = tiny_model(seed=3)
-    runner = ModelRunner(model, Precision(F32, BF16, BF16))  # autocast to bf16 (on CPU here, CUDA alike)
-    batch = make_batch((0, 1, 2))
+    model = tiny_model(seed=3).to(device)
+    # autocast to bf16: what model.compute_dtype=auto gives on CUDA, asked for explicitly on CPU
+    runner = ModelRunner(model, resolve_precision(model_cfg(compute="bfloat16"), torch.device(device)))
+    batch = {k: v.to(device) for k, v in make_batch((0, 1, 2)).items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = build_optimizer(model, lr, wd, betas)
     loss, logits_dtype = runner(lm_loss, batch["input_ids"], batch["attention_mask"])

@@ -17,6 +17,14 @@ from omegaconf import MISSING
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # LoRA rank on the language model's linear layers (0 = off: full fine-tuning)
+    alpha: float = 16.0  # the adapter is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input while training
+    targets: Any = "all-linear"  # module names of the language model (e.g. [q_proj, v_proj]) or all-linear
+
+
+@dataclass
 class ModelConfig:
     path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a Qwen2-Audio checkpoint (never downloaded)
     build_tiny_if_missing: bool = False  # build the tiny model (and its data) at `path` when absent
@@ -27,6 +35,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
     freeze_audio_tower: bool = True  # keep the audio encoder fixed (its embeddings are then cached per prompt)
     freeze_projector: bool = False  # keep the audio→text projector fixed
+    lora: LoraConfig = field(default_factory=LoraConfig)  # with rank > 0 only the adapters train; the reference is the model with them off
 
 
 @dataclass

@@ -8,7 +8,8 @@ the family's own), config.json, generation_config.json and the processor files: 
 Dtype: weights are exported in the master dtype (float32), not the compute dtype. Training at lr 1e-6
 moves weights by far less than bf16's spacing, so a bf16 export would round most of the training
 away; float32 keeps it, and whoever loads the folder may still ask for bf16. config.json's `dtype`
-says float32 accordingly.
+says float32 accordingly. LoRA adapters are merged into the weights they adapt (`mapo.models.lora`),
+in float32, so the folder is a plain model.
 
 Gathering: in a run, the full state is gathered once per export with
 `get_model_state_dict(full_state_dict=True, cpu_offload=True)`, which leaves it on rank 0's CPU only
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from mapo import distributed as dist_utils
+from mapo.models import lora as lora_utils
 
 EXPORTS_DIR = "exports"
 
@@ -40,7 +42,7 @@ def export_dir(run_dir: Path, step: int) -> Path:
 def export_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weights to export: names without the runner's `model.` prefix, LoRA merged, floats in `dtype`.
     On ranks other than 0 under FSDP `state` is empty (see `full_model_state`): call it on rank 0."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state = lora_utils.merged_state_dict(model, {k.removeprefix("model."): v for k, v in state.items()})
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 

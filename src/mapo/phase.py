@@ -16,6 +16,7 @@ import torch
 from mapo.checkpoint import TrainingState, load_checkpoint, read_trainer_state, restore_rng, save_checkpoint
 from mapo.config import MapoConfig
 from mapo.data.sampler import EpochSampler
+from mapo.models import lora as lora_utils
 from mapo.models.adapter import get_adapter
 from mapo.optim import build_optimizer, build_scheduler
 from mapo.precision import Precision, store_frozen
@@ -23,7 +24,13 @@ from mapo.precision import Precision, store_frozen
 
 def set_trainable(model: torch.nn.Module, cfg: MapoConfig, everything: bool) -> None:
     """Freeze the audio tower / projector as configured (the warm start trains everything); parameters
-    the architecture fixes (e.g. a sinusoid table) never train."""
+    the architecture fixes (e.g. a sinusoid table) never train. A model with LoRA layers trains its
+    adapters and nothing else, so that switching them off gives back the initial model exactly."""
+    if lora_utils.has_lora(model):
+        model.requires_grad_(False)
+        for p in lora_utils.adapter_parameters(model):
+            p.requires_grad_(True)
+        return
     adapter = get_adapter(model)
     model.requires_grad_(True)
     if not everything:
@@ -37,9 +44,12 @@ def set_trainable(model: torch.nn.Module, cfg: MapoConfig, everything: bool) -> 
 
 
 def prepare_policy(model: torch.nn.Module, cfg: MapoConfig, precision: Precision, everything: bool) -> torch.nn.Module:
-    """Make a loaded model the policy a phase trains: choose what trains (`set_trainable`) and store the
-    frozen rest (e.g. a frozen audio tower) in the frozen dtype. Training and `make export` both go through it, so an export rebuilds
+    """Make a loaded model the policy a phase trains: add LoRA layers when `model.lora.rank > 0`, choose
+    what trains (`set_trainable`) and store the frozen rest (e.g. a frozen audio tower, the LoRA base
+    weights) in the frozen dtype. Training and `make export` both go through it, so an export rebuilds
     exactly what was trained. Returns the same model object."""
+    if lora_utils.lora_enabled(cfg.model.lora):
+        lora_utils.add_lora(model, cfg.model.lora)
     set_trainable(model, cfg, everything=everything)
     store_frozen(model, precision.frozen)  # e.g. a frozen audio tower
     return model

@@ -37,6 +37,7 @@ from mapo.distributed import say
 from mapo.export import export_dir, export_policy
 from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate
 from mapo.models.adapter import get_adapter
+from mapo.models.lora import adapters_off, check_lora_config, lora_enabled
 from mapo.models.loader import enable_activation_checkpointing, generation_suppressed_token_ids, load_model_and_processor
 from mapo.phase import Phase, prepare_policy
 from mapo.precision import check_precision_config, frozen_copy, resolve_precision
@@ -121,6 +122,7 @@ def run(cfg: MapoConfig) -> dict:
         cfg = OmegaConf.to_object(cfg)
     check_reward_config(cfg)
     check_precision_config(cfg.model)
+    check_lora_config(cfg.model.lora)
     ctx = dist_utils.init_distributed(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.trainer.seed)
@@ -156,8 +158,9 @@ def run(cfg: MapoConfig) -> dict:
 
     is_sft = cfg.algo.name == "sft"
     needs_ref = not is_sft and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
+    use_lora = lora_enabled(cfg.model.lora)
     ref_runner = None
-    if needs_ref:  # the initial policy, frozen, stored in the frozen dtype
+    if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
         reference = frozen_copy(model, precision.frozen)
         ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference, precision), ctx)
     prepare_policy(model, cfg, precision, everything=is_sft)
@@ -165,6 +168,8 @@ def run(cfg: MapoConfig) -> dict:
     audio_parts = [get_adapter(model).audio_tower(model), get_adapter(model).audio_projector(model)]
     audio_input = "recompute" if any(p.requires_grad for part in audio_parts if part is not None for p in part.parameters()) else "cached"
     runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model, precision), ctx)
+    if needs_ref and use_lora:  # the same model with its adapters off: no second copy
+        ref_runner = adapters_off(runner)
     phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items)
     resume = resolve_resume(run_dir, cfg.trainer.resume)
     if resume is not None:

@@ -33,6 +33,7 @@ def warm_start_key(cfg: MapoConfig) -> str:
     settings.pop("cache_dir")
     model = dataclasses.asdict(cfg.model)
     model.pop("frozen_dtype")  # the warm start trains every weight: nothing is stored frozen
+    model.pop("lora")  # LoRA layers are added after the warm start
     parts = {"model": model, "data": [cfg.data.dir, cfg.data.train], "warm_start": settings, "seed": cfg.trainer.seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 WORLD = 2
 
 
@@ -124,29 +123,15 @@ def check_lora_reference(rank: int) -> dict:
     }
 
 
-def compose_run_config(env: dict, run_dir: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from mapo.config import MapoConfig, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose("config", overrides=[
-            "experiment=tiny_sft", "logger=none", f"model.path={env['model']}", f"data.dir={env['data']}",
-            f"trainer.run_dir={run_dir}", "trainer.num_threads=1", "trainer.eval_on_start=false",
-            "trainer.micro_batch_size=4", "trainer.steps=5", "trainer.stop_after=4", "trainer.checkpoint_every=2",
-            "trainer.warmup_steps=1", "data.eval_max_items=2", *overrides,
-        ])
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MapoConfig), cfg))
-
-
 def train(rank: int, port: int, env: dict, run_dir: Path, *overrides: str) -> None:
+    from run_configs import compose_run_config
+
     from mapo.train import run
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
-    run(compose_run_config(env, run_dir, *overrides))  # starts and ends its own process group
+    run(compose_run_config(env, run_dir, "tiny_sft", "trainer.micro_batch_size=4", "trainer.steps=5", "trainer.stop_after=4",
+                           "trainer.checkpoint_every=2", "trainer.warmup_steps=1", *overrides))  # starts and ends its own process group
 
 
 def check_resume(rank: int, ports: list[int], env: dict, root: Path, *overrides: str) -> dict:

@@ -122,3 +122,33 @@ def test_reference_is_the_model_with_adapters_off_kl_zero_at_step_0_and_a_merged
     plain = tiny_model(seed=99)
     plain.load_state_dict(merged)
     assert torch.allclose(score_tokens(plain, rollout, temperature=1.0).logprobs, after.old_logprobs, atol=1e-5)
+
+
+def test_lora_rl_run_references_the_model_with_adapters_off_without_a_copy(tiny_env, tmp_path, monkeypatch):
+    """The loop end to end (one process, MAPO with β > 0 and the frozen ablated reference): no copy of the
+    model is made, KL is 0 at the first step and not after, and the final export is a plain model."""
+    import json
+
+    from run_configs import compose_run_config
+
+    import mapo.train as train_module
+    from mapo.models.loader import load_model_and_processor
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a LoRA run must not copy the model for its reference")
+
+    monkeypatch.setattr(train_module, "frozen_copy", no_copy)
+    run_dir = tmp_path / "run"
+    cfg = compose_run_config(
+        tiny_env, run_dir, "tiny_mapo", "model.lora.rank=4", "model.lora.alpha=8", "trainer.steps=2",
+        f"trainer.warm_start.cache_dir={tiny_env['root'] / 'warm'}", "trainer.warm_start.steps=3",
+        "trainer.warm_start.batch_size=8", "rollout.prompts_per_step=2", "rollout.group_size=4",
+        "rollout.max_new_tokens=12", "trainer.micro_batch_size=4",
+    )
+    assert cfg.algo.beta > 0 and cfg.algo.reference.model == "frozen"
+    train_module.run(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["loss/kl"] for r in rows if "loss/kl" in r]
+    assert kl[0] == 0.0 and kl[1] > 0  # adapters start at zero, then move the policy off the reference
+    exported, _ = load_model_and_processor(run_dir / "final_model")
+    assert not any("lora" in name for name in exported.state_dict())

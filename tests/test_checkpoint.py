@@ -327,3 +327,22 @@ def test_marker_is_written_last(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "step_000001" / "state" / ".metadata").is_file()
     marker = json.loads((tmp_path / "checkpoints" / "step_000001" / COMPLETE_MARKER).read_text())
     assert marker == {"step": 1, "world_size": 1, "files": ["state/.metadata", "scheduler.pt", "trainer_state.json", "rng_0.pt"]}
+
+
+class NotPlainData:
+    """Anything but plain data in a checkpoint must not be unpickled (it could run code)."""
+
+
+def test_non_tensor_state_loads_weights_only(tmp_path):
+    model, optimizer, scheduler = make_run()
+    optimizer.param_groups[0]["note"] = NotPlainData()  # travels as pickled bytes inside the DCP folder
+    path = save(tmp_path, 1, model, optimizer, scheduler, {"data_position": 0})
+    fresh_model, fresh_optimizer, _ = make_run(seed=1)
+    fresh_optimizer.param_groups[0]["note"] = "placeholder"  # so that the load asks for the entry
+    with pytest.raises(BaseException, match="Unsupported global: GLOBAL test_checkpoint.NotPlainData"):  # DCP wraps it
+        load_checkpoint(path, TrainingState(fresh_model, fresh_optimizer))
+    optimizer.param_groups[0]["note"] = "plain text is fine"
+    path = save(tmp_path, 2, model, optimizer, scheduler, {"data_position": 0})
+    load_checkpoint(path, TrainingState(fresh_model, fresh_optimizer))
+    assert fresh_optimizer.param_groups[0]["note"] == "plain text is fine"
+    assert torch.equal(fresh_model.weight, model.weight)

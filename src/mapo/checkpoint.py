@@ -22,13 +22,14 @@ folder into place with `os.replace` (one atomic rename on POSIX). A save that di
 on rank 0 deletes its temporary folder. One job per run directory is assumed.
 
 Loading: non-tensor state goes through `torch.load(weights_only=True)` (a checkpoint from elsewhere must
-not run code on load); DCP reads tensors into the live model and optimizer in place. After loading, call
+not run code on load), including the non-tensor entries inside the DCP folder (`_WeightsOnlyLoadPlanner`); DCP reads tensors into the live model and optimizer in place. After loading, call
 `restore_rng(ckpt.rng)` LAST, after anything else that may draw random numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -86,6 +88,19 @@ def _single_process_quietly():
 def _barrier(world_size: int) -> None:
     if world_size > 1:
         dist.barrier()
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that the non-tensor entries (e.g. the optimizer's param_groups)
+    are unpickled with `weights_only=True`: plain data only, never code (DCP itself uses
+    weights_only=False). The checked object is handed on re-serialised, through the public method."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, map_location="cpu", weights_only=True)
+        safe = io.BytesIO()
+        torch.save(obj, safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
 
 
 @dataclass
@@ -399,7 +414,8 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState | None) -> Che
     trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
     if state is not None:
         with _single_process_quietly():
-            dcp.load({"training": state}, storage_reader=dcp.FileSystemReader(str(path / STATE_DIR)), no_dist=_rank_world()[1] == 1)
+            dcp.load({"training": state}, storage_reader=dcp.FileSystemReader(str(path / STATE_DIR)),
+                     planner=_WeightsOnlyLoadPlanner(), no_dist=_rank_world()[1] == 1)
     rank, _ = _rank_world()
     own = path / rng_file(rank)
     if not own.is_file():  # resumed on more ranks than saved: this rank's draws will differ
@@ -428,7 +444,7 @@ def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.T
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
     with _single_process_quietly():
-        dcp.load(out, storage_reader=reader, no_dist=True)
+        dcp.load(out, storage_reader=reader, planner=_WeightsOnlyLoadPlanner(), no_dist=True)
     return out
 
 
@@ -449,7 +465,7 @@ def load_model_weights(path: str | os.PathLike, module: nn.Module) -> list[str]:
         raise ValueError(f"{path} holds weights this model does not have (another model or LoRA setting?): {unknown[:5]}")
     with _single_process_quietly():
         dcp.load({"training": {"model": {name: live[name] for name in stored}}},
-                 storage_reader=dcp.FileSystemReader(str(Path(path) / STATE_DIR)), no_dist=True)
+                 storage_reader=dcp.FileSystemReader(str(Path(path) / STATE_DIR)), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
     return stored
 
 

@@ -41,7 +41,7 @@ else
   LAUNCH := $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)
 endif
 
-.PHONY: install test tiny data check train sweep bench eval score prep clean help
+.PHONY: install test tiny data check train sweep bench eval score prep export clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
@@ -55,6 +55,7 @@ help:
 	@echo "make score PRED=predictions DATA=manifest [OUT=dir]        rescore predictions without a model"
 	@echo "make prep BENCH=avqa|mmsu SRC=release OUT=dir              benchmark release -> manifest + audio files"
 	@echo "make bench                                                 speed/memory ratios of the fast paths"
+	@echo "make export CKPT=<run>/checkpoints/step_000100 OUT=<dir>    a training checkpoint as a Hugging Face folder"
 
 install: $(STAMP)
 
@@ -115,6 +116,10 @@ prep: install
 
 bench: install
 	$(PY) -m mapo.bench $(ARGS)
+
+export: install
+	@if [ -z "$(CKPT)" ] || [ -z "$(OUT)" ]; then echo "usage: make export CKPT=<run_dir>/checkpoints/step_XXXXXX OUT=<folder>"; exit 2; fi
+	$(PY) -m mapo.export checkpoint=$(CKPT) out=$(OUT)
 
 clean:
 	rm -rf artifacts outputs multirun wandb

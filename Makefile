@@ -13,6 +13,15 @@ EXP         ?= tiny_mapo
 NPROC       ?= 1
 ARGS        ?=
 SWEEP       ?=
+# Several machines: torchrun's static rendezvous (every node runs the same `make train` with its NODE_RANK).
+NNODES      ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?= 29500
+# `make plan`: the memory per GPU it plans against.
+GPU_GIB     ?= 80
+# `make sweep LAUNCHER=submitit_slurm`: Hydra's launcher plugin (pip install -e ".[cluster]").
+LAUNCHER    ?=
 
 ifdef VIRTUAL_ENV
   PY    := python
@@ -28,14 +37,16 @@ endif
 TINY_DIR := artifacts/models/tiny-qwen2-audio
 DATA_DIR := artifacts/data/synthetic
 
-.PHONY: install test tiny data check train sweep bench eval clean help
+.PHONY: install test tiny data check train plan sweep bench eval clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
 	@echo "make test                                                  run the test suite (CPU)"
 	@echo "make tiny | make data                                      build the tiny model / the synthetic benchmark"
 	@echo "make check DATA=path/to/manifest                           validate a manifest (JSONL, MMAU JSON, AVQA JSONL)"
-	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05'           Hydra multirun + summary table"
+	@echo "make train ... NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host [MASTER_PORT=29500]   one command per node (torchrun rendezvous)"
+	@echo "make plan EXP=qwen2audio_mapo NPROC=8 [GPU_GIB=80] [ARGS=...]  memory per GPU from config.json + run config (no weights)"
+	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05' [LAUNCHER=submitit_slurm]   Hydra multirun + summary table"
 	@echo "make eval EXP=qwen2audio_mapo ARGS='model.path=...'          accuracy tables (with / without / shuffled audio) only"
 	@echo "make bench                                                 speed/memory ratios of the fast paths"
 
@@ -66,15 +77,26 @@ check: install
 	@if [ -z "$(DATA)" ]; then echo "usage: make check DATA=path/to/manifest [ARGS=--skip-bad]"; exit 2; fi
 	$(PY) -m mapo.data.check $(DATA) $(ARGS)
 
-train: install
-ifeq ($(NPROC),1)
-	$(PY) -m mapo.train experiment=$(EXP) $(ARGS)
+TORCHRUN := $(PY) -m torch.distributed.run
+ifneq ($(NNODES),1)
+  LAUNCH := $(TORCHRUN) --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_per_node=$(NPROC) \
+            --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m mapo.train
+else ifneq ($(NPROC),1)
+  LAUNCH := $(TORCHRUN) --standalone --nproc_per_node=$(NPROC) -m mapo.train
 else
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m mapo.train experiment=$(EXP) $(ARGS)
+  LAUNCH := $(PY) -m mapo.train
 endif
 
+train: install
+	@if [ "$(NNODES)" != "1" ] && [ -z "$(MASTER_ADDR)" ]; then \
+	  echo "make train NNODES=$(NNODES) needs MASTER_ADDR=<address of the node with NODE_RANK=0>"; exit 2; fi
+	$(LAUNCH) experiment=$(EXP) $(ARGS)
+
+plan: install
+	$(PY) -m mapo.plan experiment=$(EXP) --nproc=$$(( $(NPROC) * $(NNODES) )) --gpu-gib=$(GPU_GIB) $(ARGS)
+
 sweep: install
-	$(PY) -m mapo.sweep experiment=$(EXP) $(SWEEP) $(ARGS)
+	$(PY) -m mapo.sweep experiment=$(EXP) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(SWEEP) $(ARGS)
 
 eval: install
 	$(PY) -m mapo.train experiment=$(EXP) trainer.steps=0 trainer.warm_start.enabled=false trainer.eval_on_start=false $(ARGS)

@@ -467,18 +467,28 @@ def fixes(dims: ModelDims, inputs: PlanInputs, capacity: int, max_world: int = 6
 
 
 # ------------------------------------------------------------------------------------------ output
-def gib(x: int | float) -> str:
-    return f"{x / GIB:7.2f} GiB"
+def _unit(plan: MemoryPlan) -> tuple[int, str]:
+    """GiB for real models, MiB when the whole plan is under 1 GiB (the tiny model)."""
+    return (GIB, "GiB") if plan.total >= GIB else (2**20, "MiB")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
 def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None = None) -> str:
     """The plan as printed by `make plan` and at the start of training."""
     i, d = plan.inputs, plan.dims
+    scale, unit = _unit(plan)
+
+    def gib(x: int | float) -> str:
+        return f"{x / scale:8.2f} {unit}"
+
     trainable, frozen, lora = parameter_split(d, i)
     where = f"{i.world_size} × {'GPU' if i.device == 'cuda' else 'CPU process'}" + (" (FSDP2)" if i.world_size > 1 else "")
     lines = [
         f"Memory plan per {'GPU' if i.device == 'cuda' else 'process'}{f' — {name}' if name else ''}: {where}, {d.family}, "
-        f"{d.total_params / 1e9:.2f} B parameters ({trainable / 1e9:.3f} B trainable{', LoRA' if lora else ''})",
+        f"{_count(d.total_params)} parameters ({_count(trainable)} trainable{', LoRA' if lora else ''})",
         f"  precision: masters {i.master_dtype}, compute {i.compute_dtype}, frozen {i.frozen_dtype}; phase {i.phase}",
     ]
     prompts_local = max(1, i.prompts_per_step // i.world_size)
@@ -505,12 +515,12 @@ def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None 
         ("evaluation batch", c["evaluation batch"], "KV + sampling"),
     ]
     lines += [f"  {label:<32}{gib(value)}  {note}".rstrip() for label, value, note in rows]
-    lines.append("  phases: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.phases.items()) + " GiB")
+    lines.append("  phases: " + ", ".join(f"{k} {v / scale:.2f}" for k, v in plan.phases.items()) + f" {unit}")
     verdict = ""
     if plan.capacity is not None:
         verdict = f" of {plan.capacity / GIB:.1f} GiB → " + ("fits" if plan.fits else "DOES NOT FIT")
-    reserve = f" + reserve {plan.reserve / GIB:.2f}" if plan.reserve else ""
-    lines.append(f"  total: peak {plan.peak / GIB:.2f} GiB ({plan.peak_phase}){reserve} = {plan.total / GIB:.2f} GiB{verdict}")
+    reserve = f" + reserve {plan.reserve / scale:.2f}" if plan.reserve else ""
+    lines.append(f"  total: peak {plan.peak / scale:.2f} {unit} ({plan.peak_phase}){reserve} = {plan.total / scale:.2f} {unit}{verdict}")
     if suggestions:
         lines.append("  would fit with: " + "; or ".join(suggestions))
     elif suggestions is not None and not plan.fits:
@@ -553,6 +563,36 @@ def device_capacity(device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+class MemoryPlanError(RuntimeError):
+    """The run's memory plan does not fit the device (raised before any weights are read)."""
+
+
+def check_memory_at_start(cfg, config_dict: dict, ctx) -> MemoryPlan | None:
+    """Print the run's plan (rank 0) and, on CUDA with `trainer.memory_check=refuse`, refuse one that does
+    not fit, naming the settings that would make it fit. On CPU the plan is printed against the host's
+    available RAM and a misfit only warns: host memory swaps and is shared, so the arithmetic is a guide
+    there, not a limit worth stopping a laptop run for."""
+    mode = cfg.trainer.memory_check
+    if mode == "off":
+        return None
+    device = ctx.device.type
+    capacity = int(cfg.trainer.device_memory_gib * GIB) if cfg.trainer.device_memory_gib > 0 else device_capacity(ctx.device)
+    plan, suggestions = plan_for_run(cfg, config_dict, ctx.world_size, device, capacity)
+    text = format_plan(plan, cfg.experiment_name, suggestions if not plan.fits else None)
+    if ctx.is_main:
+        print(text, flush=True)
+    if not plan.fits:
+        where = "GPU" if device == "cuda" else "host RAM (available)"
+        message = (f"the memory plan needs {plan.total / GIB:.1f} GiB per {where} of {capacity / GIB:.1f} GiB; "
+                   + ("would fit with: " + "; or ".join(suggestions) if suggestions else "no single setting change makes it fit")
+                   + " (trainer.memory_check=warn runs anyway)")
+        if device == "cuda" and mode == "refuse":
+            raise MemoryPlanError(message)
+        if ctx.is_main:
+            print(f"[mapo] warning: {message}", flush=True)
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import sys
 import time
@@ -32,6 +33,7 @@ from mapo import distributed as dist_utils
 from mapo.algos.mapo import build_content_vocab_mask
 from mapo.assets import ensure_data, ensure_model, load_split
 from mapo.checkpoint import resolve_resume
+from mapo.cluster import export_job_environment
 from mapo.config import MapoConfig
 from mapo.data.collate import Collator, FeatureCache
 from mapo.distributed import say
@@ -39,6 +41,8 @@ from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate
 from mapo.models.adapter import get_adapter
 from mapo.models.loader import enable_activation_checkpointing, generation_suppressed_token_ids, load_model_and_processor
 from mapo.phase import Phase, set_trainable
+from mapo.plan import check_memory_at_start
+from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
 from mapo.run_logging import make_logger, write_json_atomic
@@ -64,21 +68,38 @@ def resolve_run_dir(cfg: MapoConfig) -> Path:
         return Path("outputs") / cfg.experiment_name / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def check_reward_config(cfg: MapoConfig) -> None:
-    """The accuracy reward must be computed: the MAPO sequence gate and the logs use it."""
-    names, weights = list(cfg.reward.functions), list(cfg.reward.weights)
-    if len(names) != len(weights):
-        raise ValueError(f"reward.functions {names} and reward.weights {weights} must have the same length")
-    if cfg.algo.name != "sft" and "accuracy" not in names:
-        raise ValueError("reward.functions must include 'accuracy' (the MAPO gate uses it; give it weight 0 to keep it out of the reward)")
+def check_before_loading(cfg: MapoConfig, ctx) -> None:
+    """The checks that need the model folder's config.json, then the memory plan (printed; refused on
+    CUDA when it does not fit): before any weights or data are read."""
+    folder = Path(cfg.model.path)
+    config_dict = json.loads((folder / "config.json").read_text())
+    preprocessor = folder / "preprocessor_config.json"
+    check_config(cfg, config_dict, ctx.world_size, json.loads(preprocessor.read_text()) if preprocessor.is_file() else None)
+    check_memory_at_start(cfg, config_dict, ctx)
 
 
-def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
+def sampling_summary(cfg: MapoConfig, model_path: str | Path) -> str:
+    """The sampling settings rollout uses (from the run config alone), and what of the model folder's
+    generation_config.json is ignored, for the run log."""
+    used = f"temperature={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}"
+    folder_file = Path(model_path) / "generation_config.json"
+    ignored = ""
+    if folder_file.is_file():
+        keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        folder_cfg = json.loads(folder_file.read_text())
+        found = {k: folder_cfg[k] for k in keys if k in folder_cfg}
+        if found:
+            ignored = f"; {folder_file.name} of the model folder ({', '.join(f'{k}={v}' for k, v in found.items())}) is not used"
+    return f"[mapo] sampling: {used} (from the run config){ignored}"
+
+
+def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = None) -> dict:
+    """Rollout and evaluation keywords; `vocab_size` (the LM head's rows) suppresses the rows past the tokenizer."""
     tokenizer = processor.tokenizer
     kwargs = dict(
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
-        suppress_token_ids=generation_suppressed_token_ids(processor),
+        suppress_token_ids=generation_suppressed_token_ids(processor, vocab_size),
     )
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
@@ -118,7 +139,8 @@ def run(cfg: MapoConfig) -> dict:
     """Train as configured; returns the final metrics (also written to run_dir/final_metrics.json)."""
     if not isinstance(cfg, MapoConfig):
         cfg = OmegaConf.to_object(cfg)
-    check_reward_config(cfg)
+    export_job_environment()  # a multi-task submitit (SLURM) job: torchrun's variables from the job
+    check_config(cfg, None, int(os.environ.get("WORLD_SIZE", "1")))  # every value, before anything is read
     ctx = dist_utils.init_distributed(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.trainer.seed)
@@ -126,8 +148,12 @@ def run(cfg: MapoConfig) -> dict:
     if ctx.is_main:
         if not cfg.model.build_tiny_if_missing:
             ensure_model(cfg.model, cfg.data)  # a wrong model.path fails before any data work
+            check_before_loading(cfg, ctx)  # layers, window, memory plan: before any data work too
         ensure_data(cfg.data, cfg.trainer.seed)
         ensure_model(cfg.model, cfg.data)
+        if cfg.model.build_tiny_if_missing:
+            check_before_loading(cfg, ctx)
+        say(ctx, sampling_summary(cfg, cfg.model.path))
     if ctx.enabled:
         torch.distributed.barrier()
     train_items = load_split(cfg.data, cfg.data.train)
@@ -151,7 +177,8 @@ def run(cfg: MapoConfig) -> dict:
     seed_everything(cfg.trainer.seed)
 
     is_sft = cfg.algo.name == "sft"
-    needs_ref = not is_sft and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
+    # a run that never trains (make eval: trainer.steps=0) never uses a reference
+    needs_ref = not is_sft and cfg.trainer.steps > 0 and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
     ref_runner = None
     if needs_ref:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -166,7 +193,7 @@ def run(cfg: MapoConfig) -> dict:
 
     # cached audio embeddings are exact only while the tower and projector do not train
     audio_input = "cached" if cfg.model.freeze_audio_tower and cfg.model.freeze_projector else "recompute"
-    gen_kwargs = generation_kwargs(cfg, processor, ctx)
+    gen_kwargs = generation_kwargs(cfg, processor, ctx, get_adapter(model).vocab_size(model))
     content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = make_logger(cfg.logger.kind, run_dir, plain_cfg, project=cfg.logger.project,

@@ -323,10 +323,15 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     residual = 4 if embed_fp32 else cb
     casts = embed_fp32
 
+    # One LM-head chunk (only completion positions go through the head, chunk_size at a time): fp32 logits,
+    # log-softmax, exp and product, or in backward their gradients: 16 B per position and vocabulary entry
+    # (measured on CPU, with and without grad), plus the logits in the compute dtype before the fp32 copy.
+    lm_chunk_bytes = 16 + (cb if cb < 4 else 0)
+
     # Scoring: no-grad passes over all local rows at once (one pass at a time).
     scoring_tokens = rows * seq
     scoring_pass = scoring_tokens * (nograd_layer_bytes(dims, cb, residual) + 2 * residual * dims.hidden_size)
-    scoring_pass += 16 * inputs.chunk_size * vocab  # no-grad LM-head chunk: fp32 logits, log-softmax, exp, product
+    scoring_pass += lm_chunk_bytes * min(inputs.chunk_size, rows * inputs.max_new_tokens) * vocab
     if inputs.keep_hidden:
         scoring_pass += scoring_tokens * dims.hidden_size * residual  # ablated hidden states kept for the full KL
 
@@ -351,7 +356,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         # Under checkpointing the recomputed captured layers stay referenced by the capture until the end of
         # backward: their extra plus the query and keys of their recomputed attention.
         capture_with = inputs.capture_layers * (per + tokens * 2 * cb * dims.hidden_size)
-    logits_ws = 28 * inputs.chunk_size * vocab  # a checkpointed LM-head chunk in backward: fp32 logits and their grads
+    logits_ws = lm_chunk_bytes * min(inputs.chunk_size, micro * inputs.max_new_tokens) * vocab
     audio_grad = not (inputs.freeze_audio_tower and inputs.freeze_projector) and not lora
     audio_with = audio_activation_bytes(dims, micro, cb, True) if audio_grad else 0
     audio_without = audio_activation_bytes(dims, micro, cb, False) if audio_grad else 0

@@ -82,26 +82,28 @@ def test_a_plan_that_does_not_fit_names_what_would():
     capacity = 80 * GIB
     assert not memory_plan(DIMS, one, capacity).fits
     advice = fixes(DIMS, one, capacity)
-    assert advice and all(memory_plan(DIMS, _apply(one, a), capacity).fits for a in advice)
+    assert advice == ["4 GPUs (NPROC×NNODES)", "rollout.prompts_per_step=8 + model.lora.rank=64"]
+    assert all(memory_plan(DIMS, _apply(one, a), capacity).fits for a in advice)
+    assert not memory_plan(DIMS, _apply(one, "2 GPUs (NPROC×NNODES)"), capacity).fits  # the fewest that fit
     eight_tight = dataclasses.replace(q_inputs(8), micro_batch_size=16, gradient_checkpointing=False)
     advice = fixes(DIMS, eight_tight, capacity)
     assert "model.gradient_checkpointing=true" in advice and any(a.startswith("trainer.micro_batch_size=") for a in advice)
 
 
 def _apply(inputs, advice: str):
-    """The PlanInputs an advice string stands for (the greedy combination joins several with ' + ')."""
+    """The PlanInputs an advice string stands for (a combination joins several with ' + ')."""
+    fields = {"trainer.micro_batch_size": "micro_batch_size", "rollout.prompts_per_step": "prompts_per_step",
+              "rollout.max_new_tokens": "max_new_tokens", "rollout.eval_batch_size": "eval_batch_size", "model.lora.rank": "lora_rank"}
     for item in advice.split(" + "):
         key, _, value = item.partition("=")
-        field = {"trainer.micro_batch_size": "micro_batch_size", "rollout.prompts_per_step": "prompts_per_step",
-                 "rollout.max_new_tokens": "max_new_tokens", "rollout.eval_batch_size": "eval_batch_size"}.get(key)
-        if key == "NPROC×NNODES":
-            inputs = dataclasses.replace(inputs, world_size=int(value.split()[0]))
-        elif key == "model.lora.rank":
-            inputs = dataclasses.replace(inputs, lora_rank=int(value), reference=False)
+        if item.endswith("GPUs (NPROC×NNODES)"):
+            inputs = dataclasses.replace(inputs, world_size=int(item.split()[0]))
         elif key == "model.gradient_checkpointing":
-            inputs = dataclasses.replace(inputs, gradient_checkpointing=True)
+            inputs = dataclasses.replace(inputs, gradient_checkpointing=value == "true")
         else:
-            inputs = dataclasses.replace(inputs, **{field: int(value)})
+            inputs = dataclasses.replace(inputs, **{fields[key]: int(value)})
+            if key == "model.lora.rank":
+                inputs = dataclasses.replace(inputs, reference=False)
     return inputs
 
 

@@ -416,59 +416,85 @@ def _fits(dims: ModelDims, inputs: PlanInputs, capacity: int) -> bool:
     return memory_plan(dims, inputs, capacity).fits
 
 
-def fixes(dims: ModelDims, inputs: PlanInputs, capacity: int, max_world: int = 64) -> list[str]:
-    """Single changes of the settings that make the plan fit, each as the override to give.
+_SETTING = {"micro_batch_size": "trainer.micro_batch_size", "prompts_per_step": "rollout.prompts_per_step",
+            "max_new_tokens": "rollout.max_new_tokens", "eval_batch_size": "rollout.eval_batch_size",
+            "gradient_checkpointing": "model.gradient_checkpointing", "lora_rank": "model.lora.rank"}
 
-    Tried: more GPUs, a smaller micro-batch, activation checkpointing, fewer prompts per step, fewer new
-    tokens, a smaller evaluation batch, LoRA. When no single change suffices, the greedy combination of
-    the changes that help most (one entry, joined with ' + ').
-    """
-    candidates: list[tuple[str, PlanInputs]] = []
-    n = inputs.world_size
-    while n < max_world:
-        n *= 2
-        if inputs.prompts_per_step % n == 0:
-            candidates.append((f"NPROC×NNODES={n} GPUs", dataclasses.replace(inputs, world_size=n)))
-            break
-    for label, key, value, lower in (
-        ("trainer.micro_batch_size", "micro_batch_size", inputs.micro_batch_size, 1),
-        ("rollout.prompts_per_step", "prompts_per_step", inputs.prompts_per_step, inputs.world_size),
-        ("rollout.max_new_tokens", "max_new_tokens", inputs.max_new_tokens, 64),
-        ("rollout.eval_batch_size", "eval_batch_size", inputs.eval_batch_size, 1),
-    ):
-        best = None
-        v = value
-        while v // 2 >= lower:
-            v //= 2
-            if key == "prompts_per_step" and v % inputs.world_size:
-                break
-            trial = dataclasses.replace(inputs, **{key: v})
-            if _fits(dims, trial, capacity):
-                best = (f"{label}={v}", trial)
-                break
-        if best:
-            candidates.append(best)
+
+def _moves(inputs: PlanInputs, more_gpus: bool, max_world: int) -> list[PlanInputs]:
+    """One step of each change that lowers memory: halve a batch or length, checkpointing on, LoRA, 2× GPUs."""
+    out = []
+    if more_gpus and inputs.world_size * 2 <= max_world and inputs.prompts_per_step % (inputs.world_size * 2) == 0:
+        out.append(dataclasses.replace(inputs, world_size=inputs.world_size * 2))
+    for key, lower in (("micro_batch_size", 1), ("prompts_per_step", inputs.world_size), ("max_new_tokens", 64), ("eval_batch_size", 1)):
+        value = getattr(inputs, key) // 2
+        if value >= lower and (key != "prompts_per_step" or value % inputs.world_size == 0):
+            out.append(dataclasses.replace(inputs, **{key: value}))
     if not inputs.gradient_checkpointing:
-        candidates.append(("model.gradient_checkpointing=true", dataclasses.replace(inputs, gradient_checkpointing=True)))
-    if inputs.lora_rank == 0:
-        candidates.append(("model.lora.rank=64", dataclasses.replace(inputs, lora_rank=64, reference=False)))
-    single = [label for label, trial in candidates if _fits(dims, trial, capacity)]
-    if single:
-        return single
-    # No single change fits: combine greedily, each time the change that lowers the total most.
-    current, chosen = inputs, []
-    pool = {label: trial for label, trial in candidates}
-    while pool:
-        def merged(trial: PlanInputs) -> PlanInputs:
-            changes = {f.name: getattr(trial, f.name) for f in dataclasses.fields(PlanInputs) if getattr(trial, f.name) != getattr(inputs, f.name)}
-            return dataclasses.replace(current, **changes)
+        out.append(dataclasses.replace(inputs, gradient_checkpointing=True))
+    if inputs.lora_rank == 0 and inputs.phase != "eval":
+        out.append(dataclasses.replace(inputs, lora_rank=64, reference=False))
+    return out
 
-        label = min(pool, key=lambda k: memory_plan(dims, merged(pool[k]), capacity).total)
-        current = merged(pool.pop(label))
-        chosen.append(label)
-        if _fits(dims, current, capacity):
-            return [" + ".join(chosen)]
-    return []
+
+def _describe(base: PlanInputs, changed: PlanInputs) -> str:
+    parts = []
+    if changed.world_size != base.world_size:
+        parts.append(f"{changed.world_size} GPUs (NPROC×NNODES)")
+    for key, name in _SETTING.items():
+        if getattr(changed, key) != getattr(base, key):
+            value = getattr(changed, key)
+            parts.append(f"{name}={str(value).lower() if isinstance(value, bool) else value}")
+    return " + ".join(parts)
+
+
+def fixes(dims: ModelDims, inputs: PlanInputs, capacity: int, max_world: int = 64) -> list[str]:
+    """Changes of the settings that make the plan fit, each as the overrides to give.
+
+    Every single change that fits alone (more GPUs, the largest micro-batch / prompts per step / new
+    tokens / evaluation batch that fits, activation checkpointing, LoRA); then, when no single change
+    fits on the current number of GPUs, the greedy combination there (each step the change that lowers
+    the total most), and when nothing fits alone, the greedy combination allowing more GPUs too.
+    """
+    def total(trial: PlanInputs) -> int:
+        return memory_plan(dims, trial, capacity).total
+
+    single = []
+    axes = [lambda t: dataclasses.replace(t, world_size=t.world_size * 2)
+            if t.world_size * 2 <= max_world and inputs.prompts_per_step % (t.world_size * 2) == 0 else None]
+    for key, lower in (("micro_batch_size", 1), ("prompts_per_step", inputs.world_size), ("max_new_tokens", 64), ("eval_batch_size", 1)):
+        axes.append(lambda t, key=key, lower=lower: dataclasses.replace(t, **{key: getattr(t, key) // 2})
+                    if getattr(t, key) // 2 >= lower and (key != "prompts_per_step" or (getattr(t, key) // 2) % inputs.world_size == 0) else None)
+    for step in axes:  # push one setting as far as it goes until the plan fits
+        trial = step(inputs)
+        while trial is not None and total(trial) > capacity:
+            trial = step(trial)
+        if trial is not None:
+            single.append(_describe(inputs, trial))
+    if not inputs.gradient_checkpointing and total(dataclasses.replace(inputs, gradient_checkpointing=True)) <= capacity:
+        single.append(_describe(inputs, dataclasses.replace(inputs, gradient_checkpointing=True)))
+    lora = dataclasses.replace(inputs, lora_rank=64, reference=False)
+    if inputs.lora_rank == 0 and inputs.phase != "eval" and total(lora) <= capacity:
+        single.append(_describe(inputs, lora))
+    combos = []
+    same_gpus_only = not single or all("GPUs" in option for option in single)
+    for more_gpus in ((False,) if single else (False, True)):
+        if not same_gpus_only:
+            break
+        current = inputs
+        for _ in range(16):
+            if total(current) <= capacity:
+                break
+            options = _moves(current, more_gpus, max_world)
+            if not options:
+                break
+            best = min(options, key=total)
+            if total(best) >= total(current):
+                break
+            current = best
+        if total(current) <= capacity:
+            combos.append(_describe(inputs, current))
+    return list(dict.fromkeys(single + combos))
 
 
 # ------------------------------------------------------------------------------------------ output

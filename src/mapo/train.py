@@ -37,9 +37,9 @@ from mapo.cluster import export_job_environment
 from mapo.config import MapoConfig
 from mapo.data.collate import Collator, FeatureCache
 from mapo.distributed import say
-from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate
+from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate, generation_tokens
 from mapo.models.adapter import get_adapter
-from mapo.models.loader import enable_activation_checkpointing, generation_suppressed_token_ids, load_model_and_processor
+from mapo.models.loader import enable_activation_checkpointing, load_model_and_processor
 from mapo.phase import Phase, set_trainable
 from mapo.plan import check_memory_at_start
 from mapo.preflight import check_config
@@ -95,12 +95,7 @@ def sampling_summary(cfg: MapoConfig, model_path: str | Path) -> str:
 
 def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = None) -> dict:
     """Rollout and evaluation keywords; `vocab_size` (the LM head's rows) suppresses the rows past the tokenizer."""
-    tokenizer = processor.tokenizer
-    kwargs = dict(
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_token_ids=generation_suppressed_token_ids(processor, vocab_size),
-    )
+    kwargs = generation_tokens(processor, vocab_size)  # stop, pad and suppressed ids (shared with mapo.eval)
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs

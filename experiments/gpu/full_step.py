@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -40,7 +39,6 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mapo.algos.mapo import build_content_vocab_mask  # noqa: E402,F401  (kept for parity with training imports)
 from mapo.models.loader import enable_activation_checkpointing  # noqa: E402
 from mapo.plan import BUNDLED_CONFIGS, GIB, PlanInputs, format_plan, memory_plan  # noqa: E402
 from mapo.rollout import generate_rollout  # noqa: E402
@@ -279,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
               "trainable_params": sum(p.numel() for p in trainable), "rows": n, "new_tokens": args.new_tokens,
               "phases": {}}
     print(f"\n[full_step] {result['device']}: build {build_s:.1f} s; {n} rows × {args.new_tokens} new tokens", flush=True)
-    print(f"| phase | time (s) | peak measured (GiB) | plan (GiB) | plan / measured |\n|---|---|---|---|---|")
+    print("| phase | time (s) | peak measured (GiB) | plan (GiB) | plan / measured |\n|---|---|---|---|---|")
     for name, row in phases.rows.items():
         planned = plan.phases.get(name)
         measured = row["peak_bytes"]

@@ -44,6 +44,9 @@ class _ReplayRunner:
             return self.rollout
         return self.runner(fn, *args, **kwargs)
 
+    def decode(self, fn, *args, **kwargs):
+        return self(fn, *args, **kwargs)
+
 
 class RLHarness:
     """One tiny-model RL setup: config `experiment=tiny_<algo>` + overrides, model, reference, phase, collator."""
@@ -55,7 +58,8 @@ class RLHarness:
         from mapo.data.collate import Collator, FeatureCache
         from mapo.models.adapter import get_adapter
         from mapo.models.loader import load_model_and_processor
-        from mapo.phase import Phase, set_trainable
+        from mapo.phase import Phase, prepare_policy
+        from mapo.precision import frozen_copy, resolve_precision
         from mapo.step import uses_ablated_reference, uses_kl_reference
         from mapo.train import generation_kwargs
 
@@ -64,20 +68,24 @@ class RLHarness:
             "trainer.device=cpu", *overrides,
         ])
         self.ctx = dist_utils.init_distributed("cpu")
+        precision = resolve_precision(cfg.model, self.ctx.device)
         if model is None:
-            model, processor = load_model_and_processor(cfg.model.path)
+            model, processor = load_model_and_processor(cfg.model.path, dtype=precision.master)
         self.model, self.processor = model, processor
         self.train_items = load_split(cfg.data, cfg.data.train)
         self.collator = Collator(processor, feature_cache=FeatureCache())
         self.ref_runner = None
         if uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"):
-            self.ref_runner = dist_utils.ModelRunner(copy.deepcopy(model).eval().requires_grad_(False))
-        set_trainable(model, cfg, everything=False)
-        self.runner = dist_utils.ModelRunner(model)
+            self.ref_runner = dist_utils.ModelRunner(frozen_copy(model, precision.frozen), precision)
+        prepare_policy(model, cfg, precision, everything=False)
+        adapter = get_adapter(model)
+        audio_parts = [p for part in (adapter.audio_tower(model), adapter.audio_projector(model)) if part is not None
+                       for p in part.parameters()]
+        self.audio_input = "recompute" if any(p.requires_grad for p in audio_parts) else "cached"  # as mapo.train
+        self.runner = dist_utils.ModelRunner(model, precision)
         self.phase = Phase("rl", self.runner, model, cfg.trainer.lr, 10_000, 0, "constant", cfg, self.train_items)
-        self.audio_input = "cached" if cfg.model.freeze_audio_tower and cfg.model.freeze_projector else "recompute"
-        self.gen_kwargs = generation_kwargs(cfg, processor, self.ctx)
-        self.content_mask = build_content_vocab_mask(self.collator.tokenizer, get_adapter(model).vocab_size(model))
+        self.gen_kwargs = generation_kwargs(cfg, processor, self.ctx, adapter.vocab_size(model))
+        self.content_mask = build_content_vocab_mask(self.collator.tokenizer, adapter.vocab_size(model))
         model.train()
 
     def text_only_records(self, n: int) -> list:
@@ -115,7 +123,7 @@ class RLHarness:
         n = cfg.rollout.prompts_per_step
         records = without_some_audio(self.phase.sampler.next_batch(n), cfg.data.text_only_fraction, cfg.trainer.seed, 0)
         batch = self.collator.prompts(records)
-        rollout = self.runner(
+        rollout = self.runner.decode(
             generate_rollout, batch, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=list(range(n)), **self.gen_kwargs,
         )

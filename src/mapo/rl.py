@@ -33,7 +33,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     timer = StepTimer(ctx.device)
     with timer.phase("rollout"):
         batch = collator.prompts(records)
-        rollout = phase.runner(
+        rollout = phase.runner.decode(  # under FSDP the weights are gathered once for the whole rollout
             generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
             repetition_penalty=cfg.rollout.repetition_penalty, seeds=seeds, **gen_kwargs,

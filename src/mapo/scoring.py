@@ -59,6 +59,21 @@ DEFAULT_CHUNK_SIZE = 512
 CPU_CHUNK_BYTES = 16 * 2**20
 
 
+def lm_head_chunk_rows(chunk_size: int, vocab: int, device_type: str) -> int:
+    """Positions per LM-head chunk as `completion_logprobs` takes them (on CPU also under CPU_CHUNK_BYTES)."""
+    if device_type == "cpu":
+        return min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
+    return chunk_size
+
+
+def lm_head_workspace_bytes(positions: int, vocab: int, chunk_size: int, device_type: str, compute_bytes: int = 4) -> int:
+    """Peak temporary bytes of the log-prob/entropy chunks over `positions` scored positions (for the memory
+    plan): two fp32 [chunk, V] buffers (logits then log-probs/gradient, and probabilities), plus the logits in
+    the compute dtype before their fp32 copy when that dtype is narrower."""
+    rows = min(positions, lm_head_chunk_rows(chunk_size, vocab, device_type))
+    return rows * vocab * (8 + (compute_bytes if compute_bytes < 4 else 0))
+
+
 @dataclass
 class TokenScores:
     """Per completion token values of one pass; 0 where completion_mask is 0.
@@ -332,9 +347,8 @@ def completion_logprobs(
     num_rows, num_tokens = completion_ids.shape
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    if queries.device.type == "cpu":
-        vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") else 1
-        chunk_size = min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
+    vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") else 1
+    chunk_size = lm_head_chunk_rows(chunk_size, vocab, queries.device.type)
     needs_grad = torch.is_grad_enabled() and (
         queries.requires_grad or any(p.requires_grad for p in lm_head.parameters())
     )

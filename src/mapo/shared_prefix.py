@@ -77,6 +77,20 @@ def can_share_prefix(model: nn.Module, rollout, *, with_grad: bool, keep_hidden:
     return not bool(rollout.audio_mask[:, rollout.prompt_len - 1].any())
 
 
+def pass_positions(prompts: int, group: int, prompt_len: int, new_tokens: int, shared: bool) -> int:
+    """Positions a scoring or update pass runs through the decoder (for the memory plan): the full pass
+    prompts·G·(P + T), or with the shared prefix prompts·(P − 1) + prompts·G·T."""
+    if shared and group >= 2 and prompt_len >= 2:
+        return prompts * (prompt_len - 1) + prompts * group * new_tokens
+    return prompts * group * (prompt_len + new_tokens)
+
+
+def expanded_kv_bytes(rows: int, seq: int, kv_heads: int, head_dim: int, act_bytes: int) -> int:
+    """Bytes of one layer's suffix keys and values (the rows' copy of their prompt's prefix and the
+    concatenation with their own), which a gradient pass keeps for backward (for the memory plan)."""
+    return 2 * 2 * rows * seq * kv_heads * head_dim * act_bytes
+
+
 def completion_hidden(
     model: nn.Module, rollout, row_audio: list[torch.Tensor | None] | None, attention_mask: torch.Tensor
 ) -> torch.Tensor:

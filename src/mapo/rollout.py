@@ -173,6 +173,14 @@ def generated_tokens() -> int:
     return _GENERATED_TOKENS[0]
 
 
+def _sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def resolve_cuda_graph(option: bool | str, device: torch.device, multi_process: bool) -> bool:
     """`rollout.cuda_graph`: "auto" (on for CUDA in a single process), "on"/True, "off"/False."""
     value = str(option).strip().lower()
@@ -407,52 +415,56 @@ def generate_rollout(
                 raise ValueError("prompt_batch has <|AUDIO|> tokens but no input_features")
             prompt_audio_embeds = [None] * num_prompts
 
-        # 2. Prefill the B distinct prompts once; every row of a group starts from its prompt's cache.
-        positions = position_ids_from_mask(prompt_mask)
-        embeds = build_inputs_embeds(model, input_ids, prompt_audio_embeds)
-        if mask_kind is not None:
-            decoder = _StaticDecoder(model, adapter, embeds, prompt_mask, positions, group_size, max_new_tokens,
-                                     mask_kind, use_graph)
-        else:
-            decoder = _DynamicDecoder(model, adapter, embeds, prompt_mask, positions, group_size)
-        logits = decoder.logits
-
-        # 3. Token-by-token decode, feeding only the new token.
-        num_rows = num_prompts * group_size
+        # Rows of the returned rollout are made outside inference mode: later passes train on them.
         prompt_rows = input_ids.repeat_interleave(group_size, dim=0)
         prompt_mask_rows = prompt_mask.repeat_interleave(group_size, dim=0)
-        seen = seen_table(prompt_rows, prompt_mask_rows, vocab_size) if settings.uses_penalty else None
-        uniforms = None  # [N, max_new_tokens]: every step's draws in one call
-        if seeds is not None and do_sample:
-            steps = torch.arange(max_new_tokens, device=device)
-            uniforms = row_uniforms(row_keys(seeds, group_size, device)[:, None], steps)
-        completion = torch.full((num_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
-        eos_tensor = torch.tensor(eos_ids, device=device)
-        steps_run = max_new_tokens
-        for step in range(max_new_tokens):
-            tokens = next_tokens(
-                logits, settings, suppress=suppress, seen=None if seen is None else seen[:, :vocab_size],
-                uniforms=None if uniforms is None else uniforms[:, step],
-            )
-            tokens = tokens.masked_fill(finished, pad_token_id)
-            completion[:, step] = tokens
-            finished |= torch.isin(tokens, eos_tensor)
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            last = step == max_new_tokens - 1
-            if last or (step + 1) % check_every == 0:
-                all_done = bool(finished.all())
-                if sync_finished is not None:
-                    all_done = bool(sync_finished(all_done))
-                if all_done or last:
-                    steps_run = step + 1
-                    break
-            logits = decoder.step(tokens)
+        # The decode runs in inference mode (~20 % faster on CPU: no autograd bookkeeping per op); not
+        # under FSDP2, whose unsharded parameters must not be created as inference tensors.
+        with torch.inference_mode() if not _sharded(model) else nullcontext():
+            # 2. Prefill the B distinct prompts once; every row of a group starts from its prompt's cache.
+            positions = position_ids_from_mask(prompt_mask)
+            embeds = build_inputs_embeds(model, input_ids, prompt_audio_embeds)
+            if mask_kind is not None:
+                decoder = _StaticDecoder(model, adapter, embeds, prompt_mask, positions, group_size, max_new_tokens,
+                                         mask_kind, use_graph)
+            else:
+                decoder = _DynamicDecoder(model, adapter, embeds, prompt_mask, positions, group_size)
+            logits = decoder.logits
+
+            # 3. Token-by-token decode, feeding only the new token.
+            num_rows = num_prompts * group_size
+            seen = seen_table(prompt_rows, prompt_mask_rows, vocab_size) if settings.uses_penalty else None
+            uniforms = None  # [N, max_new_tokens]: every step's draws in one call
+            if seeds is not None and do_sample:
+                steps = torch.arange(max_new_tokens, device=device)
+                uniforms = row_uniforms(row_keys(seeds, group_size, device)[:, None], steps)
+            completion = torch.full((num_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+            finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
+            eos_tensor = torch.tensor(eos_ids, device=device)
+            steps_run = max_new_tokens
+            for step in range(max_new_tokens):
+                tokens = next_tokens(
+                    logits, settings, suppress=suppress, seen=None if seen is None else seen[:, :vocab_size],
+                    uniforms=None if uniforms is None else uniforms[:, step],
+                )
+                tokens = tokens.masked_fill(finished, pad_token_id)
+                completion[:, step] = tokens
+                finished |= torch.isin(tokens, eos_tensor)
+                if seen is not None:
+                    seen.scatter_(1, tokens[:, None], True)
+                last = step == max_new_tokens - 1
+                if last or (step + 1) % check_every == 0:
+                    all_done = bool(finished.all())
+                    if sync_finished is not None:
+                        all_done = bool(sync_finished(all_done))
+                    if all_done or last:
+                        steps_run = step + 1
+                        break
+                logits = decoder.step(tokens)
     finally:
         model.train(was_training)
 
-    completion_ids = completion[:, :steps_run]
+    completion_ids = completion[:, :steps_run].clone()  # a normal tensor, also after inference mode
     completion_mask = completion_mask_from_ids(completion_ids, eos_ids)
     lengths = completion_mask.sum(-1).tolist()  # one read at the end
     _GENERATED_TOKENS[0] += int(sum(lengths))

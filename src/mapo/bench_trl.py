@@ -8,7 +8,8 @@ text-only prompt never touches the audio tower, so the computation is the same) 
 ids (the chat-templated prompt text, which TRL tokenises with the same tokenizer).
 
 Both sides run their own loop; a step is one optimizer step including generation, rewards and the update.
-The first steps are warm-up; the reported time per step is the median of the timed ones.
+They run in alternating blocks (mapo, TRL, mapo, TRL) so that load changes on a shared machine hit both;
+each block's first step is warm-up; the reported time per step is the median of the timed ones.
 """
 
 from __future__ import annotations
@@ -99,24 +100,24 @@ def time_trl_grpo(model_dir: Path, records, *, prompts: int, group: int, new_tok
     return {"time_s": statistics.median(timed), "times_s": timed, "steps": len(timed)}
 
 
-def time_mapo_grpo(model_dir: Path, data_dir: Path, *, prompts: int, group: int, new_tokens: int,
-                   temperature: float, steps: int, warmup: int, seed: int = 0) -> dict:
-    """Median seconds per mapo RL step (`mapo.rl.rl_step`, algo=grpo, β = 0) in the same setting."""
+def mapo_harness(model_dir: Path, data_dir: Path, *, prompts: int, group: int, new_tokens: int, temperature: float,
+                 seed: int = 0):
+    """mapo's RL step (`mapo.rl.rl_step`, algo=grpo, β = 0) in the comparison's setting."""
     from mapo.bench_rl import RLHarness
 
-    harness = RLHarness(model_dir, data_dir, algo="grpo", overrides=[
+    return RLHarness(model_dir, data_dir, algo="grpo", overrides=[
         "algo.beta=0", "data.text_only_fraction=1.0", f"rollout.prompts_per_step={prompts}",
         f"rollout.group_size={group}", f"rollout.max_new_tokens={new_tokens}", f"rollout.temperature={temperature}",
         f"trainer.micro_batch_size={MICRO_BATCH}", "trainer.lr=1e-6", f"trainer.seed={seed}",
     ])
-    times, phases = harness.run_steps(warmup + steps)
-    timed = times[warmup:]
-    return {"time_s": statistics.median(timed), "times_s": timed, "steps": len(timed),
-            "phases": {k: statistics.median(v[warmup:]) for k, v in phases.items()}}
 
 
-def compare(model_dir: Path, data_dir: Path, *, steps: int = 4, warmup: int = 1) -> dict:
-    """{"mapo": ..., "trl": ..., "speedup": TRL s/step ÷ mapo s/step} in the issue's setting."""
+def compare(model_dir: Path, data_dir: Path, *, steps: int = 4, warmup: int = 1, rounds: int = 2) -> dict:
+    """{"mapo": ..., "trl": ..., "speedup": TRL s/step ÷ mapo s/step} in the issue's setting.
+
+    The two run in alternating blocks (mapo, TRL, mapo, TRL, …; `rounds` of each, `steps` timed steps per
+    block after `warmup` untimed ones), so a change of machine load during the run hits both.
+    """
     import dataclasses
 
     from mapo.bench_rl import compose_config
@@ -124,11 +125,23 @@ def compare(model_dir: Path, data_dir: Path, *, steps: int = 4, warmup: int = 1)
 
     setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3)
     torch.manual_seed(0)
-    mapo = time_mapo_grpo(model_dir, data_dir, steps=steps, warmup=warmup, **setting)
+    harness = mapo_harness(model_dir, data_dir, **setting)
     cfg = compose_config("tiny_grpo", [])
     count = setting["prompts"] * (warmup + steps)
     records = [dataclasses.replace(r, audio=None) for r in read_manifest(data_dir / "train.jsonl").records[:count]]
-    trl = time_trl_grpo(model_dir, records, steps=steps, warmup=warmup, reward_functions=list(cfg.reward.functions),
-                        reward_weights=list(cfg.reward.weights), **setting)
-    return {"setting": {**setting, "beta": 0.0, "micro_batch": MICRO_BATCH, "steps": steps, "warmup": warmup},
-            "mapo": mapo, "trl": trl, "speedup": trl["time_s"] / mapo["time_s"]}
+    mapo_times: list[float] = []
+    trl_times: list[float] = []
+    phases: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        times, block_phases = harness.run_steps(warmup + steps)
+        mapo_times += times[warmup:]
+        for key, values in block_phases.items():
+            phases.setdefault(key, []).extend(values[warmup:])
+        trl = time_trl_grpo(model_dir, records, steps=steps, warmup=warmup, reward_functions=list(cfg.reward.functions),
+                            reward_weights=list(cfg.reward.weights), **setting)
+        trl_times += trl["times_s"]
+    mapo = {"time_s": statistics.median(mapo_times), "times_s": mapo_times,
+            "phases": {k: statistics.median(v) for k, v in phases.items()}}
+    trl = {"time_s": statistics.median(trl_times), "times_s": trl_times}
+    return {"setting": {**setting, "beta": 0.0, "micro_batch": MICRO_BATCH, "steps": steps, "warmup": warmup,
+                        "rounds": rounds}, "mapo": mapo, "trl": trl, "speedup": trl["time_s"] / mapo["time_s"]}

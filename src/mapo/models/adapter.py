@@ -6,9 +6,12 @@ few operations whose details differ between families (encoding audio, placing it
 a KV cache). They never test a model's type. An adapter is stateless: every method takes the model.
 
 `get_adapter(model)` finds the adapter by the model config's `model_type`; `adapter_for_folder(path)`
-by the `model_type` in a folder's config.json (the loader uses it before any weights are read).
+by the `model_type` in a folder's config.json (the loader uses it before any weights are read);
+`adapter_for_processor(processor)` by the processor's class (the collator has no model).
 
 Adding a family = one subclass registered with `register_adapter`, plus a tiny builder for the tests.
+The Qwen Omni thinkers live in `mapo.models.omni` (imported at the end of this module, so importing
+the adapter registry always knows every family).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ModelAdapter", "Qwen2AudioAdapter", "adapter_for_folder", "get_adapter", "has_adapter", "register_adapter",
-    "registered_model_types",
+    "ModelAdapter", "Qwen2AudioAdapter", "adapter_for_folder", "adapter_for_processor", "get_adapter", "has_adapter",
+    "register_adapter", "registered_model_types",
 ]
 
 
@@ -35,8 +38,10 @@ class ModelAdapter:
 
     #: Short name used in messages and configs (e.g. "qwen2_audio").
     family: str = ""
-    #: `model_type` values of config.json this adapter loads.
+    #: `model_type` values of config.json this adapter loads (and of the built model's config).
     model_types: tuple[str, ...] = ()
+    #: Class names of the processors of this family (how the collator finds the adapter).
+    processor_types: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ loading
     def load(self, folder: Path, *, dtype: torch.dtype, attn_implementation: str | dict, device) -> tuple[nn.Module, Any]:
@@ -90,6 +95,17 @@ class ModelAdapter:
                 return int(value)
         raise ValueError(f"{self.family}: the model config has no audio_token_id / audio_token_index")
 
+    # ------------------------------------------------------------------ prompts (processor side, no model)
+    def num_audio_tokens(self, processor, n_frames: int) -> int:
+        """Audio placeholder positions the family's encoder yields for one clip of `n_frames` valid mel frames
+        (the count the processor expands the placeholder to)."""
+        raise NotImplementedError
+
+    def clip_feature_kwargs(self, processor) -> dict[str, Any]:
+        """Keyword arguments of the feature extractor for one clip alone, as the family's processor calls it
+        (padding and truncation; `sampling_rate` and `return_attention_mask` are added by the caller)."""
+        return {"padding": "max_length"}
+
     # ------------------------------------------------------------------ operations
     def encode_audio(self, model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """C clips' features [C, n_mels, F] and mask [C, F] → C tensors [n_c, H] in the text hidden size."""
@@ -132,6 +148,7 @@ class Qwen2AudioAdapter(ModelAdapter):
 
     family = "qwen2_audio"
     model_types = ("qwen2_audio",)
+    processor_types = ("Qwen2AudioProcessor",)
 
     def load(self, folder, *, dtype, attn_implementation, device):
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
@@ -159,6 +176,10 @@ class Qwen2AudioAdapter(ModelAdapter):
 
     def fixed_parameters(self, model):
         return list(self.audio_tower(model).embed_positions.parameters())
+
+    def num_audio_tokens(self, processor, n_frames):
+        """Conv stride 2 then pool 2 over the padded window: ((n - 1) // 2 + 1 - 2) // 2 + 1 (25 per second)."""
+        return ((n_frames - 1) // 2 + 1 - 2) // 2 + 1
 
     def encode_audio(self, model, input_features, feature_attention_mask):
         """Audio tower + projector exactly as `Qwen2AudioModel.forward` runs them (the features are padded
@@ -216,6 +237,16 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return _lookup(getattr(config, "model_type", None), type(model).__name__)
 
 
+def adapter_for_processor(processor) -> ModelAdapter:
+    """The adapter of the family a processor belongs to (by its class name)."""
+    name = type(processor).__name__
+    for adapter in dict.fromkeys(_ADAPTERS.values()):
+        if name in adapter.processor_types:
+            return adapter
+    known = sorted({t for a in _ADAPTERS.values() for t in a.processor_types})
+    raise ValueError(f"processor {name} belongs to no mapo model family; supported: {', '.join(known)}")
+
+
 def has_adapter(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in _ADAPTERS
 
@@ -228,3 +259,7 @@ def adapter_for_folder(folder: str | Path) -> ModelAdapter:
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
     return _lookup(model_type, str(config_file))
+
+
+# The Qwen Omni thinkers register themselves (after the registry above exists).
+from mapo.models import omni as _omni  # noqa: E402,F401

@@ -1,0 +1,265 @@
+"""Tiny Qwen Omni thinkers for tests and CPU runs: real architecture, random weights, small widths.
+
+`python -m mapo.models.tiny family=qwen2_5_omni` (or `qwen3_omni_moe`) writes, next to the weights of
+`Qwen2_5OmniThinkerForConditionalGeneration` / `Qwen3OmniMoeThinkerForConditionalGeneration`, the
+family's processor (`Qwen2_5OmniProcessor` / `Qwen3OmniMoeProcessor`: Whisper feature extractor with a
+short window, a Qwen2-VL image processor, `NoVideoProcessor` in the video slot, the tokenizer) and a chat
+template laid out like the released one:
+
+- Qwen2.5-Omni: the same ChatML as Qwen2-Audio with the default system turn "You are a helpful
+  assistant." when the conversation has none, and each clip as `<|audio_bos|><|AUDIO|><|audio_eos|>`
+  (no "Audio k:" prefix). Its speech system prompt ("You are Qwen, a virtual human …") is needed only for
+  the talker's spoken output, which mapo does not use.
+- Qwen3-Omni: ChatML without a default system turn, each clip as `<|audio_start|><|audio_pad|><|audio_end|>`.
+
+Special tokens (ids 0..9): <|endoftext|>, <|im_start|>, <|im_end|>, then the family's audio start /
+placeholder / end and vision start / image / video / end markers. The vision tower is as small as its
+config allows (one block, width 16); mapo never runs it. Qwen3-Omni's decoder layers are all MoE layers
+(`text_experts` experts, `text_experts_per_token` routed per token); its audio tower keeps the released
+n_window = 50 (100-frame chunks, 13 positions per chunk), the only one transformers' tower supports.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+
+from mapo.models.init import init_audio_path
+from mapo.models.omni_processor import NoVideoProcessor, build_omni_processor
+from mapo.models.tiny import (
+    ENDOFTEXT,
+    HOP_LENGTH,
+    IM_END,
+    IM_START,
+    N_MELS,
+    SAMPLING_RATE,
+    TinyModelConfig,
+    build_tokenizer,
+)
+
+#: Per family: its special tokens in id order, and the tokenizer attributes its processor reads.
+QWEN25_OMNI_TOKENS = {
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_token": "<|AUDIO|>",
+    "audio_eos_token": "<|audio_eos|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "image_token": "<|IMAGE|>",
+    "video_token": "<|VIDEO|>",
+    "vision_eos_token": "<|vision_eos|>",
+}
+QWEN3_OMNI_TOKENS = {
+    "audio_bos_token": "<|audio_start|>",
+    "audio_token": "<|audio_pad|>",
+    "audio_eos_token": "<|audio_end|>",
+    "vision_bos_token": "<|vision_start|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_eos_token": "<|vision_end|>",
+}
+
+
+def _chat_template(default_system: str | None, audio_span: str) -> str:
+    """ChatML with audio items rendered as `audio_span`, an optional default system turn, and the
+    assistant generation prompt. Text items render as is; a string content renders as is."""
+    system = (
+        "{% if loop.first and message['role'] != 'system' %}"
+        f"<|im_start|>system\n{default_system}<|im_end|>\n"
+        "{% endif %}"
+        if default_system is not None
+        else ""
+    )
+    return (
+        "{% for message in messages %}"
+        + system
+        + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}"
+        "{{ message['content'] }}"
+        "{% else %}"
+        "{% for content in message['content'] %}"
+        "{% if content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+        + audio_span
+        + "{% elif 'text' in content %}"
+        "{{ content['text'] }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% endif %}"
+        "<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+QWEN25_OMNI_CHAT_TEMPLATE = _chat_template("You are a helpful assistant.", "<|audio_bos|><|AUDIO|><|audio_eos|>")
+QWEN3_OMNI_CHAT_TEMPLATE = _chat_template(None, "<|audio_start|><|audio_pad|><|audio_end|>")
+
+
+def _special_tokens(named: dict[str, str]) -> tuple[str, ...]:
+    return (ENDOFTEXT, IM_START, IM_END, *named.values())
+
+
+def _feature_extractor(window_seconds: int) -> WhisperFeatureExtractor:
+    if window_seconds < 1:
+        raise ValueError(f"window_seconds must be >= 1, got {window_seconds}")
+    return WhisperFeatureExtractor(
+        feature_size=N_MELS,
+        sampling_rate=SAMPLING_RATE,
+        hop_length=HOP_LENGTH,
+        chunk_length=window_seconds,
+        n_fft=400,
+        padding_value=0.0,
+        return_attention_mask=True,
+    )
+
+
+def _token_ids(tokenizer, named: dict[str, str]) -> dict[str, int]:
+    return dict(zip(named, tokenizer.convert_tokens_to_ids(list(named.values()))))
+
+
+def _text_config(cfg: TinyModelConfig, tokenizer, head_dim: int) -> dict:
+    pad_id, eos_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    half = head_dim // 2  # rotary frequencies, split over the (temporal, height, width) axes
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        max_position_embeddings=cfg.max_position,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]},
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+
+
+def _finish(model, cfg: TinyModelConfig, tokenizer):
+    pad_id, eos_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    init_audio_path(model, seed=cfg.seed)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------- Qwen2.5-Omni
+def build_qwen25_omni_tokenizer(texts: list[str], vocab_size: int, seed: int = 0):
+    return build_tokenizer(
+        texts, vocab_size, seed, special_tokens=_special_tokens(QWEN25_OMNI_TOKENS),
+        named_tokens=QWEN25_OMNI_TOKENS, chat_template=QWEN25_OMNI_CHAT_TEMPLATE,
+    )
+
+
+def build_qwen25_omni_processor(tokenizer, window_seconds: int):
+    """`Qwen2_5OmniProcessor`: input_features [C, 128, 100·window] (padded to the window, as released)."""
+    from transformers import Qwen2_5OmniProcessor
+
+    return build_omni_processor(
+        Qwen2_5OmniProcessor,
+        image_processor=Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2),
+        video_processor=NoVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2),
+        feature_extractor=_feature_extractor(window_seconds),
+        tokenizer=tokenizer,
+        chat_template=QWEN25_OMNI_CHAT_TEMPLATE,
+    )
+
+
+def build_qwen25_omni_model(cfg: TinyModelConfig, tokenizer):
+    """A randomly initialised small `Qwen2_5OmniThinkerForConditionalGeneration`, identical for one seed."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    ids = _token_ids(tokenizer, QWEN25_OMNI_TOKENS)
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(
+            num_mel_bins=N_MELS, d_model=cfg.audio_d_model, encoder_layers=cfg.audio_layers,
+            encoder_attention_heads=cfg.audio_heads, encoder_ffn_dim=cfg.audio_ffn, output_dim=cfg.text_hidden,
+            n_window=100, max_source_positions=100,  # 200-frame attention chunks → ≤ 100 positions each
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=16, num_heads=1, out_hidden_size=cfg.text_hidden,
+            fullatt_block_indexes=[0], window_size=28, patch_size=14,
+        ),
+        text_config=_text_config(cfg, tokenizer, cfg.text_hidden // cfg.text_heads),
+        audio_token_index=ids["audio_token"],
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        vision_start_token_id=ids["vision_bos_token"],  # read by the model's get_rope_index
+        vision_end_token_id=ids["vision_eos_token"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    return _finish(model, cfg, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------- Qwen3-Omni
+def build_qwen3_omni_tokenizer(texts: list[str], vocab_size: int, seed: int = 0):
+    return build_tokenizer(
+        texts, vocab_size, seed, special_tokens=_special_tokens(QWEN3_OMNI_TOKENS),
+        named_tokens=QWEN3_OMNI_TOKENS, chat_template=QWEN3_OMNI_CHAT_TEMPLATE,
+    )
+
+
+def build_qwen3_omni_processor(tokenizer, window_seconds: int):
+    """`Qwen3OmniMoeProcessor`: each clip's features unpadded (the processor pads to the longest clip only)."""
+    from transformers import Qwen3OmniMoeProcessor
+
+    return build_omni_processor(
+        Qwen3OmniMoeProcessor,
+        image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2),
+        video_processor=NoVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+        feature_extractor=_feature_extractor(window_seconds),
+        tokenizer=tokenizer,
+        chat_template=QWEN3_OMNI_CHAT_TEMPLATE,
+    )
+
+
+def build_qwen3_omni_model(cfg: TinyModelConfig, tokenizer):
+    """A randomly initialised small `Qwen3OmniMoeThinkerForConditionalGeneration` (every layer MoE)."""
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    ids = _token_ids(tokenizer, QWEN3_OMNI_TOKENS)
+    head_dim = cfg.text_hidden // cfg.text_heads
+    text = _text_config(cfg, tokenizer, head_dim)
+    text["rope_parameters"]["interleaved"] = True  # as released (Qwen3-VL style interleaved axes)
+    text.pop("tie_word_embeddings")  # a thinker-level field for this family
+    text.update(
+        head_dim=head_dim, num_experts=cfg.text_experts, num_experts_per_tok=cfg.text_experts_per_token,
+        moe_intermediate_size=cfg.text_moe_intermediate, decoder_sparse_step=1,
+    )
+    config = Qwen3OmniMoeThinkerConfig(
+        audio_config=dict(
+            num_mel_bins=N_MELS, d_model=cfg.audio_d_model, encoder_layers=cfg.audio_layers,
+            encoder_attention_heads=cfg.audio_heads, encoder_ffn_dim=cfg.audio_ffn, output_dim=cfg.text_hidden,
+            n_window=50, n_window_infer=800, max_source_positions=100, downsample_hidden_size=8,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=16, num_heads=1, out_hidden_size=cfg.text_hidden,
+            deepstack_visual_indexes=[], patch_size=16, num_position_embeddings=16,
+        ),
+        text_config=text,
+        audio_token_id=ids["audio_token"],
+        image_token_id=ids["image_token"],
+        video_token_id=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        vision_start_token_id=ids["vision_bos_token"],  # read by the model's get_rope_index
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+    return _finish(model, cfg, tokenizer)
+
+
+_BUILDERS = {
+    "qwen2_5_omni": (QWEN25_OMNI_CHAT_TEMPLATE, build_qwen25_omni_tokenizer, build_qwen25_omni_processor, build_qwen25_omni_model),
+    "qwen3_omni_moe": (QWEN3_OMNI_CHAT_TEMPLATE, build_qwen3_omni_tokenizer, build_qwen3_omni_processor, build_qwen3_omni_model),
+}
+
+
+def builder(family: str):
+    """(chat template, tokenizer builder, processor builder, model builder) of an Omni family."""
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown Omni family {family!r}; valid: {', '.join(_BUILDERS)}")
+    return _BUILDERS[family]

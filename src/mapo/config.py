@@ -18,8 +18,9 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a Qwen2-Audio checkpoint (never downloaded)
+    path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a checkpoint (Qwen2-Audio, Qwen2.5-Omni, Qwen3-Omni; never downloaded)
     build_tiny_if_missing: bool = False  # build the tiny model (and its data) at `path` when absent
+    tiny_family: str = "qwen2_audio"  # architecture of that tiny model: qwen2_audio | qwen2_5_omni | qwen3_omni_moe
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # text-model attention kernel: sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)

@@ -308,3 +308,57 @@ def test_chat_templates_follow_the_released_layouts(omni, records):
         assert text == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + user.format("<|audio_bos|><|AUDIO|><|audio_eos|>")
     else:
         assert text == user.format("<|audio_start|><|audio_pad|><|audio_end|>")
+
+
+# ----------------------------------------------------------------------------- the training program
+@pytest.fixture(scope="module")
+def omni_env(tiny_env, tmp_path_factory):
+    """The session's small benchmark with a tiny thinker of each family built on its text."""
+    root = tmp_path_factory.mktemp("omni_env")
+    models = {
+        family: write_tiny(TinyModelConfig(family=family, out_dir=str(root / family), corpus=str(tiny_env["data"] / "train.jsonl")))
+        for family in FAMILIES
+    }
+    return {"root": root, "data": tiny_env["data"], "models": models}
+
+
+@pytest.mark.slow
+def test_qwen25_omni_experiment_runs_end_to_end(omni_env, tmp_path):
+    from test_train import metrics_lines, run_ok, train_cmd
+
+    env = {**omni_env, "model": omni_env["models"]["qwen2_5_omni"]}
+    run_dir = tmp_path / "run"
+    run_ok(train_cmd(env, run_dir, "tiny_qwen25omni_mapo", "trainer.eval_on_start=false"))
+    rows = [r for r in metrics_lines(run_dir) if "reward/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss/attn"] > 0 and "mapo/abs_delta_h" in r for r in rows)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["step"] == 2 and 0.0 <= final["test/audio/accuracy"] <= 1.0
+    exported, processor = load_model_and_processor(run_dir / "final_model")  # the export loads as the family
+    assert get_adapter(exported).family == "qwen2_5_omni" and type(processor.video_processor) is NoVideoProcessor
+
+
+@pytest.mark.slow
+def test_qwen3_omni_moe_under_fsdp2_two_processes_match_one(omni_env, tmp_path):
+    # FSDP2 units: each MoE decoder layer (attention, router and all experts), each audio encoder layer,
+    # the vision tower, then the root. No warm start: every completion fails, so the advantages are 0, but
+    # MAPO's attention loss (gate floor ε_A) and, at step 2, the KL give non-zero gradients.
+    from test_train import metrics_lines, run_ok, train_cmd
+
+    env = {**omni_env, "model": omni_env["models"]["qwen3_omni_moe"]}
+    base = ("trainer.warm_start.enabled=false", "trainer.eval_on_start=false", "data.eval_max_items=2",
+            "trainer.export_final=false")
+    single = tmp_path / "single"
+    run_ok(train_cmd(env, single, "tiny_qwen3omni_mapo", *base))
+    double = tmp_path / "double"
+    cmd = train_cmd(env, double, "tiny_qwen3omni_mapo", *base)
+    run_ok([cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]])
+    one = [r for r in metrics_lines(single) if "reward/mean" in r]
+    two = [r for r in metrics_lines(double) if "reward/mean" in r]
+    assert len(one) == len(two) == 2
+    assert all(r["grad_norm"] > 0 and r["loss/attn"] > 0 for r in one) and one[1]["loss/kl"] > 0
+    for a, b in zip(one, two):
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        for key in ("loss/total", "loss/attn", "loss/kl"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key

@@ -70,12 +70,85 @@ def qwen3_omni_audio_tokens(n_frames: int, n_window: int = 50) -> int:
     return rest + (n_frames // chunk) * 13
 
 
+#: Mel frames of one full window of the released processors (Whisper feature extractor, 30 s at 100 frames
+#: per second). The Omni towers take any length; the memory plan sizes one clip by this window.
+RELEASED_WINDOW_FRAMES = 3000
+
+
 class OmniThinkerAdapter(ModelAdapter):
     """What the two Omni thinkers share (`model.model.{audio_tower, visual, language_model}`, `model.lm_head`)."""
 
     #: transformers class names (resolved lazily so importing mapo does not import every model).
     thinker_class: str = ""
     processor_class: str = ""
+
+    # ------------------------------------------------------------------ config only (memory plan)
+    def config_from_dict(self, config_dict: dict):
+        """The thinker's config object from a config.json dict: a full Omni config's `thinker_config`, or
+        a thinker config itself (defaults filled in as loading would)."""
+        from transformers import CONFIG_MAPPING
+
+        model_type = config_dict.get("model_type")
+        if model_type not in self.model_types:
+            raise ValueError(f"{self.family}: config model_type {model_type!r} is not one of {self.model_types}")
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+        return config.thinker_config if model_type == self.model_types[0] else config
+
+    def meta_model(self, config_dict: dict) -> nn.Module:
+        """The thinker on the meta device (no memory, no weights): only its shapes are used."""
+        import transformers
+
+        config = self.config_from_dict(config_dict)
+        with torch.device("meta"):
+            return getattr(transformers, self.thinker_class)(config)
+
+    def mlp_width(self, text_config) -> int:
+        """MLP activation width per token of the text model."""
+        return int(text_config.intermediate_size)
+
+    def audio_tokens_per_window(self, audio_config) -> int:
+        raise NotImplementedError
+
+    def dims(self, config_dict: dict):
+        """`ModelDims` of the thinker (the talker and vocoder are never loaded, so they are not counted;
+        the vision tower is, as `other_params`: it is loaded but never runs)."""
+        from mapo.models.adapter import ModelDims, count_parameters, linear_groups
+
+        model = self.meta_model(config_dict)
+        text, audio = model.config.text_config, model.config.audio_config
+        text_model, layers, tower = self.text_model(model), self.decoder_layers(model), self.audio_tower(model)
+        lm_head, embed = self.lm_head(model), self.embed_tokens(model)
+        lm_head_params = 0 if lm_head.weight is embed.weight else lm_head.weight.numel()
+        counted = count_parameters(text_model) + lm_head_params + count_parameters(tower)
+        return ModelDims(
+            family=self.family,
+            embed_params=embed.weight.numel(),
+            layer_params=max(count_parameters(layer) for layer in layers),  # the largest FSDP unit
+            num_layers=len(layers),
+            text_other_params=count_parameters(text_model) - embed.weight.numel() - sum(map(count_parameters, layers)),
+            lm_head_params=lm_head_params,
+            audio_params=count_parameters(tower),
+            audio_layer_params=count_parameters(tower.layers[0]),
+            audio_layers=len(tower.layers),
+            projector_params=0,  # the projection sits inside the tower
+            other_params=count_parameters(model) - counted,
+            hidden_size=text.hidden_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            mlp_width=self.mlp_width(text),
+            vocab_size=lm_head.out_features,
+            max_position=text.max_position_embeddings,
+            audio_hidden=audio.d_model,
+            num_mel_bins=audio.num_mel_bins,
+            audio_heads=audio.encoder_attention_heads,
+            audio_ffn=audio.encoder_ffn_dim,
+            audio_frames=RELEASED_WINDOW_FRAMES,
+            audio_tokens_per_window=self.audio_tokens_per_window(audio),
+            linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower}),
+            num_experts=int(getattr(text, "num_experts", 0) or 0),
+            experts_per_token=int(getattr(text, "num_experts_per_tok", 0) or 0),
+        )
 
     # ------------------------------------------------------------------ loading
     def thinker_config(self, folder: Path):
@@ -157,6 +230,9 @@ class Qwen25OmniThinkerAdapter(OmniThinkerAdapter):
     def num_audio_tokens(self, processor, n_frames):
         return qwen25_omni_audio_tokens(n_frames)
 
+    def audio_tokens_per_window(self, audio_config):
+        return qwen25_omni_audio_tokens(RELEASED_WINDOW_FRAMES)  # 750
+
     def audio_output_lengths(self, model, n_frames):
         return [qwen25_omni_audio_tokens(int(n)) for n in n_frames.tolist()]
 
@@ -172,6 +248,16 @@ class Qwen3OmniMoeThinkerAdapter(OmniThinkerAdapter):
 
     def num_audio_tokens(self, processor, n_frames):
         return qwen3_omni_audio_tokens(n_frames, int(getattr(processor, "n_window", 50)))
+
+    def audio_tokens_per_window(self, audio_config):
+        return qwen3_omni_audio_tokens(RELEASED_WINDOW_FRAMES, int(audio_config.n_window))  # 390
+
+    def mlp_width(self, text_config):
+        """MoE layers: the routed experts' widths (no shared expert in this family); dense layers
+        (`mlp_only_layers`) use intermediate_size; the wider of the two sizes the activations."""
+        routed = int(text_config.num_experts_per_tok) * int(text_config.moe_intermediate_size)
+        dense = int(text_config.intermediate_size) if text_config.mlp_only_layers else 0
+        return max(routed, dense)
 
     def clip_feature_kwargs(self, processor) -> dict[str, Any]:
         # The processor's audio defaults: pad only to the longest clip of the call, never truncate.

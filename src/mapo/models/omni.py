@@ -106,8 +106,21 @@ class OmniThinkerAdapter(ModelAdapter):
         """MLP activation width per token of the text model."""
         return int(text_config.intermediate_size)
 
-    def audio_tokens_per_window(self, audio_config) -> int:
+    # ------------------------------------------------------------------ audio positions
+    def tokens_for_frames(self, n_frames: int, n_window: int) -> int:
+        """The family's formula: audio positions of one clip of `n_frames` valid mel frames."""
         raise NotImplementedError
+
+    def num_audio_tokens(self, processor, n_frames):
+        return self.tokens_for_frames(n_frames, int(getattr(processor, "n_window", 50)))
+
+    def audio_tokens_per_window(self, audio_config) -> int:
+        return self.tokens_for_frames(RELEASED_WINDOW_FRAMES, int(audio_config.n_window))
+
+    def audio_output_lengths(self, model, n_frames: torch.Tensor) -> list[int]:
+        """Audio positions per clip for the valid frame counts [C] (as the tower computes them)."""
+        n_window = int(self.audio_tower(model).config.n_window)
+        return [self.tokens_for_frames(int(n), n_window) for n in n_frames.tolist()]
 
     def dims(self, config_dict: dict):
         """`ModelDims` of the thinker (the talker and vocoder are never loaded, so they are not counted;
@@ -200,10 +213,6 @@ class OmniThinkerAdapter(ModelAdapter):
         return DynamicCache(config=self.text_model(model).config)
 
     # ------------------------------------------------------------------ operations
-    def audio_output_lengths(self, model, n_frames: torch.Tensor) -> list[int]:
-        """Audio positions per clip for the valid frame counts [C] (as the tower computes them)."""
-        raise NotImplementedError
-
     def encode_audio(self, model, input_features, feature_attention_mask):
         """The model's own `get_audio_features`: the valid frames of all clips concatenated, windowed
         attention inside the tower, projection to the text width; split back into one tensor per clip."""
@@ -227,14 +236,8 @@ class Qwen25OmniThinkerAdapter(OmniThinkerAdapter):
     thinker_class = "Qwen2_5OmniThinkerForConditionalGeneration"
     processor_class = "Qwen2_5OmniProcessor"
 
-    def num_audio_tokens(self, processor, n_frames):
-        return qwen25_omni_audio_tokens(n_frames)
-
-    def audio_tokens_per_window(self, audio_config):
-        return qwen25_omni_audio_tokens(RELEASED_WINDOW_FRAMES)  # 750
-
-    def audio_output_lengths(self, model, n_frames):
-        return [qwen25_omni_audio_tokens(int(n)) for n in n_frames.tolist()]
+    def tokens_for_frames(self, n_frames, n_window):
+        return qwen25_omni_audio_tokens(n_frames)  # 750 for the 30 s window
 
 
 class Qwen3OmniMoeThinkerAdapter(OmniThinkerAdapter):
@@ -246,11 +249,8 @@ class Qwen3OmniMoeThinkerAdapter(OmniThinkerAdapter):
     thinker_class = "Qwen3OmniMoeThinkerForConditionalGeneration"
     processor_class = "Qwen3OmniMoeProcessor"
 
-    def num_audio_tokens(self, processor, n_frames):
-        return qwen3_omni_audio_tokens(n_frames, int(getattr(processor, "n_window", 50)))
-
-    def audio_tokens_per_window(self, audio_config):
-        return qwen3_omni_audio_tokens(RELEASED_WINDOW_FRAMES, int(audio_config.n_window))  # 390
+    def tokens_for_frames(self, n_frames, n_window):
+        return qwen3_omni_audio_tokens(n_frames, n_window)  # 390 for the 30 s window
 
     def mlp_width(self, text_config):
         """MoE layers: the routed experts' widths (no shared expert in this family); dense layers
@@ -263,9 +263,6 @@ class Qwen3OmniMoeThinkerAdapter(OmniThinkerAdapter):
         # The processor's audio defaults: pad only to the longest clip of the call, never truncate.
         return {"padding": "longest", "truncation": False}
 
-    def audio_output_lengths(self, model, n_frames):
-        n_window = int(self.audio_tower(model).config.n_window)
-        return [qwen3_omni_audio_tokens(int(n), n_window) for n in n_frames.tolist()]
 
 
 register_adapter(Qwen25OmniThinkerAdapter())

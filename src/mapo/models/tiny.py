@@ -230,9 +230,14 @@ def build_processor(tokenizer: Qwen2Tokenizer, window_seconds: int) -> Qwen2Audi
     input_features: [B, 128, 100 · window_seconds]; a clip of s seconds expands <|AUDIO|> into
     ~25 · s audio tokens (exactly ((L - 1) // 2 + 1 - 2) // 2 + 1 for L = 100 · s valid frames).
     """
+    return Qwen2AudioProcessor(feature_extractor=whisper_features(window_seconds), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def whisper_features(window_seconds: int) -> WhisperFeatureExtractor:
+    """The Whisper feature extractor of every family (128 mel bins, 16 kHz, 100 frames/s), `window_seconds` long."""
     if window_seconds < 1:
         raise ValueError(f"window_seconds must be >= 1, got {window_seconds}")
-    feature_extractor = WhisperFeatureExtractor(
+    return WhisperFeatureExtractor(
         feature_size=N_MELS,
         sampling_rate=SAMPLING_RATE,
         hop_length=HOP_LENGTH,
@@ -241,7 +246,6 @@ def build_processor(tokenizer: Qwen2Tokenizer, window_seconds: int) -> Qwen2Audi
         padding_value=0.0,
         return_attention_mask=True,
     )
-    return Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -22,19 +22,20 @@ n_window = 50 (100-frame chunks, 13 positions per chunk), the only one transform
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+from functools import partial
+
+from transformers import GenerationConfig, Qwen2VLImageProcessorPil
 
 from mapo.models.init import init_audio_path
 from mapo.models.omni_processor import NoVideoProcessor, build_omni_processor
 from mapo.models.tiny import (
     ENDOFTEXT,
-    HOP_LENGTH,
     IM_END,
     IM_START,
     N_MELS,
-    SAMPLING_RATE,
     TinyModelConfig,
     build_tokenizer,
+    whisper_features,
 )
 
 #: Per family: its special tokens in id order, and the tokenizer attributes its processor reads.
@@ -97,20 +98,6 @@ def _special_tokens(named: dict[str, str]) -> tuple[str, ...]:
     return (ENDOFTEXT, IM_START, IM_END, *named.values())
 
 
-def _feature_extractor(window_seconds: int) -> WhisperFeatureExtractor:
-    if window_seconds < 1:
-        raise ValueError(f"window_seconds must be >= 1, got {window_seconds}")
-    return WhisperFeatureExtractor(
-        feature_size=N_MELS,
-        sampling_rate=SAMPLING_RATE,
-        hop_length=HOP_LENGTH,
-        chunk_length=window_seconds,
-        n_fft=400,
-        padding_value=0.0,
-        return_attention_mask=True,
-    )
-
-
 def _token_ids(tokenizer, named: dict[str, str]) -> dict[str, int]:
     return dict(zip(named, tokenizer.convert_tokens_to_ids(list(named.values()))))
 
@@ -141,28 +128,31 @@ def _finish(model, cfg: TinyModelConfig, tokenizer):
     return model.eval()
 
 
-# --------------------------------------------------------------------------------------- Qwen2.5-Omni
-def build_qwen25_omni_tokenizer(texts: list[str], vocab_size: int, seed: int = 0):
+def build_omni_tokenizer(texts: list[str], vocab_size: int, seed: int = 0, *, named: dict[str, str], chat_template: str):
+    """The family's tokenizer: its special tokens (ids 0..9), the named token attributes, its chat template."""
     return build_tokenizer(
-        texts, vocab_size, seed, special_tokens=_special_tokens(QWEN25_OMNI_TOKENS),
-        named_tokens=QWEN25_OMNI_TOKENS, chat_template=QWEN25_OMNI_CHAT_TEMPLATE,
+        texts, vocab_size, seed, special_tokens=_special_tokens(named), named_tokens=named, chat_template=chat_template,
     )
 
 
-def build_qwen25_omni_processor(tokenizer, window_seconds: int):
-    """`Qwen2_5OmniProcessor`: input_features [C, 128, 100·window] (padded to the window, as released)."""
-    from transformers import Qwen2_5OmniProcessor
+def build_omni_processor_for(tokenizer, window_seconds: int, *, processor_class: str, patch_size: int, chat_template: str):
+    """The family's processor: Whisper features of a `window_seconds` window, a Qwen2-VL image processor,
+    `NoVideoProcessor` in the video slot. Qwen2.5-Omni pads each clip to the window (input_features
+    [C, 128, 100·window]); Qwen3-Omni's processor does not (it pads to the longest clip of a call only)."""
+    import transformers
 
+    vision = dict(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
     return build_omni_processor(
-        Qwen2_5OmniProcessor,
-        image_processor=Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2),
-        video_processor=NoVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2),
-        feature_extractor=_feature_extractor(window_seconds),
+        getattr(transformers, processor_class),
+        image_processor=Qwen2VLImageProcessorPil(**vision),
+        video_processor=NoVideoProcessor(**vision),
+        feature_extractor=whisper_features(window_seconds),
         tokenizer=tokenizer,
-        chat_template=QWEN25_OMNI_CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
+# --------------------------------------------------------------------------------------- Qwen2.5-Omni
 def build_qwen25_omni_model(cfg: TinyModelConfig, tokenizer):
     """A randomly initialised small `Qwen2_5OmniThinkerForConditionalGeneration`, identical for one seed."""
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
@@ -194,27 +184,6 @@ def build_qwen25_omni_model(cfg: TinyModelConfig, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------- Qwen3-Omni
-def build_qwen3_omni_tokenizer(texts: list[str], vocab_size: int, seed: int = 0):
-    return build_tokenizer(
-        texts, vocab_size, seed, special_tokens=_special_tokens(QWEN3_OMNI_TOKENS),
-        named_tokens=QWEN3_OMNI_TOKENS, chat_template=QWEN3_OMNI_CHAT_TEMPLATE,
-    )
-
-
-def build_qwen3_omni_processor(tokenizer, window_seconds: int):
-    """`Qwen3OmniMoeProcessor`: each clip's features unpadded (the processor pads to the longest clip only)."""
-    from transformers import Qwen3OmniMoeProcessor
-
-    return build_omni_processor(
-        Qwen3OmniMoeProcessor,
-        image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2),
-        video_processor=NoVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
-        feature_extractor=_feature_extractor(window_seconds),
-        tokenizer=tokenizer,
-        chat_template=QWEN3_OMNI_CHAT_TEMPLATE,
-    )
-
-
 def build_qwen3_omni_model(cfg: TinyModelConfig, tokenizer):
     """A randomly initialised small `Qwen3OmniMoeThinkerForConditionalGeneration` (every layer MoE)."""
     from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
@@ -253,8 +222,18 @@ def build_qwen3_omni_model(cfg: TinyModelConfig, tokenizer):
 
 
 _BUILDERS = {
-    "qwen2_5_omni": (QWEN25_OMNI_CHAT_TEMPLATE, build_qwen25_omni_tokenizer, build_qwen25_omni_processor, build_qwen25_omni_model),
-    "qwen3_omni_moe": (QWEN3_OMNI_CHAT_TEMPLATE, build_qwen3_omni_tokenizer, build_qwen3_omni_processor, build_qwen3_omni_model),
+    "qwen2_5_omni": (
+        QWEN25_OMNI_CHAT_TEMPLATE,
+        partial(build_omni_tokenizer, named=QWEN25_OMNI_TOKENS, chat_template=QWEN25_OMNI_CHAT_TEMPLATE),
+        partial(build_omni_processor_for, processor_class="Qwen2_5OmniProcessor", patch_size=14, chat_template=QWEN25_OMNI_CHAT_TEMPLATE),
+        build_qwen25_omni_model,
+    ),
+    "qwen3_omni_moe": (
+        QWEN3_OMNI_CHAT_TEMPLATE,
+        partial(build_omni_tokenizer, named=QWEN3_OMNI_TOKENS, chat_template=QWEN3_OMNI_CHAT_TEMPLATE),
+        partial(build_omni_processor_for, processor_class="Qwen3OmniMoeProcessor", patch_size=16, chat_template=QWEN3_OMNI_CHAT_TEMPLATE),
+        build_qwen3_omni_model,
+    ),
 }
 
 

@@ -177,7 +177,13 @@ def test_rollout_greedy_equals_generate(omni, records):
     batch = omni["collator"].prompts(records)
     suppress = generation_suppressed_token_ids(processor)
     kwargs = dict(eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    tower_calls: list[int] = []  # clips per audio-tower call
+    hook = get_adapter(model).audio_tower(model).register_forward_hook(
+        lambda mod, args, kwargs, out: tower_calls.append(len(kwargs["feature_lens"])), with_kwargs=True
+    )
     rollout = generate_rollout(model, batch, group_size=2, max_new_tokens=12, do_sample=False, suppress_token_ids=suppress, **kwargs)
+    hook.remove()
+    assert tower_calls == [3]  # the 3 clips encoded once, not once per sample or per decode step
     reference = model.generate(**batch, max_new_tokens=12, do_sample=False, suppress_tokens=suppress, **kwargs)
     expected = reference[:, batch["input_ids"].shape[1]:].repeat_interleave(2, dim=0)
     assert torch.equal(rollout.completion_ids[:, : expected.shape[1]], expected)

@@ -164,8 +164,10 @@ def run(cfg: MapoConfig) -> dict:
         phase.resume(resume, ctx)
         say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
-    # cached audio embeddings are exact only while the tower and projector do not train
-    audio_input = "cached" if cfg.model.freeze_audio_tower and cfg.model.freeze_projector else "recompute"
+    # cached audio embeddings are exact only while the tower and projector do not train (the Omni towers
+    # hold their projection: no separate projector)
+    projector_fixed = cfg.model.freeze_projector or get_adapter(model).audio_projector(model) is None
+    audio_input = "cached" if cfg.model.freeze_audio_tower and projector_fixed else "recompute"
     gen_kwargs = generation_kwargs(cfg, processor, ctx)
     content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -379,3 +379,26 @@ def test_the_tiny_towers_carry_the_clip(omni, records):
         first, second = encode_audio(model, batch["input_features"], batch["feature_attention_mask"])
     n = first.shape[0]
     assert float((first - second[:n]).norm() / second[:n].norm()) > 0.3
+
+
+def test_lora_reaches_the_text_linears_and_switches_off_exactly(omni, records):
+    # transformers 5 fuses Qwen3-Omni's experts into 3-D parameters (no nn.Linear) and its router is a bare
+    # parameter, so all-linear LoRA there adapts the attention projections only.
+    from types import SimpleNamespace
+
+    from mapo.models.lora import adapter_parameters, adapters_disabled, add_lora, target_module_names
+
+    model = copy.deepcopy(omni["model"])
+    expected = {"qwen2_5_omni": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+                "qwen3_omni_moe": ["k_proj", "o_proj", "q_proj", "v_proj"]}[omni["family"]]
+    assert sorted({n.rsplit(".", 1)[-1] for n in target_module_names(model, "all-linear")}) == expected
+    add_lora(model, SimpleNamespace(rank=4, alpha=8.0, dropout=0.0, targets="all-linear"))
+    batch = omni["collator"].prompts(records)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        base = omni["model"](**batch).logits
+        adapted = model(**batch).logits
+        with adapters_disabled(model):
+            off = model(**batch).logits
+    assert torch.equal(off, base) and (adapted - base).abs().max() > 1e-2

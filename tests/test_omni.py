@@ -402,3 +402,34 @@ def test_lora_reaches_the_text_linears_and_switches_off_exactly(omni, records):
         with adapters_disabled(model):
             off = model(**batch).logits
     assert torch.equal(off, base) and (adapted - base).abs().max() > 1e-2
+
+
+def test_memory_plan_dims_count_the_thinker(omni, tmp_path):
+    import dataclasses
+
+    from types import SimpleNamespace
+
+    from mapo.config import RolloutConfig
+    from mapo.preflight import CheckContext, check_audio_window
+
+    model = omni["model"]
+    adapter = get_adapter(model)
+    dims = adapter.dims(json.loads((omni["folder"] / "config.json").read_text()))
+    inner = model.model
+    assert dims.total_params == sum(p.numel() for p in model.parameters())
+    assert dims.other_params == sum(p.numel() for p in inner.visual.parameters())  # loaded, never run
+    assert dims.projector_params == 0 and dims.audio_params == sum(p.numel() for p in inner.audio_tower.parameters())
+    assert dims.num_layers == 2 and dims.layer_params == sum(p.numel() for p in inner.language_model.layers[0].parameters())
+    moe = omni["family"] == "qwen3_omni_moe"
+    assert (dims.num_experts, dims.experts_per_token) == ((4, 2) if moe else (0, 0))
+    assert dims.mlp_width == (2 * 64 if moe else 128)  # routed experts' widths | intermediate_size
+    assert dims.audio_tokens_per_window == (390 if moe else 750)  # the released 30 s window
+    # A full Omni folder's config gives the thinker's dims (the talker is never loaded, never counted).
+    full = _hub_style_folder(omni, tmp_path / "hub")
+    assert adapter.dims(json.loads((full / "config.json").read_text())) == dims
+    # The preflight window check applies only to encoders that take a fixed number of frames.
+    cfg = SimpleNamespace(rollout=RolloutConfig())  # the check reads rollout.max_new_tokens only
+    other_window = {"nb_max_frames": 30000}
+    assert check_audio_window(cfg, CheckContext(world_size=1, dims=dims, preprocessor_config=other_window)) == []
+    fixed = dataclasses.replace(dims, audio_window_fixed=True)
+    assert check_audio_window(cfg, CheckContext(world_size=1, dims=fixed, preprocessor_config=other_window))

@@ -72,6 +72,8 @@ class ModelDims:
       audio_tokens_per_window  audio positions one full-window clip gives the text model (750 for 30 s).
     linears: the model's linear layers by part and name (LoRA sizing).
     num_experts, experts_per_token: 0 for a dense model (reported only).
+    audio_window_fixed: the encoder takes exactly `audio_frames` frames (Qwen2-Audio); False when it takes
+                      any length (the Omni towers: `audio_frames` is then the released processor's window).
     """
 
     family: str
@@ -101,6 +103,7 @@ class ModelDims:
     linears: tuple[LinearGroup, ...] = ()
     num_experts: int = 0
     experts_per_token: int = 0
+    audio_window_fixed: bool = True
 
     @property
     def text_params(self) -> int:

@@ -161,6 +161,7 @@ class OmniThinkerAdapter(ModelAdapter):
             linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower}),
             num_experts=int(getattr(text, "num_experts", 0) or 0),
             experts_per_token=int(getattr(text, "num_experts_per_tok", 0) or 0),
+            audio_window_fixed=False,
         )
 
     # ------------------------------------------------------------------ loading

@@ -169,6 +169,43 @@ class ModelAdapter:
         """`ModelDims` of a checkpoint from its config.json dict (parameter counts from `meta_model`)."""
         raise NotImplementedError
 
+    def dims_of(self, model: nn.Module, *, mlp_width: int, audio_frames: int, audio_tokens_per_window: int, **extra) -> ModelDims:
+        """`ModelDims` counted on a (meta-device) model through this adapter's parts; the family gives what
+        the parts cannot tell (MLP activation width, the audio window) and any further field in `extra`."""
+        text, audio = model.config.text_config, model.config.audio_config
+        text_model, layers, tower = self.text_model(model), self.decoder_layers(model), self.audio_tower(model)
+        projector, lm_head, embed = self.audio_projector(model), self.lm_head(model), self.embed_tokens(model)
+        lm_head_params = 0 if lm_head.weight is embed.weight else lm_head.weight.numel()
+        counted = count_parameters(text_model) + lm_head_params + count_parameters(tower) + count_parameters(projector)
+        return ModelDims(
+            family=self.family,
+            embed_params=embed.weight.numel(),
+            layer_params=max(count_parameters(layer) for layer in layers),  # the largest FSDP unit
+            num_layers=len(layers),
+            text_other_params=count_parameters(text_model) - embed.weight.numel() - sum(map(count_parameters, layers)),
+            lm_head_params=lm_head_params,
+            audio_params=count_parameters(tower),
+            audio_layer_params=count_parameters(tower.layers[0]),
+            audio_layers=len(tower.layers),
+            projector_params=count_parameters(projector),
+            other_params=count_parameters(model) - counted,
+            hidden_size=text.hidden_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            mlp_width=mlp_width,
+            vocab_size=lm_head.out_features,
+            max_position=text.max_position_embeddings,
+            audio_hidden=audio.d_model,
+            num_mel_bins=audio.num_mel_bins,
+            audio_heads=audio.encoder_attention_heads,
+            audio_ffn=audio.encoder_ffn_dim,
+            audio_frames=audio_frames,
+            audio_tokens_per_window=audio_tokens_per_window,
+            linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower, "projector": projector}),
+            **extra,
+        )
+
     # ------------------------------------------------------------------ parts
     def text_model(self, model: nn.Module) -> nn.Module:
         """The text decoder stack (embeddings → layers → final norm), without the LM head."""
@@ -306,37 +343,9 @@ class Qwen2AudioAdapter(ModelAdapter):
 
         model = self.meta_model(config_dict)
         text, audio = model.config.text_config, model.config.audio_config
-        text_model, layers, tower = self.text_model(model), self.decoder_layers(model), self.audio_tower(model)
-        projector, lm_head, embed = self.audio_projector(model), self.lm_head(model), self.embed_tokens(model)
-        lm_head_params = 0 if lm_head.weight is embed.weight else lm_head.weight.numel()
-        counted = count_parameters(text_model) + lm_head_params + count_parameters(tower) + count_parameters(projector)
         frames = 2 * audio.max_source_positions  # the encoder's required input length (mel frames)
-        return ModelDims(
-            family=self.family,
-            embed_params=embed.weight.numel(),
-            layer_params=count_parameters(layers[0]),
-            num_layers=len(layers),
-            text_other_params=count_parameters(text_model) - embed.weight.numel() - sum(map(count_parameters, layers)),
-            lm_head_params=lm_head_params,
-            audio_params=count_parameters(tower),
-            audio_layer_params=count_parameters(tower.layers[0]),
-            audio_layers=len(tower.layers),
-            projector_params=count_parameters(projector),
-            other_params=count_parameters(model) - counted,
-            hidden_size=text.hidden_size,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            mlp_width=text.intermediate_size,
-            vocab_size=lm_head.out_features,
-            max_position=text.max_position_embeddings,
-            audio_hidden=audio.d_model,
-            num_mel_bins=audio.num_mel_bins,
-            audio_heads=audio.encoder_attention_heads,
-            audio_ffn=audio.encoder_ffn_dim,
-            audio_frames=frames,
-            audio_tokens_per_window=num_audio_tokens(frames),
-            linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower, "projector": projector}),
+        return self.dims_of(
+            model, mlp_width=text.intermediate_size, audio_frames=frames, audio_tokens_per_window=num_audio_tokens(frames),
         )
 
     def text_model(self, model):

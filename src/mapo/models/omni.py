@@ -125,40 +125,13 @@ class OmniThinkerAdapter(ModelAdapter):
     def dims(self, config_dict: dict):
         """`ModelDims` of the thinker (the talker and vocoder are never loaded, so they are not counted;
         the vision tower is, as `other_params`: it is loaded but never runs)."""
-        from mapo.models.adapter import ModelDims, count_parameters, linear_groups
-
         model = self.meta_model(config_dict)
         text, audio = model.config.text_config, model.config.audio_config
-        text_model, layers, tower = self.text_model(model), self.decoder_layers(model), self.audio_tower(model)
-        lm_head, embed = self.lm_head(model), self.embed_tokens(model)
-        lm_head_params = 0 if lm_head.weight is embed.weight else lm_head.weight.numel()
-        counted = count_parameters(text_model) + lm_head_params + count_parameters(tower)
-        return ModelDims(
-            family=self.family,
-            embed_params=embed.weight.numel(),
-            layer_params=max(count_parameters(layer) for layer in layers),  # the largest FSDP unit
-            num_layers=len(layers),
-            text_other_params=count_parameters(text_model) - embed.weight.numel() - sum(map(count_parameters, layers)),
-            lm_head_params=lm_head_params,
-            audio_params=count_parameters(tower),
-            audio_layer_params=count_parameters(tower.layers[0]),
-            audio_layers=len(tower.layers),
-            projector_params=0,  # the projection sits inside the tower
-            other_params=count_parameters(model) - counted,
-            hidden_size=text.hidden_size,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        return self.dims_of(
+            model,
             mlp_width=self.mlp_width(text),
-            vocab_size=lm_head.out_features,
-            max_position=text.max_position_embeddings,
-            audio_hidden=audio.d_model,
-            num_mel_bins=audio.num_mel_bins,
-            audio_heads=audio.encoder_attention_heads,
-            audio_ffn=audio.encoder_ffn_dim,
             audio_frames=RELEASED_WINDOW_FRAMES,
             audio_tokens_per_window=self.audio_tokens_per_window(audio),
-            linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower}),
             num_experts=int(getattr(text, "num_experts", 0) or 0),
             experts_per_token=int(getattr(text, "num_experts_per_tok", 0) or 0),
             audio_window_fixed=False,
@@ -170,7 +143,7 @@ class OmniThinkerAdapter(ModelAdapter):
         import transformers
 
         raw = json.loads((Path(folder) / "config.json").read_text())
-        full_type, thinker_type = self.model_types
+        full_type = self.model_types[0]
         if raw.get("model_type") == full_type:
             if "thinker_config" not in raw:
                 raise ValueError(f"{folder}/config.json: model_type {full_type!r} without thinker_config")

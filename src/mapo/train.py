@@ -40,9 +40,9 @@ from mapo.models.adapter import get_adapter
 from mapo.models.loader import enable_activation_checkpointing, generation_suppressed_token_ids, load_model_and_processor
 from mapo.phase import Phase, set_trainable
 from mapo.report import final_table, write_plots
-from mapo.rl import rl_step
+from mapo.rl import check_mini_batches, rl_step
 from mapo.run_logging import make_logger, write_json_atomic
-from mapo.step import uses_ablated_reference, uses_kl_reference
+from mapo.step import optimizer_steps_per_rollout, uses_ablated_reference, uses_kl_reference
 from mapo.warm_start import run_warm_start, sft_phase
 
 
@@ -120,6 +120,7 @@ def run(cfg: MapoConfig) -> dict:
         cfg = OmegaConf.to_object(cfg)
     check_reward_config(cfg)
     ctx = dist_utils.init_distributed(cfg.trainer.device)
+    check_mini_batches(cfg, ctx.world_size)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.trainer.seed)
     run_dir = resolve_run_dir(cfg)
@@ -158,7 +159,8 @@ def run(cfg: MapoConfig) -> dict:
         ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference), ctx)
     set_trainable(model, cfg, everything=is_sft)
     runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
-    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items)
+    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items,
+                  optimizer_steps_per_step=1 if is_sft else optimizer_steps_per_rollout(cfg.algo))
     resume = resolve_resume(run_dir, cfg.trainer.resume)
     if resume is not None:
         phase.resume(resume, ctx)

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from mapo.config import register_configs
 from mapo.config import check_override_keys
+from mapo.optim import lr_multiplier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "data", "rollout", "algo", "reward", "trainer", "logger")
@@ -165,7 +166,12 @@ def test_batches_may_mix_items_with_and_without_audio(tiny_env, tmp_path):
 
 
 def test_resumed_run_reproduces_uninterrupted_metrics(tiny_env, tmp_path):
-    common = ("trainer.steps=4", "trainer.checkpoint_every=2", "trainer.eval_on_start=false")
+    # PPO mini-batches (shuffled per step) and a cosine schedule that advances per optimizer step
+    # (4 steps × 2 mini-batches) must resume exactly.
+    common = (
+        "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.eval_on_start=false", "algo.mini_batches=2",
+        "trainer.schedule=cosine", "trainer.warmup_steps=1",
+    )
     full = tmp_path / "full"
     run_ok(train_cmd(tiny_env, full, "tiny_mapo", *common))
     part = tmp_path / "part"
@@ -177,8 +183,13 @@ def test_resumed_run_reproduces_uninterrupted_metrics(tiny_env, tmp_path):
     assert sorted(got) == [3, 4]
     assert all(want[step]["loss/total"] != 0 and want[step]["grad_norm"] > 0 for step in (3, 4))
     for step in (3, 4):
-        for key in ("loss/total", "loss/pg", "reward/mean", "mapo/abs_delta_h", "grad_norm"):
+        for key in ("loss/total", "loss/pg", "reward/mean", "mapo/abs_delta_h", "grad_norm", "lr", "clip/low_u2", "ratio/dev_u2_max"):
             assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
+    # the schedule counts optimizer steps: after RL step s, 2·s of the 8 have run (1 RL step = 2 of warm-up)
+    lr = float(compose_cfg(["experiment=tiny_mapo"]).trainer.lr)
+    for step in (1, 2, 3, 4):
+        assert want[step]["lr"] == pytest.approx(lr * lr_multiplier(2 * step, 2, 8, "cosine"), rel=1e-9)
+    assert all(want[s]["completion/overlong_filtered"] == 0 and want[s]["ratio/dev_u1_max"] <= 1e-6 for s in want)
 
 
 def test_torchrun_two_processes_match_one_process(tiny_env, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mapo.config import register_configs
 from mapo.config import check_override_keys
@@ -53,6 +54,37 @@ def test_experiments_resolve_to_expected_values():
     q = compose_cfg(["experiment=qwen2audio_mapo"])
     assert (q.algo.attn.eta, q.algo.attn.kappa, q.algo.mask.tau_base, q.algo.mask.cap) == (0.05, 1.0, 1.0, 5.0)
     assert list(q.algo.attn.layers) == [-3, -2, -1]
+
+
+def test_release_experiment_has_the_release_settings():
+    c = compose_cfg(["experiment=qwen3omni_mapo_release"])
+    assert (c.trainer.lr, list(c.trainer.betas), c.trainer.weight_decay, c.trainer.grad_clip) == (1e-6, [0.9, 0.95], 0.1, 1.0)
+    # 800 optimizer steps = 200 rollouts × 4 mini-batches; warm-up 5 % of them; cosine
+    assert (c.trainer.steps * c.algo.mini_batches * c.algo.updates_per_rollout, c.trainer.schedule) == (800, "cosine")
+    assert c.trainer.warmup_steps / c.trainer.steps == 0.05
+    # G = 8; 24 prompts per optimizer step, 4 optimizer steps per generation
+    assert (c.rollout.group_size, c.rollout.prompts_per_step // c.algo.mini_batches, c.algo.mini_batches) == (8, 24, 4)
+    assert (c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p, c.algo.overlong_filter) == (1200, 1.0, 0.99, True)
+    a = c.algo
+    assert (a.name, a.beta, a.attn.eta, a.mask.tau_base, a.attn.tau_base, a.mask.cap, a.attn.cap) == ("mapo", 0.02, 0.05, 1.0, 1.0, 5.0, 5.0)
+    assert (a.attn.kappa, list(a.attn.layers), a.attn.adv_eps, a.attn.fail_floor, a.attn.gate_cap) == (1.0, [-3, -2, -1], 0.02, 0.1, 3.0)
+    assert (a.reference.model, a.reference.ablation, a.attn.token_gate) == ("frozen", "drop_features", "content")
+    assert (list(c.reward.functions), list(c.reward.weights)) == (["accuracy", "format"], [2.0, 1.0])
+
+
+def test_release_experiment_model_lora_and_sampler():
+    """The keys other branches add (LoRA, top_k / repetition penalty, the Qwen3-Omni model config)."""
+    c = compose_cfg(["experiment=qwen3omni_mapo_release"])
+    missing = [k for k in ("model.lora", "rollout.top_k", "rollout.repetition_penalty") if OmegaConf.select(c, k) is None]
+    missing += [] if (CONF / "model" / "qwen3omni.yaml").is_file() else ["conf/model/qwen3omni.yaml"]
+    if missing:
+        pytest.skip(f"not on this branch yet: {', '.join(missing)} (see the PENDING lines of the experiment)")
+    lora = c.model.lora
+    assert (lora.rank, lora.alpha, lora.targets) == (128, 512, "all-linear")
+    assert (c.rollout.top_k, c.rollout.repetition_penalty) == (50, 1.2)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        choices = compose("config", overrides=["experiment=qwen3omni_mapo_release"], return_hydra_config=True).hydra.runtime.choices
+    assert choices["model"] == "qwen3omni"
 
 
 def test_overrides_reach_the_config():
@@ -132,6 +164,11 @@ def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
         assert 0.0 <= row["reward/accuracy"] <= 1.0 and "loss/pg" in row and "loss/kl" in row
         assert ("loss/attn" in row) == (experiment == "tiny_mapo")
         assert ("mapo/abs_delta_h" in row) == (experiment == "tiny_mapo")
+        # DESIGN §3's metrics: ω̃ and ν̃ mean/max, Δh, L_attn, audio mass by position, clips, KL, entropy, rewards, lengths
+        mapo_keys = {"mapo/nu_mean", "mapo/nu_max", "mapo/delta_h", "mapo/ablated_entropy", "audio_mass/q4"}
+        assert mapo_keys <= row.keys() if experiment == "tiny_mapo" else not mapo_keys & row.keys()
+        assert {"mapo/omega_mean", "mapo/omega_max", "clip/high", "clip/low", "kl/mean", "policy/entropy", "reward/format",
+                "completion/length", "completion/length_max", "completion/truncated"} <= row.keys()
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == 2 and 0.0 <= final["test/audio/accuracy"] <= 1.0
     assert "| counter_prior | with audio |" in proc.stdout and str(run_dir) in proc.stdout

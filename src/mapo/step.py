@@ -481,6 +481,8 @@ def mapo_step(
     if delta_h is not None:
         metrics["mapo/abs_delta_h"] = torch.stack(_masked_mean(delta_h.abs(), mask))
         metrics["mapo/delta_h"] = torch.stack(_masked_mean(delta_h, mask))
+    if prepared.ablated is not None and algo.mask.score == "entropy":
+        metrics["mapo/ablated_entropy"] = torch.stack(_masked_mean(prepared.ablated[rows], mask))  # H(π_ref | no audio)
     metrics["policy/entropy"] = torch.stack(_masked_mean(policy_entropy, mask))
     counts = losses.clip_token_counts(logprobs.detach(), old_logprobs, adv, mask, algo.eps_low, algo.eps_high)
     metrics["clip/high"] = torch.stack([counts["clipped_high"], counts["tokens"]]).float()

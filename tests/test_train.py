@@ -278,3 +278,17 @@ def test_reward_config_needs_accuracy_and_matching_weights():
     with pytest.raises(ValueError, match="same length"):
         check_reward_config(cfg)
     check_reward_config(OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo"])))
+
+
+def test_mini_batches_must_divide_each_ranks_rows():
+    from mapo.rl import check_mini_batches
+
+    cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "algo.mini_batches=3"]))  # 8 prompts × 8 rows
+    with pytest.raises(ValueError, match=r"algo.mini_batches=3 does not divide the 32 rows each rank gets per step"):
+        check_mini_batches(cfg, world_size=2)
+    cfg.algo.mini_batches = 4
+    check_mini_batches(cfg, world_size=2)  # 32 rows per rank, 8 per optimizer step
+    cfg.algo.mini_batches = 0
+    with pytest.raises(ValueError, match="must be ≥ 1"):
+        check_mini_batches(cfg, world_size=1)
+

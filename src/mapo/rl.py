@@ -109,7 +109,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
         extra[f"reward/{name}"] = torch.stack([values.sum(), torch.tensor(float(n_local))])
     sums.add(extra)
     metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
-    metrics["grad_norm"] = float(torch.stack(grad_norms).mean())  # mean over the rollout's optimizer steps
+    metrics["grad_norm"] = sum(float(g) for g in grad_norms) / len(grad_norms)  # mean over the rollout's optimizer steps
     metrics["lr"] = phase.scheduler.get_last_lr()[0]
     samples = [{"id": r.id, "task": r.task, "answer": r.answer, "completion": t, "reward": float(v)}
                for r, t, v in list(zip(row_records, texts, rewards.total.tolist()))[:: G][:8]]

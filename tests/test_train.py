@@ -48,7 +48,7 @@ def test_experiments_resolve_to_expected_values():
     assert sft.algo.name == "sft" and not sft.trainer.warm_start.enabled
     for name in ("qwen2audio_mapo", "qwen2audio_grpo"):
         q = compose_cfg([f"experiment={name}"])
-        assert q.model.dtype == "bfloat16" and q.model.gradient_checkpointing and q.model.freeze_audio_tower
+        assert (q.model.master_dtype, q.model.compute_dtype, q.model.frozen_dtype) == ("float32", "auto", "auto") and q.model.gradient_checkpointing and q.model.freeze_audio_tower
         assert q.model.path == "" and not q.model.build_tiny_if_missing
         assert q.rollout.group_size == 8 and q.algo.beta == 0.02
     q = compose_cfg(["experiment=qwen2audio_mapo"])
@@ -73,14 +73,14 @@ def test_release_experiment_has_the_release_settings():
 
 
 def test_release_experiment_model_lora_and_sampler():
-    """The keys other branches add (LoRA, top_k / repetition penalty, the Qwen3-Omni model config)."""
+    """LoRA, and the keys other branches add (top_k / repetition penalty, the Qwen3-Omni model config)."""
     c = compose_cfg(["experiment=qwen3omni_mapo_release"])
-    missing = [k for k in ("model.lora", "rollout.top_k", "rollout.repetition_penalty") if OmegaConf.select(c, k) is None]
+    lora = c.model.lora
+    assert (lora.rank, lora.alpha, lora.targets, c.model.freeze_audio_tower) == (128, 512, "all-linear", True)
+    missing = [k for k in ("rollout.top_k", "rollout.repetition_penalty") if OmegaConf.select(c, k) is None]
     missing += [] if (CONF / "model" / "qwen3omni.yaml").is_file() else ["conf/model/qwen3omni.yaml"]
     if missing:
         pytest.skip(f"not on this branch yet: {', '.join(missing)} (see the PENDING lines of the experiment)")
-    lora = c.model.lora
-    assert (lora.rank, lora.alpha, lora.targets) == (128, 512, "all-linear")
     assert (c.rollout.top_k, c.rollout.repetition_penalty) == (50, 1.2)
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         choices = compose("config", overrides=["experiment=qwen3omni_mapo_release"], return_hydra_config=True).hydra.runtime.choices
@@ -157,7 +157,7 @@ def metrics_lines(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("experiment", ["tiny_grpo", "tiny_mapo"])
 def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
     run_dir = tmp_path / experiment
-    proc = run_ok(train_cmd(tiny_env, run_dir, experiment))
+    proc = run_ok(train_cmd(tiny_env, run_dir, experiment, "trainer.export_every=1"))
     train_rows = [r for r in metrics_lines(run_dir) if "reward/mean" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
     for row in train_rows:
@@ -181,6 +181,34 @@ def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
     name = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert exported.state_dict().keys() == initial.state_dict().keys()
     assert not torch.equal(exported.state_dict()[name], initial.state_dict()[name])
+    # exports: float32 (the master weights), one folder per step (trainer.export_every=1), the last one
+    # equal to the final model; the warm-start cache keeps float32 too
+    assert json.loads((run_dir / "final_model" / "config.json").read_text())["dtype"] == "float32"
+    assert {v.dtype for v in exported.state_dict().values() if v.is_floating_point()} == {torch.float32}
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_000001", "step_000002"]
+    at_step_1, _ = load_model_and_processor(run_dir / "exports" / "step_000001")
+    at_step_2, _ = load_model_and_processor(run_dir / "exports" / "step_000002")
+    assert at_step_1.state_dict().keys() == exported.state_dict().keys()
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in at_step_2.state_dict().items())
+    # make export of the last checkpoint: the same weights as the live export; plain transformers reads it
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from mapo.export import main as export_main
+
+    export_main([f"checkpoint={run_dir / 'checkpoints' / 'step_000002'}", f"out={tmp_path / 'exported'}"])
+    ours, _ = load_model_and_processor(tmp_path / "exported")
+    plain = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "exported")  # default dtype: config's
+    for key, tensor in exported.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], tensor) and torch.equal(plain.state_dict()[key], tensor), key
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_main([f"checkpoint={run_dir / 'checkpoints' / 'step_000002'}", f"out={tmp_path / 'exported'}"])
+    from safetensors import safe_open
+
+    caches = list((tiny_env["root"] / "warm").glob("*/model.safetensors"))
+    assert caches
+    for warm in caches:
+        with safe_open(str(warm), "pt") as handle:
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F32"}
 
 
 def test_sft_experiment_lowers_its_loss_and_honours_stop_after(tiny_env, tmp_path):

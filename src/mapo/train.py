@@ -16,7 +16,6 @@ phases live in their own modules: `mapo.phase` (optimizer, schedule, data order,
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import sys
@@ -35,10 +34,13 @@ from mapo.checkpoint import resolve_resume
 from mapo.config import MapoConfig
 from mapo.data.collate import Collator, FeatureCache
 from mapo.distributed import say
-from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate
+from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate, generation_tokens
+from mapo.export import export_dir, export_policy
 from mapo.models.adapter import get_adapter
-from mapo.models.loader import enable_activation_checkpointing, generation_suppressed_token_ids, load_model_and_processor
-from mapo.phase import Phase, set_trainable
+from mapo.models.loader import enable_activation_checkpointing, load_model_and_processor
+from mapo.models.lora import adapters_off, check_lora_config, lora_enabled
+from mapo.phase import Phase, prepare_policy
+from mapo.precision import check_precision_config, frozen_copy, resolve_precision
 from mapo.report import final_table, write_plots
 from mapo.rl import check_mini_batches, rl_step
 from mapo.run_logging import make_logger, write_json_atomic
@@ -74,12 +76,7 @@ def check_reward_config(cfg: MapoConfig) -> None:
 
 
 def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
-    tokenizer = processor.tokenizer
-    kwargs = dict(
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_token_ids=generation_suppressed_token_ids(processor),
-    )
+    kwargs = generation_tokens(processor)  # stop, pad and suppressed ids (shared with mapo.eval)
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs
@@ -91,7 +88,7 @@ def evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx) 
     results = {}
     for split, records in eval_sets.items():
         for condition in conditions:
-            results[f"{split}/{condition}"] = runner(
+            results[f"{split}/{condition}"] = runner.decode(  # weights gathered once per split under FSDP
                 evaluate_split, collator, records, split, condition, seed=cfg.trainer.seed,
                 shard=(ctx.rank, ctx.world_size), gather=lambda items: dist_utils.gather_objects(items, ctx),
                 batch_size=cfg.rollout.eval_batch_size, max_new_tokens=cfg.rollout.max_new_tokens, **gen_kwargs,
@@ -119,6 +116,8 @@ def run(cfg: MapoConfig) -> dict:
     if not isinstance(cfg, MapoConfig):
         cfg = OmegaConf.to_object(cfg)
     check_reward_config(cfg)
+    check_precision_config(cfg.model)
+    check_lora_config(cfg.model.lora)
     ctx = dist_utils.init_distributed(cfg.trainer.device)
     check_mini_batches(cfg, ctx.world_size)
     torch.set_num_threads(cfg.trainer.num_threads)
@@ -134,9 +133,11 @@ def run(cfg: MapoConfig) -> dict:
     train_items = load_split(cfg.data, cfg.data.train)
     eval_sets = {s: evenly_by_task(load_split(cfg.data, f), cfg.data.eval_max_items) for s, f in cfg.data.eval_splits.items()}
 
+    precision = resolve_precision(cfg.model, ctx.device)
+
     def load():
         model, processor = load_model_and_processor(
-            cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation, device=ctx.device
+            cfg.model.path, dtype=precision.master, attn_implementation=cfg.model.attn_implementation, device=ctx.device
         )
         if cfg.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
@@ -145,7 +146,7 @@ def run(cfg: MapoConfig) -> dict:
     model, processor = load()
     collator = Collator(processor, feature_cache=FeatureCache())
     if cfg.trainer.warm_start.enabled and cfg.algo.name != "sft":
-        weights = run_warm_start(cfg, model, collator, train_items, ctx)
+        weights = run_warm_start(cfg, model, collator, train_items, ctx, precision)
         if ctx.enabled:  # FSDP sharded it in place during a fresh warm start
             model, _ = load()
         model.load_state_dict(load_file(str(weights)))
@@ -153,12 +154,18 @@ def run(cfg: MapoConfig) -> dict:
 
     is_sft = cfg.algo.name == "sft"
     needs_ref = not is_sft and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
+    use_lora = lora_enabled(cfg.model.lora)
     ref_runner = None
-    if needs_ref:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-        ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference), ctx)
-    set_trainable(model, cfg, everything=is_sft)
-    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
+    if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
+        reference = frozen_copy(model, precision.frozen)
+        ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference, precision), ctx)
+    prepare_policy(model, cfg, precision, everything=is_sft)
+    # cached audio embeddings are exact only while the tower and projector do not train
+    audio_parts = [get_adapter(model).audio_tower(model), get_adapter(model).audio_projector(model)]
+    audio_input = "recompute" if any(p.requires_grad for part in audio_parts if part is not None for p in part.parameters()) else "cached"
+    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model, precision), ctx)
+    if needs_ref and use_lora:  # the same model with its adapters off: no second copy
+        ref_runner = adapters_off(runner)
     phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items,
                   optimizer_steps_per_step=1 if is_sft else optimizer_steps_per_rollout(cfg.algo))
     resume = resolve_resume(run_dir, cfg.trainer.resume)
@@ -166,8 +173,6 @@ def run(cfg: MapoConfig) -> dict:
         phase.resume(resume, ctx)
         say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
-    # cached audio embeddings are exact only while the tower and projector do not train
-    audio_input = "cached" if cfg.model.freeze_audio_tower and cfg.model.freeze_projector else "recompute"
     gen_kwargs = generation_kwargs(cfg, processor, ctx)
     content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -204,6 +209,8 @@ def run(cfg: MapoConfig) -> dict:
             logger.log(phase.step, eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, ("audio",), ctx), "eval/"))
         if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
+        if cfg.trainer.export_every and phase.step % cfg.trainer.export_every == 0:
+            export_policy(runner, model, processor, export_dir(run_dir, phase.step), ctx, precision.master)
     train_seconds = time.perf_counter() - t_start
     if phase.step > 0:
         phase.save(run_dir, ctx, cfg.trainer.keep_last)
@@ -213,11 +220,8 @@ def run(cfg: MapoConfig) -> dict:
         dist_utils.shutdown(ctx)
         return {"step": phase.step}
 
-    if cfg.trainer.export_final and phase.step > 0:
-        state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
-        if ctx.is_main:  # a folder the common loader reads: make eval ARGS='model.path=<run_dir>/final_model'
-            model.save_pretrained(run_dir / "final_model", state_dict=state)
-            processor.save_pretrained(run_dir / "final_model")
+    if cfg.trainer.export_final and phase.step > 0:  # make eval ARGS='model.path=<run_dir>/final_model'
+        export_policy(runner, model, processor, run_dir / "final_model", ctx, precision.master)
 
     after = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
     final = {"step": phase.step, "train_seconds": train_seconds, **after}

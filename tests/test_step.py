@@ -464,13 +464,15 @@ def test_mini_batches_ratio_is_one_on_the_first_step_only(setup):
 
 
 def test_schedule_counts_optimizer_steps():
-    from types import SimpleNamespace
-
+    from mapo import config as C
     from mapo.optim import lr_multiplier
     from mapo.phase import Phase
 
     layer = torch.nn.Linear(2, 2)
-    cfg = SimpleNamespace(trainer=SimpleNamespace(weight_decay=0.0, betas=[0.9, 0.99], seed=0))
+    cfg = C.MapoConfig(
+        model=C.ModelConfig(), data=C.DataConfig(), rollout=C.RolloutConfig(), algo=C.AlgoConfig(),
+        reward=C.RewardConfig(), trainer=C.TrainerConfig(), logger=C.LoggerConfig(),
+    )
     phase = Phase("rl", None, layer, 1.0, 4, 1, "linear", cfg, [0, 1], optimizer_steps_per_step=3)
     seen = []
     for _ in range(12):  # 4 RL steps × 3 optimizer steps

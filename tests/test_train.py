@@ -50,6 +50,7 @@ def test_experiments_resolve_to_expected_values():
         q = compose_cfg([f"experiment={name}"])
         assert (q.model.master_dtype, q.model.compute_dtype, q.model.frozen_dtype) == ("float32", "auto", "auto") and q.model.gradient_checkpointing and q.model.freeze_audio_tower
         assert q.model.path == "" and not q.model.build_tiny_if_missing
+        assert q.data.name == "avqa_mmau" and list(q.data.eval_splits) == ["mmau_test_mini"]  # real data, splits replaced
         assert q.rollout.group_size == 8 and q.algo.beta == 0.02
     q = compose_cfg(["experiment=qwen2audio_mapo"])
     assert (q.algo.attn.eta, q.algo.attn.kappa, q.algo.mask.tau_base, q.algo.mask.cap) == (0.05, 1.0, 1.0, 5.0)
@@ -297,26 +298,74 @@ def test_sweep_summary_lists_every_run(tiny_env, tmp_path):
 def test_reward_config_needs_accuracy_and_matching_weights():
     from omegaconf import OmegaConf
 
-    from mapo.train import check_reward_config
+    from mapo.preflight import ConfigError, check_config
 
     cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "reward.functions=[format]", "reward.weights=[1.0]"]))
-    with pytest.raises(ValueError, match="must include 'accuracy'"):
-        check_reward_config(cfg)
+    with pytest.raises(ConfigError, match="must include 'accuracy'"):
+        check_config(cfg)
     cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "reward.weights=[1.0]"]))
-    with pytest.raises(ValueError, match="same length"):
-        check_reward_config(cfg)
-    check_reward_config(OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo"])))
+    with pytest.raises(ConfigError, match="same length"):
+        check_config(cfg)
+    check_config(OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo"])))
+
 
 
 def test_mini_batches_must_divide_each_ranks_rows():
-    from mapo.rl import check_mini_batches
+    from mapo.preflight import ConfigError, check_config
 
     cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "algo.mini_batches=3"]))  # 8 prompts × 8 rows
-    with pytest.raises(ValueError, match=r"algo.mini_batches=3 does not divide the 32 rows each rank gets per step"):
-        check_mini_batches(cfg, world_size=2)
+    with pytest.raises(ConfigError, match=r"algo.mini_batches=3: each optimizer step takes 1/k of the 32 rows a rank gets"):
+        check_config(cfg, world_size=2)
     cfg.algo.mini_batches = 4
-    check_mini_batches(cfg, world_size=2)  # 32 rows per rank, 8 per optimizer step
+    check_config(cfg, world_size=2)  # 32 rows per rank, 8 per optimizer step
     cfg.algo.mini_batches = 0
-    with pytest.raises(ValueError, match="must be ≥ 1"):
-        check_mini_batches(cfg, world_size=1)
+    with pytest.raises(ConfigError, match=r"algo.mini_batches=0: too small; valid: ≥ 1"):
+        check_config(cfg, world_size=1)
 
+
+# ----------------------------------------------------------------------------- several machines, clusters
+def make_dry_run(*args: str) -> str:
+    env = dict(os.environ, VIRTUAL_ENV=os.environ.get("VIRTUAL_ENV", sys.prefix))
+    proc = subprocess.run(["make", "-n", *args], cwd=CONF.parent, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_train_spans_nodes_through_torchrun_rendezvous():
+    out = make_dry_run("train", "EXP=qwen2audio_mapo", "NPROC=8", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.1.2.3", "ARGS=model.path=/m")
+    assert ("-m torch.distributed.run --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=10.1.2.3 --master_port=29500 "
+            "-m mapo.train experiment=qwen2audio_mapo model.path=/m") in out
+    assert "--standalone --nproc_per_node=2 -m mapo.train experiment=tiny_mapo" in make_dry_run("train", "NPROC=2")
+    assert "python -m mapo.train experiment=tiny_mapo" in make_dry_run("train")
+    assert "-m mapo.plan experiment=qwen2audio_mapo --nproc=$(( 8 * 2 )) --gpu-gib=80" in make_dry_run("plan", "EXP=qwen2audio_mapo", "NPROC=8", "NNODES=2")
+
+
+def test_sweeps_go_to_a_cluster_through_the_submitit_launcher():
+    out = make_dry_run("sweep", "LAUNCHER=submitit_slurm", "SWEEP=algo.attn.eta=0,0.05")
+    assert "-m mapo.sweep experiment=tiny_mapo hydra/launcher=submitit_slurm algo.attn.eta=0,0.05" in out
+    assert "hydra/launcher" not in make_dry_run("sweep", "SWEEP=algo.attn.eta=0,0.05")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional `cluster` extra is not installed")
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=["experiment=qwen2audio_mapo", "hydra/launcher=submitit_slurm",
+                                           "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
+                                           "hydra.launcher.tasks_per_node=8"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 8, 8)
+    check_override_keys(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"])
+
+
+def test_a_multi_task_submitit_job_gets_torchruns_variables(monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    from mapo.cluster import export_job_environment
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    assert export_job_environment() is False  # not inside a job
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
+           "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for key, value in job.items():
+        monkeypatch.setenv(key, value)
+    assert submitit.JobEnvironment().num_tasks == 16
+    assert export_job_environment() is True
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("9", "16", "1", "gpu07")
+    assert export_job_environment() is False  # torchrun's variables are there now: left alone

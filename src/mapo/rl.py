@@ -18,30 +18,13 @@ from mapo.data.sampler import without_some_audio
 from mapo.phase import Phase
 from mapo.rewards import compute_rewards
 from mapo.rollout import generate_rollout
-from mapo.step import MetricSums, optimizer_steps_per_rollout, prepare_batch, truncated_rows, update_on_rollout
+from mapo.step import MetricSums, prepare_batch, truncated_rows, update_on_rollout
 
 
 def mini_batch_seed(seed: int, step_index: int) -> int:
     """Seed of the mini-batch shuffle of RL step `step_index` (pass p adds p): a function of the config and
     the step alone, so a resumed run splits its rollouts exactly as an uninterrupted one."""
     return seed * 1_000_003 + step_index * 10_007 + 7_777_777
-
-
-def check_mini_batches(cfg: MapoConfig, world_size: int) -> None:
-    """algo.mini_batches must split every rank's rows evenly (checked before any model loads)."""
-    algo = cfg.algo
-    if algo.name == "sft":
-        return
-    optimizer_steps_per_rollout(algo)  # both counts ≥ 1
-    if cfg.rollout.prompts_per_step % world_size:
-        return  # shard_indices reports this one
-    rows = cfg.rollout.prompts_per_step // world_size * cfg.rollout.group_size
-    if rows % algo.mini_batches:
-        raise ValueError(
-            f"algo.mini_batches={algo.mini_batches} does not divide the {rows} rows each rank gets per step "
-            f"(rollout.prompts_per_step={cfg.rollout.prompts_per_step} / {world_size} ranks × "
-            f"rollout.group_size={cfg.rollout.group_size})"
-        )
 
 
 def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input) -> tuple[dict, list]:

@@ -17,6 +17,7 @@ phases live in their own modules: `mapo.phase` (optimizer, schedule, data order,
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -31,6 +32,7 @@ from mapo import distributed as dist_utils
 from mapo.algos.mapo import build_content_vocab_mask
 from mapo.assets import ensure_data, ensure_model, load_split
 from mapo.checkpoint import resolve_resume
+from mapo.cluster import export_job_environment
 from mapo.config import MapoConfig
 from mapo.data.collate import Collator, FeatureCache
 from mapo.distributed import say
@@ -41,8 +43,10 @@ from mapo.models.loader import enable_activation_checkpointing, load_model_and_p
 from mapo.models.lora import adapters_off, check_lora_config, lora_enabled
 from mapo.phase import Phase, prepare_policy
 from mapo.precision import check_precision_config, frozen_copy, resolve_precision
+from mapo.plan import check_memory_at_start
+from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
-from mapo.rl import check_mini_batches, rl_step
+from mapo.rl import rl_step
 from mapo.run_logging import make_logger, write_json_atomic
 from mapo.step import optimizer_steps_per_rollout, uses_ablated_reference, uses_kl_reference
 from mapo.warm_start import run_warm_start, sft_phase
@@ -66,17 +70,34 @@ def resolve_run_dir(cfg: MapoConfig) -> Path:
         return Path("outputs") / cfg.experiment_name / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def check_reward_config(cfg: MapoConfig) -> None:
-    """The accuracy reward must be computed: the MAPO sequence gate and the logs use it."""
-    names, weights = list(cfg.reward.functions), list(cfg.reward.weights)
-    if len(names) != len(weights):
-        raise ValueError(f"reward.functions {names} and reward.weights {weights} must have the same length")
-    if cfg.algo.name != "sft" and "accuracy" not in names:
-        raise ValueError("reward.functions must include 'accuracy' (the MAPO gate uses it; give it weight 0 to keep it out of the reward)")
+def check_before_loading(cfg: MapoConfig, ctx) -> None:
+    """The checks that need the model folder's config.json, then the memory plan (printed; refused on
+    CUDA when it does not fit): before any weights or data are read."""
+    folder = Path(cfg.model.path)
+    config_dict = json.loads((folder / "config.json").read_text())
+    preprocessor = folder / "preprocessor_config.json"
+    check_config(cfg, config_dict, ctx.world_size, json.loads(preprocessor.read_text()) if preprocessor.is_file() else None)
+    check_memory_at_start(cfg, config_dict, ctx)
 
 
-def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
-    kwargs = generation_tokens(processor)  # stop, pad and suppressed ids (shared with mapo.eval)
+def sampling_summary(cfg: MapoConfig, model_path: str | Path) -> str:
+    """The sampling settings rollout uses (from the run config alone), and what of the model folder's
+    generation_config.json is ignored, for the run log."""
+    used = f"temperature={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}"
+    folder_file = Path(model_path) / "generation_config.json"
+    ignored = ""
+    if folder_file.is_file():
+        keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        folder_cfg = json.loads(folder_file.read_text())
+        found = {k: folder_cfg[k] for k in keys if k in folder_cfg}
+        if found:
+            ignored = f"; {folder_file.name} of the model folder ({', '.join(f'{k}={v}' for k, v in found.items())}) is not used"
+    return f"[mapo] sampling: {used} (from the run config){ignored}"
+
+
+def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = None) -> dict:
+    """Rollout and evaluation keywords; `vocab_size` (the LM head's rows) suppresses the rows past the tokenizer."""
+    kwargs = generation_tokens(processor, vocab_size)  # stop, pad and suppressed ids (shared with mapo.eval)
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs
@@ -115,19 +136,23 @@ def run(cfg: MapoConfig) -> dict:
     """Train as configured; returns the final metrics (also written to run_dir/final_metrics.json)."""
     if not isinstance(cfg, MapoConfig):
         cfg = OmegaConf.to_object(cfg)
-    check_reward_config(cfg)
+    export_job_environment()  # a multi-task submitit (SLURM) job: torchrun's variables from the job
+    check_config(cfg, None, int(os.environ.get("WORLD_SIZE", "1")))  # every value, before anything is read
     check_precision_config(cfg.model)
     check_lora_config(cfg.model.lora)
     ctx = dist_utils.init_distributed(cfg.trainer.device)
-    check_mini_batches(cfg, ctx.world_size)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.trainer.seed)
     run_dir = resolve_run_dir(cfg)
     if ctx.is_main:
         if not cfg.model.build_tiny_if_missing:
             ensure_model(cfg.model, cfg.data)  # a wrong model.path fails before any data work
+            check_before_loading(cfg, ctx)  # layers, window, memory plan: before any data work too
         ensure_data(cfg.data, cfg.trainer.seed)
         ensure_model(cfg.model, cfg.data)
+        if cfg.model.build_tiny_if_missing:
+            check_before_loading(cfg, ctx)
+        say(ctx, sampling_summary(cfg, cfg.model.path))
     if ctx.enabled:
         torch.distributed.barrier()
     train_items = load_split(cfg.data, cfg.data.train)
@@ -153,7 +178,8 @@ def run(cfg: MapoConfig) -> dict:
     seed_everything(cfg.trainer.seed)
 
     is_sft = cfg.algo.name == "sft"
-    needs_ref = not is_sft and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
+    # a run that never trains (make eval: trainer.steps=0) never uses a reference
+    needs_ref = not is_sft and cfg.trainer.steps > 0 and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
     use_lora = lora_enabled(cfg.model.lora)
     ref_runner = None
     if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
@@ -173,7 +199,7 @@ def run(cfg: MapoConfig) -> dict:
         phase.resume(resume, ctx)
         say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
-    gen_kwargs = generation_kwargs(cfg, processor, ctx)
+    gen_kwargs = generation_kwargs(cfg, processor, ctx, get_adapter(model).vocab_size(model))
     content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = make_logger(cfg.logger.kind, run_dir, plain_cfg, project=cfg.logger.project,

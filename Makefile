@@ -28,7 +28,7 @@ endif
 TINY_DIR := artifacts/models/tiny-qwen2-audio
 DATA_DIR := artifacts/data/synthetic
 
-.PHONY: install test tiny data check train sweep bench eval clean help
+.PHONY: install test tiny data check train sweep bench eval study clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
@@ -38,6 +38,7 @@ help:
 	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05'           Hydra multirun + summary table"
 	@echo "make eval EXP=qwen2audio_mapo ARGS='model.path=...'          accuracy tables (with / without / shuffled audio) only"
 	@echo "make bench                                                 speed/memory ratios of the fast paths"
+	@echo "make study [ARGS='--settings prior90 --seeds 0']              the collapse study (experiments/collapse_study)"
 
 install: $(STAMP)
 
@@ -81,6 +82,10 @@ eval: install
 
 bench: install
 	$(PY) -m mapo.bench $(ARGS)
+
+# every setting x algorithm x seed from one warm start per setting; tables and plots land in experiments/collapse_study
+study: install
+	$(PY) -m mapo.study --publish experiments/collapse_study $(ARGS)
 
 clean:
 	rm -rf artifacts outputs multirun wandb

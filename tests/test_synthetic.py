@@ -339,7 +339,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         write_benchmark(SyntheticConfig(out_dir=str(tmp_path / name), seed=seed, **TINY))
     a, b, c = (_files(tmp_path / n) for n in "abc")
-    assert len(a) == 3 + 6 * 8  # three manifests, 6 tasks * (4 + 2 + 2) clips
+    assert len(a) == 4 + 6 * 8  # three manifests, benchmark.json, 6 tasks * (4 + 2 + 2) clips
+    assert json.loads(a["benchmark.json"]) == {k: v for k, v in SyntheticConfig(seed=3, **TINY).__dict__.items() if k != "out_dir"}
     assert a == b
     assert a.keys() == c.keys()
     assert a["train.jsonl"] != c["train.jsonl"]

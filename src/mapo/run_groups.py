@@ -240,9 +240,9 @@ def format_mean_std(cell: tuple[float, float, int], digits: int = 3) -> str:
 
 def to_markdown(rows: Sequence[Mapping[str, Any]], by: Sequence[str], metrics: Sequence[str],
                 labels: Mapping[str, str] | None = None, digits: int = 3) -> str:
-    """A Markdown table: group keys, runs, then "mean ± std" per metric (headers from `labels`)."""
+    """A Markdown table: group keys, runs, then "mean ± std" per metric (headers renamed by `labels`)."""
     labels = labels or {}
-    header = [*by, "runs", *(labels.get(m, m) for m in metrics)]
+    header = [*(labels.get(k, k) for k in by), "runs", *(labels.get(m, m) for m in metrics)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [str(row[k]) for k in by] + [str(row["runs"])] + [format_mean_std(row[m], digits) for m in metrics]

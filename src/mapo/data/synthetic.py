@@ -4,6 +4,7 @@
 
     audio/<split>/<task>_<index>.wav     PCM_16 mono, every clip exactly `clip_seconds` long
     train.jsonl, test.jsonl, counter_prior.jsonl   one `Record.to_json()` per line
+    benchmark.json                       the generator settings used (SyntheticConfig without out_dir)
 
 and prints counts, disk size and the blind baselines. Audio paths in the manifests are relative to
 the manifest folder (e.g. "audio/train/pitch_compare_00012.wav").
@@ -46,6 +47,7 @@ config gives byte-identical files, and a task's items do not change when other t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -566,6 +568,11 @@ def write_benchmark(cfg: SyntheticConfig) -> Summary:
         manifest = root / f"{split}.jsonl"
         _write_jsonl(manifest, records)
         total_bytes += manifest.stat().st_size
+    settings = root / "benchmark.json"  # so a later user can tell which options made this folder
+    tmp = settings.with_name(settings.name + ".tmp")
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}  # same bytes wherever written
+    tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, settings)
     durations = {r.id: content_seconds(r) for records in splits.values() for r in records}
     table = baseline_table(splits, lengths, durations)
     counts = {s: dict(Counter(r.task for r in recs)) for s, recs in splits.items()}

@@ -1,0 +1,296 @@
+"""A study: several algorithms × seeds from one shared warm start per setting, then one summary.
+
+`python -m mapo.study [--settings a,b] [--algos grpo,mapo,...] [--seeds 0,1,2] [--out DIR] [-- overrides]`
+(what `make study` runs). A *setting* NAME is two experiment files:
+
+- `conf/experiment/study_NAME_warm.yaml`: the warm start, a supervised (`algo=sft`) run; the generator
+  options of its data folder are in `extra.synthetic` (`mapo.data.synthetic.SyntheticConfig` fields);
+  its exported `final_model/` is the starting point of every RL run;
+- `conf/experiment/study_NAME.yaml`: the RL runs on the same `data.dir`, from that `final_model/`.
+
+The study puts the warm start in `OUT/NAME/warm_start/` (`trainer.run_dir`) and points the RL runs'
+`model.path` at its `final_model/`; the files' own values are those of the default OUT, so
+`make train EXP=study_NAME` works alone after a study.
+
+Both carry `extra.study_setting: NAME`, the key the summary groups by. For each setting, in order
+(every step is skipped when its output exists, so an interrupted study resumes where it stopped):
+
+1. the benchmark: `mapo.data.synthetic` with `extra.synthetic` into `data.dir` (a folder made with other
+   options is refused: its `benchmark.json` must match);
+2. the warm start: `mapo.train experiment=study_NAME_warm` with the `--warm` overrides (its final
+   evaluation is the "before RL" row of the table; all algorithms and seeds start from its weights);
+3. the RL runs: one Hydra multirun `mapo.train --multirun experiment=study_NAME algo=… trainer.seed=…`
+   into `OUT/NAME/runs/<n>/` (a finished run is not trained again: its folder is resumed at its last
+   step, which re-runs only the final evaluation);
+4. the evaluation-time collapse curve of every finished run and of the warm start
+   (`mapo.collapse_curve`, `collapse.json` in each run folder).
+
+Then `OUT/summary.md`, `OUT/summary.csv` (`mapo.run_groups`, grouped by setting and algorithm, mean ±
+std over seeds) and `OUT/plots/<setting>_{accuracy,collapse_counter_prior,collapse_test,collapse_train,
+reward}.png` (`mapo.group_plots`); `--publish DIR` copies the tables and plots there.
+Every run uses `trainer.num_threads=--threads` (default 1) and `logger=none`; overrides after `--` go to
+the RL runs (e.g. `-- trainer.steps=20`), `--warm '...'` to the warm start. Use one OUT per study: its
+runs are numbered by Hydra in sweep order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+DEFAULT_ALGOS = ("grpo", "mapo", "mapo_mask_only", "mapo_attn_only")
+DEFAULT_SEEDS = (0, 1, 2)
+BENCHMARK_FILE = "benchmark.json"
+#: Columns of the study table.
+STUDY_METRICS = (
+    "test/audio/accuracy",
+    "test/no_audio/accuracy",
+    "test/shuffled/accuracy",
+    "counter_prior/audio/accuracy",
+    "counter_prior/no_audio/accuracy",
+    "counter_prior/shuffled/accuracy",
+    "counter_prior/flip_rate",
+    "gap/test_minus_counter_prior",
+    "collapse/counter_prior/q1",
+    "collapse/counter_prior/q4",
+    "collapse/counter_prior/late_minus_early",
+    "train/reward/mean",
+    "train_seconds",
+)
+GROUP_BY = ("extra.study_setting", "algorithm")
+BEFORE_RL = "before RL"  # the label of the warm start's row
+
+
+@dataclass
+class Setting:
+    """What the study needs to know of one setting, read from its two experiment files."""
+
+    name: str
+    data_dir: Path
+    synthetic: dict[str, Any]  # generator options of data_dir (SyntheticConfig fields)
+
+    def warm_dir(self, out: Path) -> Path:
+        """The warm start's run folder; its final_model/ starts every RL run of the setting."""
+        return out / self.name / "warm_start"
+
+    def runs_dir(self, out: Path) -> Path:
+        return out / self.name / "runs"
+
+
+def compose_experiment(name: str, overrides: list[str] = ()) -> Any:
+    """The resolved config of `experiment=name` (plus overrides), as Hydra composes it for mapo.train."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mapo.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=[f"experiment={name}", *overrides])
+
+
+def read_setting(name: str) -> Setting:
+    """Read and cross-check `study_NAME_warm` and `study_NAME`; raise ValueError naming the file and field."""
+    from omegaconf import OmegaConf
+
+    warm_file, rl_file = CONF_DIR / "experiment" / f"study_{name}_warm.yaml", CONF_DIR / "experiment" / f"study_{name}.yaml"
+    for path in (warm_file, rl_file):
+        if not path.is_file():
+            known = sorted(p.stem[len("study_"):] for p in (CONF_DIR / "experiment").glob("study_*.yaml") if not p.stem.endswith("_warm"))
+            raise ValueError(f"{path}: not found; settings with both files: {known}")
+    warm = compose_experiment(f"study_{name}_warm")
+    rl = compose_experiment(f"study_{name}")
+    if warm.algo.name != "sft":
+        raise ValueError(f"{warm_file}: the warm start must be algo=sft, got {warm.algo.name}")
+    for cfg, path in ((warm, warm_file), (rl, rl_file)):
+        if cfg.extra.get("study_setting") != name:
+            raise ValueError(f"{path}: extra.study_setting must be {name!r}, got {cfg.extra.get('study_setting')!r}")
+    if rl.data.dir != warm.data.dir:
+        raise ValueError(f"{rl_file}: data.dir {rl.data.dir!r} differs from the warm start's {warm.data.dir!r}")
+    if rl.trainer.warm_start.enabled or rl.algo.name == "sft":
+        raise ValueError(f"{rl_file}: RL runs start from the shared warm start: trainer.warm_start.enabled must be false and algo not sft")
+    synthetic = OmegaConf.to_container(warm.extra.get("synthetic", {}), resolve=True)
+    return Setting(name, Path(warm.data.dir), dict(synthetic))
+
+
+def ensure_benchmark(setting: Setting, seed: int = 0) -> None:
+    """Write the setting's benchmark unless `data_dir` already holds one made with the same options."""
+    from mapo.data.synthetic import SyntheticConfig, write_benchmark
+
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    unknown = sorted(set(setting.synthetic) - fields)
+    if unknown:
+        raise ValueError(f"study_{setting.name}_warm.yaml: extra.synthetic has unknown fields {unknown}; valid: {sorted(fields)}")
+    config = SyntheticConfig(**{"seed": seed, **setting.synthetic, "out_dir": str(setting.data_dir)})
+    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k != "out_dir"}
+    record = setting.data_dir / BENCHMARK_FILE
+    if (setting.data_dir / "train.jsonl").is_file():
+        if not record.is_file():
+            raise ValueError(f"{setting.data_dir}: holds a benchmark without {BENCHMARK_FILE}; remove the folder or point data.dir elsewhere")
+        found = json.loads(record.read_text())
+        if found != wanted:
+            diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+            raise ValueError(f"{record}: made with other options (found, wanted): {diff}; remove the folder to rebuild")
+        return
+    print(f"[study] {setting.name}: benchmark -> {setting.data_dir} ({setting.synthetic})", flush=True)
+    print(write_benchmark(config).format(), flush=True)
+
+
+def train_command(experiment: str, overrides: list[str], multirun: bool = False) -> list[str]:
+    return [sys.executable, "-m", "mapo.train", *(["--multirun"] if multirun else []), f"experiment={experiment}", *overrides]
+
+
+def run_overrides(threads: int, extra: list[str]) -> list[str]:
+    """Defaults every study run gets (a later `extra` override of the same key wins)."""
+    return [f"trainer.num_threads={threads}", "logger=none", *extra]
+
+
+def warm_command(setting: Setting, out: Path, threads: int, warm_extra: list[str]) -> list[str]:
+    return train_command(f"study_{setting.name}_warm", [*run_overrides(threads, warm_extra), f"trainer.run_dir={setting.warm_dir(out)}"])
+
+
+def rl_multirun_command(setting: Setting, algos: list[str], seeds: list[int], out: Path, threads: int, extra: list[str]) -> list[str]:
+    return train_command(
+        f"study_{setting.name}",
+        [f"algo={','.join(algos)}", f"trainer.seed={','.join(map(str, seeds))}", *run_overrides(threads, extra),
+         f"model.path={setting.warm_dir(out) / 'final_model'}", f"hydra.sweep.dir={setting.runs_dir(out)}"],
+        multirun=True,
+    )
+
+
+def _run(cmd: list[str]) -> None:
+    print("[study] $ " + " ".join(cmd), flush=True)
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise SystemExit(f"[study] failed (exit {code}): {' '.join(cmd)}")
+
+
+def run_setting(setting: Setting, algos: list[str], seeds: list[int], out: Path, threads: int, extra: list[str],
+                warm_extra: list[str]) -> None:
+    from mapo.collapse_curve import COLLAPSE_FILE, collapse_of_run
+
+    ensure_benchmark(setting)
+    if not (setting.warm_dir(out) / "final_model" / "config.json").is_file():
+        _run(warm_command(setting, out, threads, warm_extra))
+    runs_dir = setting.runs_dir(out)
+    done = sorted(runs_dir.glob("*/final_metrics.json")) if runs_dir.is_dir() else []
+    if len(done) < len(algos) * len(seeds):
+        _run(rl_multirun_command(setting, algos, seeds, out, threads, extra))
+    import torch
+
+    torch.set_num_threads(threads)
+    for run_dir in [setting.warm_dir(out), *sorted(p.parent for p in runs_dir.glob("*/final_metrics.json"))]:
+        if not (run_dir / COLLAPSE_FILE).is_file():
+            print(f"[study] collapse curve of {run_dir}", flush=True)
+            collapse_of_run(run_dir)
+
+
+def summarize_study(settings: list[Setting], out: Path, publish: Path | None = None) -> str:
+    """Tables and plots of every finished run of `settings` (warm starts included, as algorithm "sft")."""
+    from mapo.group_plots import write_group_plots
+    from mapo.run_groups import find_runs, group_runs, read_run, summary_rows, to_markdown, write_csv
+
+    all_rows = []
+    for setting in settings:
+        roots = [p for p in (setting.warm_dir(out), setting.runs_dir(out)) if p.is_dir()]
+        runs = [read_run(p) for root in roots for p in find_runs([root])]  # the warm start first
+        runs = [r for r in runs if r.finished]
+        if not runs:
+            continue
+        groups = group_runs(runs, GROUP_BY)
+        for group in groups:  # the warm start's final evaluation is the "before RL" row
+            if group.key[1] == "sft":
+                group.key = (group.key[0], BEFORE_RL)
+        rows = summary_rows(groups, GROUP_BY, STUDY_METRICS)
+        all_rows += rows
+        write_group_plots(groups, out / "plots", prefix=f"{setting.name}_")
+    table = to_markdown(all_rows, GROUP_BY, STUDY_METRICS, labels=SHORT_LABELS)
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    write_csv(all_rows, GROUP_BY, STUDY_METRICS, out / "summary.csv")
+    if publish is not None:
+        publish.mkdir(parents=True, exist_ok=True)
+        for name in ("summary.md", "summary.csv"):
+            shutil.copy2(out / name, publish / name)
+        (publish / "plots").mkdir(exist_ok=True)
+        for png in (out / "plots").glob("*.png"):
+            shutil.copy2(png, publish / "plots" / png.name)
+    return table
+
+
+SHORT_LABELS = {
+    "extra.study_setting": "setting",
+    "test/audio/accuracy": "test",
+    "test/no_audio/accuracy": "test, no audio",
+    "test/shuffled/accuracy": "test, shuffled",
+    "counter_prior/audio/accuracy": "counter_prior",
+    "counter_prior/no_audio/accuracy": "cp, no audio",
+    "counter_prior/shuffled/accuracy": "cp, shuffled",
+    "counter_prior/flip_rate": "cp flip rate",
+    "gap/test_minus_counter_prior": "test − cp",
+    "collapse/counter_prior/q1": "cp mass q1",
+    "collapse/counter_prior/q4": "cp mass q4",
+    "collapse/counter_prior/late_minus_early": "cp mass q4−q1",
+    "train/reward/mean": "reward (last 20)",
+    "train_seconds": "train s",
+}
+
+
+def all_settings() -> list[str]:
+    return sorted(p.stem[len("study_"):] for p in (CONF_DIR / "experiment").glob("study_*.yaml")
+                  if not p.stem.endswith("_warm") and (CONF_DIR / "experiment" / f"{p.stem}_warm.yaml").is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(prog="python -m mapo.study", description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(all_settings()), help="comma-separated setting names (default: all)")
+    parser.add_argument("--algos", default=",".join(DEFAULT_ALGOS), help="conf/algo choices")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="trainer.seed values")
+    parser.add_argument("--out", type=Path, default=Path("artifacts/study"), help="study folder")
+    parser.add_argument("--threads", type=int, default=1, help="trainer.num_threads of every run")
+    parser.add_argument("--publish", type=Path, default=None, help="copy summary.md/csv and plots/ here")
+    parser.add_argument("--warm", default="", help="space-separated overrides of the warm-start runs")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild the tables and plots")
+    args = parser.parse_args(argv)
+    from mapo.config import check_override_keys
+
+    warm_extra = args.warm.split()
+    check_override_keys(extra + warm_extra)
+    if any(o.lstrip("+").startswith("data.dir=") for o in extra + warm_extra):
+        print("error: data.dir belongs to the setting's experiment files (it must match extra.synthetic)", file=sys.stderr)
+        return 2
+    names = [s for s in args.settings.split(",") if s]
+    algos = [a for a in args.algos.split(",") if a]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    try:
+        settings = [read_setting(n) for n in names]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    if not args.summary_only:
+        for setting in settings:
+            t_setting = time.perf_counter()
+            run_setting(setting, algos, seeds, args.out, args.threads, extra, warm_extra)
+            print(f"[study] {setting.name}: {time.perf_counter() - t_setting:.0f} s", flush=True)
+    print(summarize_study(settings, args.out, args.publish))
+    print(f"[study] {args.out / 'summary.md'}  plots: {args.out / 'plots'}  wall {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

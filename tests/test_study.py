@@ -39,7 +39,18 @@ def test_commands_share_one_warm_start():
     rl = rl_multirun_command(setting, ["grpo", "mapo"], [0, 1, 2], out, threads=2, extra=["trainer.steps=20"])
     assert rl[3:] == ["--multirun", "experiment=study_prior90", "algo=grpo,mapo", "trainer.seed=0,1,2",
                       "trainer.num_threads=2", "logger=none", "trainer.steps=20",
-                      "model.path=runs/s/prior90/warm_start/final_model", "hydra.sweep.dir=runs/s/prior90/runs"]
+                      "model.path=runs/s/prior90/warm_start/final_model", "hydra.sweep.dir=runs/s/prior90/runs",
+                      "hydra.sweep.subdir=${hydra.runtime.choices.algo}_seed${trainer.seed}"]
+
+
+def test_missing_runs_are_the_unfinished_ones(tmp_path):
+    for name in ("grpo_seed0", "grpo_seed1", "mapo_seed1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "final_metrics.json").write_text("{}")
+    (tmp_path / "mapo_seed0").mkdir()  # started, not finished
+    assert study.missing_runs(tmp_path, ["grpo", "mapo"], [0, 1]) == {"mapo": [0]}
+    assert study.missing_runs(tmp_path, ["grpo", "mapo"], [0, 1, 2]) == {"grpo": [2], "mapo": [0, 2]}
+    assert study.missing_runs(tmp_path, ["grpo"], [0, 1]) == {}
 
 
 def test_benchmark_is_written_once_and_a_foreign_folder_is_refused(tmp_path):
@@ -75,7 +86,7 @@ def test_summary_has_a_before_rl_row_and_publishes(tmp_path):
     grpo = {"name": "grpo", "mask": {"enabled": False}, "attn": {"eta": 0.0}}
     _run(setting.warm_dir(out), "study_prior90_warm", sft, 0.5)
     for seed, cp in enumerate([0.6, 0.7, 0.8]):
-        _run(setting.runs_dir(out) / str(seed), "study_prior90", grpo, cp, seed)
+        _run(setting.runs_dir(out) / f"grpo_seed{seed}", "study_prior90", grpo, cp, seed)
     table = summarize_study([setting], out, publish=tmp_path / "pub")
     lines = table.splitlines()
     assert lines[0].startswith("| setting | algorithm | runs | test | test, no audio |")

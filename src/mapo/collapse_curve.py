@@ -111,12 +111,13 @@ def _run_config(run_dir: Path) -> dict:
     return json.loads(path.read_text())["config"]
 
 
-def collapse_of_run(run_dir: str | Path, *, n_bins: int = QUARTERS, splits: Sequence[str] | None = None) -> dict:
+def collapse_of_run(run_dir: str | Path, *, n_bins: int = QUARTERS, splits: Sequence[str] | None = None,
+                    layers: Sequence[int] | None = None) -> dict:
     """Compute and write `<run_dir>/collapse.json` for the run's final policy; returns its content.
 
     The data folder, eval splits and item cap, the length cap, eval batch size and captured layers
-    come from the run's own config.json, so the curve describes the same completions as the run's
-    final accuracy table.
+    (unless `layers` is given) come from the run's own config.json, so the curve describes the same
+    completions as the run's final accuracy table.
     """
     from mapo.assets import load_split
     from mapo.config import DataConfig
@@ -134,7 +135,7 @@ def collapse_of_run(run_dir: str | Path, *, n_bins: int = QUARTERS, splits: Sequ
     model, processor = load_model_and_processor(model_dir, attn_implementation="sdpa")
     collator = Collator(processor, feature_cache=FeatureCache())
     tokenizer = processor.tokenizer
-    layers = list(cfg["algo"]["attn"]["layers"])
+    layers = list(cfg["algo"]["attn"]["layers"] if layers is None else layers)
     out = {"bins": n_bins, "layers": layers, "splits": {}}
     for split in chosen:
         records = evenly_by_task(load_split(data, data.eval_splits[split]), data.eval_max_items)
@@ -153,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="finished run folders (with final_model/ and config.json)")
     parser.add_argument("--bins", type=int, default=QUARTERS, help="relative-position bins (default 4: quarters)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--layers", default=None, help="decoder layers, e.g. -2,-1 (default: the run's algo.attn.layers)")
     parser.add_argument("--skip-done", action="store_true", help="leave runs that already hold collapse.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
     failed = 0
     for run_dir in args.run_dirs:
         if args.skip_done and (run_dir / COLLAPSE_FILE).is_file():
             continue
         try:
-            result = collapse_of_run(run_dir, n_bins=args.bins)
+            result = collapse_of_run(run_dir, n_bins=args.bins, layers=layers)
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1

@@ -20,8 +20,9 @@ Both carry `extra.study_setting: NAME`, the key the summary groups by. For each 
 2. the warm start: `mapo.train experiment=study_NAME_warm` with the `--warm` overrides (its final
    evaluation is the "before RL" row of the table; all algorithms and seeds start from its weights);
 3. the RL runs: one Hydra multirun `mapo.train --multirun experiment=study_NAME algo=… trainer.seed=…`
-   into `OUT/NAME/runs/<n>/` (a finished run is not trained again: its folder is resumed at its last
-   step, which re-runs only the final evaluation);
+   into `OUT/NAME/runs/<algo>_seed<seed>/`; after an interruption only the runs without
+   final_metrics.json run again (one multirun per algorithm, over its missing seeds), each resuming
+   from its last checkpoint;
 4. the evaluation-time collapse curve of every finished run and of the warm start
    (`mapo.collapse_curve`, `collapse.json` in each run folder).
 
@@ -29,8 +30,8 @@ Then `OUT/summary.md`, `OUT/summary.csv` (`mapo.run_groups`, grouped by setting 
 std over seeds) and `OUT/plots/<setting>_{accuracy,collapse_counter_prior,collapse_test,collapse_train,
 reward}.png` (`mapo.group_plots`); `--publish DIR` copies the tables and plots there.
 Every run uses `trainer.num_threads=--threads` (default 1) and `logger=none`; overrides after `--` go to
-the RL runs (e.g. `-- trainer.steps=20`), `--warm '...'` to the warm start. Use one OUT per study: its
-runs are numbered by Hydra in sweep order.
+the RL runs (e.g. `-- trainer.steps=20`), `--warm '...'` to the warm start. Use one OUT per set of
+overrides: a finished run folder is never trained again.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -159,18 +161,43 @@ def warm_command(setting: Setting, out: Path, threads: int, warm_extra: list[str
     return train_command(f"study_{setting.name}_warm", [*run_overrides(threads, warm_extra), f"trainer.run_dir={setting.warm_dir(out)}"])
 
 
+#: Run folder of one RL run inside the setting's runs/ folder (Hydra resolves it per job).
+RUN_SUBDIR = "${hydra.runtime.choices.algo}_seed${trainer.seed}"
+
+
+def run_name(algo: str, seed: int) -> str:
+    return f"{algo}_seed{seed}"
+
+
 def rl_multirun_command(setting: Setting, algos: list[str], seeds: list[int], out: Path, threads: int, extra: list[str]) -> list[str]:
     return train_command(
         f"study_{setting.name}",
         [f"algo={','.join(algos)}", f"trainer.seed={','.join(map(str, seeds))}", *run_overrides(threads, extra),
-         f"model.path={setting.warm_dir(out) / 'final_model'}", f"hydra.sweep.dir={setting.runs_dir(out)}"],
+         f"model.path={setting.warm_dir(out) / 'final_model'}", f"hydra.sweep.dir={setting.runs_dir(out)}",
+         f"hydra.sweep.subdir={RUN_SUBDIR}"],
         multirun=True,
     )
 
 
+def missing_runs(runs_dir: Path, algos: list[str], seeds: list[int]) -> dict[str, list[int]]:
+    """{algo: seeds} of the runs without final_metrics.json, in the given order (empty when all are done)."""
+    missing: dict[str, list[int]] = {}
+    for algo in algos:
+        todo = [s for s in seeds if not (runs_dir / run_name(algo, s) / "final_metrics.json").is_file()]
+        if todo:
+            missing[algo] = todo
+    return missing
+
+
 def _run(cmd: list[str]) -> None:
+    """Run `cmd`; print its wall and CPU seconds (on a shared machine CPU seconds, with one thread per
+    run, are what the same command takes with the machine to itself)."""
     print("[study] $ " + " ".join(cmd), flush=True)
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     code = subprocess.call(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"[study] wall {time.perf_counter() - t0:.0f} s, CPU {cpu:.0f} s: {cmd[3] if len(cmd) > 3 else cmd}", flush=True)
     if code != 0:
         raise SystemExit(f"[study] failed (exit {code}): {' '.join(cmd)}")
 
@@ -183,13 +210,17 @@ def run_setting(setting: Setting, algos: list[str], seeds: list[int], out: Path,
     if not (setting.warm_dir(out) / "final_model" / "config.json").is_file():
         _run(warm_command(setting, out, threads, warm_extra))
     runs_dir = setting.runs_dir(out)
-    done = sorted(runs_dir.glob("*/final_metrics.json")) if runs_dir.is_dir() else []
-    if len(done) < len(algos) * len(seeds):
+    missing = missing_runs(runs_dir, algos, seeds)
+    if missing == {a: seeds for a in algos}:
         _run(rl_multirun_command(setting, algos, seeds, out, threads, extra))
+    else:
+        for algo, todo in missing.items():
+            _run(rl_multirun_command(setting, [algo], todo, out, threads, extra))
     import torch
 
     torch.set_num_threads(threads)
-    for run_dir in [setting.warm_dir(out), *sorted(p.parent for p in runs_dir.glob("*/final_metrics.json"))]:
+    finished = [runs_dir / run_name(a, s) for a in algos for s in seeds if (runs_dir / run_name(a, s) / "final_metrics.json").is_file()]
+    for run_dir in [setting.warm_dir(out), *finished]:
         if not (run_dir / COLLAPSE_FILE).is_file():
             print(f"[study] collapse curve of {run_dir}", flush=True)
             collapse_of_run(run_dir)

@@ -29,6 +29,20 @@ def test_every_study_setting_reads_and_is_consistent():
         read_setting("nope")
 
 
+def test_a_warm_start_evaluated_differently_is_refused(monkeypatch):
+    real = study.compose_experiment
+
+    def composed(name, overrides=()):
+        cfg = real(name, overrides)
+        if name.endswith("_warm"):
+            cfg.rollout.max_new_tokens = 7
+        return cfg
+
+    monkeypatch.setattr(study, "compose_experiment", composed)
+    with pytest.raises(ValueError, match=r"study_prior90.yaml: rollout.max_new_tokens 40 differs from the warm start's 7"):
+        read_setting("prior90")
+
+
 def test_commands_share_one_warm_start():
     setting = Setting("prior90", Path("artifacts/data/study_prior90"), {"prior_strength": 0.9})
     out = Path("runs/s")

@@ -117,8 +117,11 @@ def read_setting(name: str) -> Setting:
     for cfg, path in ((warm, warm_file), (rl, rl_file)):
         if cfg.extra.get("study_setting") != name:
             raise ValueError(f"{path}: extra.study_setting must be {name!r}, got {cfg.extra.get('study_setting')!r}")
-    if rl.data.dir != warm.data.dir:
-        raise ValueError(f"{rl_file}: data.dir {rl.data.dir!r} differs from the warm start's {warm.data.dir!r}")
+    # the warm start's final evaluation is the "before RL" row: same data, items and length cap as "after"
+    for key in ("data.dir", "data.eval_splits", "data.eval_max_items", "rollout.max_new_tokens", "rollout.eval_batch_size"):
+        group, field = key.split(".")
+        if rl[group][field] != warm[group][field]:
+            raise ValueError(f"{rl_file}: {key} {rl[group][field]!r} differs from the warm start's {warm[group][field]!r} ({warm_file.name})")
     if rl.trainer.warm_start.enabled or rl.algo.name == "sft":
         raise ValueError(f"{rl_file}: RL runs start from the shared warm start: trainer.warm_start.enabled must be false and algo not sft")
     synthetic = OmegaConf.to_container(warm.extra.get("synthetic", {}), resolve=True)

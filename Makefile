@@ -83,9 +83,10 @@ eval: install
 bench: install
 	$(PY) -m mapo.bench $(ARGS)
 
-# every setting x algorithm x seed from one warm start per setting; tables and plots land in experiments/collapse_study
+# every setting x algorithm x seed from one warm start per setting (two settings side by side, one
+# thread each); tables and plots land in experiments/collapse_study
 study: install
-	$(PY) -m mapo.study --publish experiments/collapse_study $(ARGS)
+	$(PY) -m mapo.study --jobs 2 --publish experiments/collapse_study $(ARGS)
 
 clean:
 	rm -rf artifacts outputs multirun wandb

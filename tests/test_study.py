@@ -115,3 +115,10 @@ def test_summary_has_a_before_rl_row_and_publishes(tmp_path):
 def test_cli_refuses_a_data_dir_override(capsys):
     assert study.main(["--settings", "prior90", "--", "data.dir=/elsewhere"]) == 2
     assert "data.dir belongs to the setting" in capsys.readouterr().err
+
+
+def test_a_worker_gets_its_setting_and_the_rest_of_the_arguments():
+    cmd = study.worker_command("filler90", ["--settings", "prior90,filler90", "--jobs=2", "--seeds", "0", "--publish", "x",
+                                            "--warm", "trainer.steps=5"], ["trainer.steps=3"])
+    assert cmd[1:] == ["-m", "mapo.study", "--settings", "filler90", "--no-summary", "--seeds", "0", "--warm", "trainer.steps=5",
+                       "--", "trainer.steps=3"]

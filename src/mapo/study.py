@@ -29,7 +29,9 @@ Both carry `extra.study_setting: NAME`, the key the summary groups by. For each 
 Then `OUT/summary.md`, `OUT/summary.csv` (`mapo.run_groups`, grouped by setting and algorithm, mean ±
 std over seeds) and `OUT/plots/<setting>_{accuracy,collapse_counter_prior,collapse_test,collapse_train,
 reward}.png` (`mapo.group_plots`); `--publish DIR` copies the tables and plots there.
-Every run uses `trainer.num_threads=--threads` (default 1) and `logger=none`; overrides after `--` go to
+`--jobs 2` runs two settings side by side (one process each, logging to OUT/<name>/study.log): on a
+2-core machine with one thread per run that halves the wall time. Every run uses
+`trainer.num_threads=--threads` (default 1) and `logger=none`; overrides after `--` go to
 the RL runs (e.g. `-- trainer.steps=20`), `--warm '...'` to the warm start. Use one OUT per set of
 overrides: a finished run folder is never trained again.
 """
@@ -279,6 +281,45 @@ SHORT_LABELS = {
 }
 
 
+def worker_command(name: str, argv: list[str], extra: list[str]) -> list[str]:
+    """`python -m mapo.study` for one setting, without the summary (the parent writes it)."""
+    kept, skip = [], False
+    for arg in argv:  # drop --settings/--jobs/--publish (and their values): the worker gets its own
+        if skip:
+            skip = False
+            continue
+        if arg in ("--settings", "--jobs", "--publish"):
+            skip = True
+            continue
+        if arg.startswith(("--settings=", "--jobs=", "--publish=")):
+            continue
+        kept.append(arg)
+    return [sys.executable, "-m", "mapo.study", "--settings", name, "--no-summary", *kept, *(["--", *extra] if extra else [])]
+
+
+def run_workers(names: list[str], argv: list[str], extra: list[str], out: Path, jobs: int) -> None:
+    """Run one worker process per setting, at most `jobs` at a time; each logs to OUT/<name>/study.log."""
+    pending, running = list(names), []
+    failed = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            log = out / name / "study.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = worker_command(name, argv, extra)
+            print(f"[study] {name}: {' '.join(cmd)}  (log: {log})", flush=True)
+            running.append((name, subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT)))
+        time.sleep(5)
+        for name, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((name, proc))
+                print(f"[study] {name}: finished (exit {proc.returncode})", flush=True)
+                if proc.returncode != 0:
+                    failed.append(name)
+    if failed:
+        raise SystemExit(f"[study] settings failed: {failed} (see OUT/<name>/study.log)")
+
+
 def all_settings() -> list[str]:
     return sorted(p.stem[len("study_"):] for p in (CONF_DIR / "experiment").glob("study_*.yaml")
                   if not p.stem.endswith("_warm") and (CONF_DIR / "experiment" / f"{p.stem}_warm.yaml").is_file())
@@ -298,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="trainer.num_threads of every run")
     parser.add_argument("--publish", type=Path, default=None, help="copy summary.md/csv and plots/ here")
     parser.add_argument("--warm", default="", help="space-separated overrides of the warm-start runs")
+    parser.add_argument("--jobs", type=int, default=1, help="settings run side by side (each one process, --threads threads)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the tables and plots")
+    parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     args = parser.parse_args(argv)
     from mapo.config import check_override_keys
 
@@ -316,11 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    if not args.summary_only:
+    if not args.summary_only and args.jobs > 1 and len(settings) > 1:
+        worker = [a for a in argv if a not in ("--no-summary",)]
+        run_workers([s.name for s in settings], worker, extra, args.out, args.jobs)
+    elif not args.summary_only:
         for setting in settings:
             t_setting = time.perf_counter()
             run_setting(setting, algos, seeds, args.out, args.threads, extra, warm_extra)
             print(f"[study] {setting.name}: {time.perf_counter() - t_setting:.0f} s", flush=True)
+    if args.no_summary:
+        return 0
     print(summarize_study(settings, args.out, args.publish))
     print(f"[study] {args.out / 'summary.md'}  plots: {args.out / 'plots'}  wall {time.perf_counter() - t0:.0f} s")
     return 0

@@ -106,6 +106,7 @@ def test_run_metrics_derive_gap_tail_and_collapse(study):
 def test_groups_over_seeds_give_mean_and_std(study):
     runs = [read_run(p) for p in find_runs([study])]
     assert len(runs) == 7
+    assert find_runs([study, study / "0"]) == find_runs([study])  # reached twice, listed once
     finished = [r for r in runs if r.finished]
     groups = group_runs(finished, ["experiment_name", "algorithm"])
     assert [(g.key, len(g.runs)) for g in groups] == [

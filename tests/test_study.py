@@ -122,3 +122,17 @@ def test_a_worker_gets_its_setting_and_the_rest_of_the_arguments():
                                             "--warm", "trainer.steps=5"], ["trainer.steps=3"])
     assert cmd[1:] == ["-m", "mapo.study", "--settings", "filler90", "--no-summary", "--seeds", "0", "--warm", "trainer.steps=5",
                        "--", "trainer.steps=3"]
+
+
+def test_a_variant_links_the_finished_warm_start(tmp_path):
+    setting = Setting("prior90", Path("unused"), {})
+    base, variant = tmp_path / "study", tmp_path / "eta"
+    with pytest.raises(SystemExit, match="holds no finished warm start"):
+        study.link_warm_start(setting, variant, base)
+    (setting.warm_dir(base) / "final_model").mkdir(parents=True)
+    (setting.warm_dir(base) / "final_model" / "config.json").write_text("{}")
+    study.link_warm_start(setting, variant, base)
+    study.link_warm_start(setting, variant, base)  # linked already: nothing to do
+    assert setting.warm_dir(variant).resolve() == setting.warm_dir(base).resolve()
+    with pytest.raises(SystemExit, match="exists already"):
+        study.link_warm_start(setting, base, variant)

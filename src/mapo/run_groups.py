@@ -116,7 +116,8 @@ def read_run(run_dir: str | Path) -> Run:
 
 
 def find_runs(roots: Iterable[str | Path]) -> list[Path]:
-    """Every folder at or under `roots` that holds a config.json and a metrics.jsonl, sorted by path."""
+    """Every folder at or under `roots` that holds a config.json and a metrics.jsonl, sorted by path
+    (a folder reached twice, e.g. as a root and through a link, is listed once)."""
     found: set[Path] = set()
     for root in map(Path, roots):
         if not root.exists():
@@ -124,7 +125,10 @@ def find_runs(roots: Iterable[str | Path]) -> list[Path]:
         for marker in [root / "config.json", *root.rglob("config.json")]:
             if marker.is_file() and (marker.parent / "metrics.jsonl").is_file():
                 found.add(marker.parent)
-    return sorted(found)
+    unique: dict[Path, Path] = {}  # a folder reached twice (e.g. through a link) counts once
+    for path in sorted(found):
+        unique.setdefault(path.resolve(), path)
+    return sorted(unique.values())
 
 
 # ------------------------------------------------------------------------------------------ labels

@@ -33,7 +33,8 @@ reward}.png` (`mapo.group_plots`); `--publish DIR` copies the tables and plots t
 2-core machine with one thread per run that halves the wall time. Every run uses
 `trainer.num_threads=--threads` (default 1) and `logger=none`; overrides after `--` go to
 the RL runs (e.g. `-- trainer.steps=20`), `--warm '...'` to the warm start. Use one OUT per set of
-overrides: a finished run folder is never trained again.
+overrides: a finished run folder is never trained again. A variant of a finished study (e.g.
+`--algos mapo -- algo.attn.eta=0.5`) starts from its warm starts with `--warm-from THAT_OUT`.
 """
 
 from __future__ import annotations
@@ -195,11 +196,28 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"[study] failed (exit {code}): {' '.join(cmd)}")
 
 
+def link_warm_start(setting: Setting, out: Path, warm_from: Path) -> None:
+    """Make OUT/NAME/warm_start a link to WARM_FROM/NAME/warm_start (a variant of a finished study
+    starts from the very same weights); refuse when OUT already has another warm start."""
+    source = setting.warm_dir(warm_from).resolve()
+    if not (source / "final_model" / "config.json").is_file():
+        raise SystemExit(f"[study] --warm-from: {source} holds no finished warm start (final_model/)")
+    target = setting.warm_dir(out)
+    if target.is_symlink() and target.resolve() == source:
+        return
+    if target.exists() or target.is_symlink():
+        raise SystemExit(f"[study] --warm-from: {target} exists already; use a new --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source, target_is_directory=True)
+
+
 def run_setting(setting: Setting, algos: list[str], seeds: list[int], out: Path, threads: int, extra: list[str],
-                warm_extra: list[str]) -> None:
+                warm_extra: list[str], warm_from: Path | None = None) -> None:
     from mapo.collapse_curve import COLLAPSE_FILE, collapse_of_run
 
     ensure_benchmark(setting)
+    if warm_from is not None:
+        link_warm_start(setting, out, warm_from)
     if not (setting.warm_dir(out) / "final_model" / "config.json").is_file():
         _run(warm_command(setting, out, threads, warm_extra))
     runs_dir = setting.runs_dir(out)
@@ -327,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="trainer.num_threads of every run")
     parser.add_argument("--publish", type=Path, default=None, help="copy summary.md/csv and plots/ here")
     parser.add_argument("--warm", default="", help="space-separated overrides of the warm-start runs")
+    parser.add_argument("--warm-from", type=Path, default=None, help="reuse the warm starts of this study folder (linked)")
     parser.add_argument("--jobs", type=int, default=1, help="settings run side by side (each one process, --threads threads)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
@@ -353,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.summary_only:
         for setting in settings:
             t_setting = time.perf_counter()
-            run_setting(setting, algos, seeds, args.out, args.threads, extra, warm_extra)
+            run_setting(setting, algos, seeds, args.out, args.threads, extra, warm_extra, args.warm_from)
             print(f"[study] {setting.name}: {time.perf_counter() - t_setting:.0f} s", flush=True)
     if args.no_summary:
         return 0

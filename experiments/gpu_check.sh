@@ -20,8 +20,16 @@ python3 -m mapo.models.tiny out_dir=$MAPO_ARTIFACTS/models/tiny-qwen2-audio corp
 timeout 100 python3 -m mapo.bench 2>&1 | tee "$OUT/bench.txt"
 echo "== MAPO step at Qwen2-Audio-7B widths (4+4 layers, 30 s audio, 4 prompts x G=8, 128 new tokens)"
 timeout 150 python3 experiments/scale_step.py 2>&1 | tail -25 | tee "$OUT/scale_step.txt"
+echo "== one MAPO step, full-depth Qwen2-Audio-7B widths, 4 prompts x G=8 x 512 new tokens, 30 s clips, plan vs measured"
+timeout 240 python3 experiments/gpu/full_step.py 2>&1 | tail -40 | tee "$OUT/full_step.txt"
 echo "== tiny_mapo on cuda (short)"
 timeout 120 python3 -m mapo.train experiment=tiny_mapo logger=none trainer.device=cuda \
   model.path=$MAPO_ARTIFACTS/models/tiny-qwen2-audio data.dir=$MAPO_ARTIFACTS/data/synthetic \
   trainer.warm_start.cache_dir=$MAPO_ARTIFACTS/warm trainer.warm_start.steps=60 trainer.steps=10 \
   data.eval_max_items=24 trainer.run_dir=$MAPO_ARTIFACTS/run 2>&1 | grep -v "it/s\]" | tail -15 | tee "$OUT/train.txt"
+echo "== mapo.eval on cuda (bf16): MMAU fixture, all conditions, collapse diagnostics"
+timeout 120 python3 -m mapo.eval --model $MAPO_ARTIFACTS/models/tiny-qwen2-audio --data tests/fixtures/mmau/mmau-test-mini.json \
+  --out "$OUT/eval" --conditions all --collapse --max-new-tokens 32 --device cuda --no-progress 2>&1 | tail -4 | tee "$OUT/eval.txt"
+python3 -c "import json; s=json.load(open('$OUT/eval/summary.json')); c=json.load(open('$OUT/eval/collapse.json')); \
+print('dtype', s['options']['dtype'], 'flip', s['flip_rate'], 'audio mass by decile', [None if v is None else round(v, 3) for v in c['audio']['audio_mass']])" \
+  | tee -a "$OUT/eval.txt"

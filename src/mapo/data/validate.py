@@ -138,6 +138,10 @@ def _json_array_rows(text: str, path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _rows(path: Path) -> list[tuple[int, Any]]:
+    if path.suffix.lower() == ".parquet":  # Hugging Face layout, audio embedded (mapo.data.parquet)
+        from mapo.data.parquet import parquet_rows
+
+        return parquet_rows(path)
     text = _read_text(path)
     first = _WHITESPACE.match(text, 0).end()
     if text.startswith("[", first) and path.suffix.lower() not in (".jsonl", ".ndjson"):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapo.collapse_curve import position_bin_sums
 from mapo.group_plots import accuracy_bars, collapse_curves, moving_average, step_curves, write_group_plots
 from mapo.run_groups import (
     algorithm_label,
@@ -190,13 +189,64 @@ def test_cli_prints_the_table_and_writes_plots(study, tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
 
 
-def test_position_bins_follow_the_training_rule():
-    # row 0: 4 valid tokens -> bins 0, 1, 2, 3; row 1: 2 valid tokens (right-padded) -> bins 0 and 2
-    # (floor(k·4/2)); row 2: 5 tokens -> floor(k·4/5) = 0, 0, 1, 2, 3.
-    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0], [10.0, 20.0, 99.0, 99.0, 99.0], [1.0, 1.0, 2.0, 3.0, 4.0]])
-    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
-    sums, counts = position_bin_sums(values, mask, 4)
-    assert counts.tolist() == [4, 2, 3, 2]
-    assert sums.tolist() == [1 + 10 + 1 + 1, 2 + 2, 3 + 20 + 3, 4 + 4]
-    with pytest.raises(ValueError, match="differ"):
-        position_bin_sums(values, mask[:, :4], 4)
+def _finished_run(tiny_env, run_dir: Path) -> Path:
+    """A run folder whose final_model is the tiny model, with the config keys collapse_of_run reads."""
+    import shutil
+
+    shutil.copytree(tiny_env["model"], run_dir / "final_model")
+    config = {"data": {"dir": str(tiny_env["data"]), "train": "train.jsonl", "eval_max_items": 6,
+                       "eval_splits": {"test": "test.jsonl", "counter_prior": "counter_prior.jsonl"}},
+              "rollout": {"eval_batch_size": 4, "max_new_tokens": 8, "temperature": 1.0},
+              "algo": {"attn": {"layers": [-2, -1]}}}
+    (run_dir / "config.json").write_text(json.dumps({"config": config}))
+    return run_dir
+
+
+def _reference_mass(model_dir: Path, data_dir: Path, split: str, layers) -> tuple[float, int]:
+    """Mean audio mass over every greedy completion token of the split's 6 items, computed directly."""
+    from mapo.assets import load_split
+    from mapo.capture import capture_audio_attention, completion_mass
+    from mapo.config import DataConfig
+    from mapo.data.collate import Collator, FeatureCache
+    from mapo.evaluate import evenly_by_task, generation_tokens
+    from mapo.models.loader import load_model_and_processor
+    from mapo.rollout import generate_rollout
+    from mapo.scoring import score_tokens
+
+    model, processor = load_model_and_processor(model_dir)
+    records = evenly_by_task(load_split(DataConfig(dir=str(data_dir)), f"{split}.jsonl"), 6)
+    collator = Collator(processor, feature_cache=FeatureCache())
+    tokens = generation_tokens(processor)
+    total, count = 0.0, 0
+    for start in range(0, len(records), 4):
+        rollout = generate_rollout(model, collator.prompts(records[start : start + 4]), group_size=1, max_new_tokens=8,
+                                   do_sample=False, **tokens)
+        with torch.no_grad(), capture_audio_attention(model, rollout.audio_mask, layers=tuple(layers)) as cap:
+            score_tokens(model, rollout, audio="cached")
+            mass = completion_mass(cap.mass, rollout.prompt_len, rollout.completion_ids.shape[1])
+        mask = rollout.completion_mask.bool()
+        total += float(mass[mask].sum())
+        count += int(mask.sum())
+    return total / count, count
+
+
+def test_collapse_curve_of_a_run_pools_the_captured_mass(tiny_env, tmp_path):
+    from mapo.collapse_curve import collapse_of_run, main as collapse_main
+
+    run = _finished_run(tiny_env, tmp_path / "run")
+    assert collapse_main([str(run), "--threads", "1"]) == 0
+    written = json.loads((run / "collapse.json").read_text())
+    assert written["bins"] == 4 and written["layers"] == [-2, -1] and set(written["splits"]) == {"test", "counter_prior"}
+    curve = written["splits"]["counter_prior"]
+    assert curve["completions"] == 6 and sum(curve["tokens"]) == pytest.approx(6 * curve["mean_length"])
+    assert all(0.0 <= v <= 1.0 for v in curve["audio_mass"]) and all(v >= 0.0 for v in curve["abs_delta_h"])
+    # the token-weighted mean of the bins is the mean over all tokens, as computed directly
+    pooled = sum(m * n for m, n in zip(curve["audio_mass"], curve["tokens"])) / sum(curve["tokens"])
+    expected, count = _reference_mass(run / "final_model", tiny_env["data"], "counter_prior", [-2, -1])
+    assert sum(curve["tokens"]) == count and pooled == pytest.approx(expected, rel=1e-5)
+    # --layers takes effect
+    last = collapse_of_run(run, layers=[-1], splits=["counter_prior"])["splits"]["counter_prior"]
+    pooled_last = sum(m * n for m, n in zip(last["audio_mass"], last["tokens"])) / sum(last["tokens"])
+    assert pooled_last == pytest.approx(_reference_mass(run / "final_model", tiny_env["data"], "counter_prior", [-1])[0], rel=1e-5)
+    assert abs(pooled_last - pooled) > 1e-4  # far beyond the 1e-5 agreement above: the layer choice is used
+    assert collapse_main([str(tmp_path / "missing")]) == 1

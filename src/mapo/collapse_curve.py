@@ -1,23 +1,24 @@
-"""The evaluation-time collapse curve of a finished run: audio attention mass against relative position
-in the model's own greedy completions (DESIGN §6).
+"""The evaluation-time collapse curve of a finished run: audio attention mass (and |Δh|) against
+relative position in the model's own greedy completions (DESIGN §6), written into the run folder.
 
 For each evaluated split, the run's final policy (`<run_dir>/final_model`) answers every item greedily
-with its audio (the same items, length cap and decoding as the run's final evaluation); one
-teacher-forced pass over prompt + completion under `mapo.capture` then gives a_t, the audio attention
-mass of the query that predicts completion token t (the run's `algo.attn.layers`, max over heads, mean
-over layers: the quantity MAPO's attention loss trains). Token k (0-based) of a completion with T valid
-tokens falls in bin floor(k·K/T), the rule of the training metric `audio_mass/q1..q4` (K = 4); a bin's
-value is the mean over all tokens in it (pooled: long completions weigh more, as in training).
+with its audio (the same items, length cap and decoding as the run's final evaluation). The per-token
+values are the evaluation's collapse diagnostics (`mapo.eval.collapse.collapse_values`, condition
+"audio"): a_t, the audio attention mass of the query that predicts completion token t (the run's
+`algo.attn.layers`, max over heads, mean over layers: the quantity MAPO's attention loss trains), and
+|Δh_t| between the model with the audio and with the audio features dropped (entropies at the run's
+sampling temperature). Token k (0-based) of a completion with T valid tokens falls in bin floor(k·K/T)
+(`mapo.eval.positions`; K = 4 is the rule of the training metric `audio_mass/q1..q4`); a bin's value is
+the mean over all tokens in it (pooled, as in training).
 
 Written to `<run_dir>/collapse.json`:
 
-    {"bins": K, "layers": [...], "splits": {split: {"audio_mass": [K], "tokens": [K], "completions": n,
-                                                      "mean_length": float}}}
+    {"bins": K, "layers": [...], "splits": {split: {"audio_mass": [K], "abs_delta_h": [K], "tokens": [K],
+                                                      "completions": n, "mean_length": float}}}
 
-`python -m mapo.collapse_curve RUN_DIR [RUN_DIR ...] [--bins 4] [--threads 1]`.
-
-This is the study's own small version; the evaluation CLI's collapse diagnostics (deciles, |Δh|, the
-audio-removed condition) are the general tool once they land.
+`python -m mapo.collapse_curve RUN_DIR [RUN_DIR ...] [--bins 4] [--layers -2,-1] [--threads 1]`.
+(`make eval ... --collapse` draws the same diagnostics for any model folder and manifest; this module
+puts them next to a run's own final metrics, where `mapo.run_groups` reads them.)
 """
 
 from __future__ import annotations
@@ -30,47 +31,28 @@ from pathlib import Path
 
 import torch
 
-from mapo.capture import capture_audio_attention, completion_mass
 from mapo.data.collate import Collator, FeatureCache
 from mapo.data.schema import Record
-from mapo.evaluate import evenly_by_task
-from mapo.models.loader import generation_suppressed_token_ids, load_model_and_processor
+from mapo.eval.collapse import collapse_values, item_bins, pooled_curves
+from mapo.evaluate import evenly_by_task, generation_tokens
+from mapo.models.adapter import get_adapter
+from mapo.models.loader import load_model_and_processor
 from mapo.rollout import generate_rollout
 from mapo.run_logging import write_json_atomic
-from mapo.scoring import score_tokens
 
 COLLAPSE_FILE = "collapse.json"
 QUARTERS = 4
 
 
-def position_bin_sums(values: torch.Tensor, mask: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of `values` and token counts per relative-position bin, over all rows.
-
-    values, mask: [N, T] (mask 1 on valid completion tokens, left-aligned or not). Token k (0-based
-    among the valid tokens of its row, T_row of them) goes to bin floor(k·n_bins / T_row).
-    Returns (sums [n_bins] float64, counts [n_bins] int64).
-    """
-    if values.shape != mask.shape:
-        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
-    valid = mask.bool()
-    lengths = valid.sum(-1, keepdim=True).clamp(min=1)
-    index = valid.long().cumsum(-1) - 1
-    bins = torch.div(index * n_bins, lengths, rounding_mode="floor").clamp(0, n_bins - 1)
-    sums = torch.zeros(n_bins, dtype=torch.float64)
-    counts = torch.zeros(n_bins, dtype=torch.int64)
-    sums.index_add_(0, bins[valid], values[valid].detach().double().cpu())
-    counts.index_add_(0, bins[valid], torch.ones_like(bins[valid]))
-    return sums, counts
-
-
 @torch.no_grad()
-def greedy_audio_mass(
+def greedy_collapse_curve(
     model: torch.nn.Module,
     collator: Collator,
     records: Sequence[Record],
     *,
     layers: Sequence[int],
     n_bins: int = QUARTERS,
+    temperature: float = 1.0,
     batch_size: int = 32,
     max_new_tokens: int = 48,
     eos_token_id: int,
@@ -79,29 +61,21 @@ def greedy_audio_mass(
 ) -> dict:
     """Collapse curve of `model` on `records` (greedy completions with audio).
 
-    Returns {"audio_mass": [n_bins] (None for an empty bin), "tokens": [n_bins], "completions": N,
-    "mean_length": mean valid completion tokens}.
+    Returns {"audio_mass": [n_bins], "abs_delta_h": [n_bins] (None for an empty bin), "tokens": [n_bins],
+    "completions": N, "mean_length": mean valid completion tokens}.
     """
-    sums = torch.zeros(n_bins, dtype=torch.float64)
-    counts = torch.zeros(n_bins, dtype=torch.int64)
-    total_tokens, n = 0, 0
+    items: list[dict] = []
     for start in range(0, len(records), batch_size):
         batch = collator.prompts(list(records[start : start + batch_size]))
         rollout = generate_rollout(
             model, batch, group_size=1, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, do_sample=False, suppress_token_ids=suppress_token_ids,
         )
-        with capture_audio_attention(model, rollout.audio_mask, layers=tuple(layers)) as cap:
-            score_tokens(model, rollout, audio="cached")
-            mass = completion_mass(cap.mass, rollout.prompt_len, rollout.completion_ids.shape[1])  # [N, T]
-        mask = rollout.completion_mask.to(mass.device)
-        s, c = position_bin_sums(mass.float(), mask, n_bins)
-        sums += s
-        counts += c
-        total_tokens += int(mask.sum())
-        n += mask.shape[0]
-    means = [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
-    return {"audio_mass": means, "tokens": counts.tolist(), "completions": n, "mean_length": total_tokens / max(n, 1)}
+        mass, abs_dh = collapse_values(model, rollout, "audio", layers=layers, temperature=temperature)
+        items += item_bins(mass, abs_dh, rollout.completion_mask, n_bins)
+    curve = pooled_curves({"audio": items})["audio"]
+    curve["mean_length"] = sum(curve["tokens"]) / max(curve["completions"], 1)
+    return curve
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -134,16 +108,14 @@ def collapse_of_run(run_dir: str | Path, *, n_bins: int = QUARTERS, splits: Sequ
         raise ValueError(f"{run_dir}: splits {unknown} are not eval splits of the run ({list(data.eval_splits)})")
     model, processor = load_model_and_processor(model_dir, attn_implementation="sdpa")
     collator = Collator(processor, feature_cache=FeatureCache())
-    tokenizer = processor.tokenizer
+    tokens = generation_tokens(processor, get_adapter(model).vocab_size(model))  # as the run's own evaluation
     layers = list(cfg["algo"]["attn"]["layers"] if layers is None else layers)
     out = {"bins": n_bins, "layers": layers, "splits": {}}
     for split in chosen:
         records = evenly_by_task(load_split(data, data.eval_splits[split]), data.eval_max_items)
-        out["splits"][split] = greedy_audio_mass(
-            model, collator, records, layers=layers, n_bins=n_bins,
-            batch_size=cfg["rollout"]["eval_batch_size"], max_new_tokens=cfg["rollout"]["max_new_tokens"],
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
-            suppress_token_ids=generation_suppressed_token_ids(processor),
+        out["splits"][split] = greedy_collapse_curve(
+            model, collator, records, layers=layers, n_bins=n_bins, temperature=cfg["rollout"]["temperature"],
+            batch_size=cfg["rollout"]["eval_batch_size"], max_new_tokens=cfg["rollout"]["max_new_tokens"], **tokens,
         )
     write_json_atomic(run_dir / COLLAPSE_FILE, out)
     return out

@@ -57,8 +57,9 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_ALGOS = ("grpo", "mapo", "mapo_mask_only", "mapo_attn_only")
 DEFAULT_SEEDS = (0, 1, 2)
 BENCHMARK_FILE = "benchmark.json"
-#: Columns of the study table: the run-group defaults and the training wall time.
-STUDY_METRICS = (*DEFAULT_METRICS, "train_seconds")
+#: Columns of the study table: the run-group defaults, the task whose answers the warm starts take from
+#: the wording (pilot: tone_count), and the training wall time.
+STUDY_METRICS = (*DEFAULT_METRICS, "counter_prior/audio/task/tone_count", "train_seconds")
 GROUP_BY = ("extra.study_setting", "algorithm")
 BEFORE_RL = "before RL"  # the label of the warm start's row
 
@@ -283,6 +284,7 @@ SHORT_LABELS = {
     "collapse/counter_prior/q4": "cp mass q4",
     "collapse/counter_prior/late_minus_early": "cp mass q4−q1",
     "train/reward/mean": "reward (last 20)",
+    "counter_prior/audio/task/tone_count": "cp tone_count",
     "train_seconds": "train s",
 }
 

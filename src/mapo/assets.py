@@ -51,8 +51,8 @@ def ensure_model(model: ModelConfig, data: DataConfig) -> None:
         return
     from mapo.models.tiny import TinyModelConfig, write_tiny
 
-    print(f"[mapo] building the tiny model in {model.path}")
-    write_tiny(TinyModelConfig(out_dir=model.path, corpus=str(manifest_path(data, data.train))))
+    print(f"[mapo] building the tiny {model.tiny_family} model in {model.path}")
+    write_tiny(TinyModelConfig(family=model.tiny_family, out_dir=model.path, corpus=str(manifest_path(data, data.train))))
 
 
 def load_split(data: DataConfig, name: str) -> list[Record]:

@@ -26,9 +26,10 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a Qwen2-Audio checkpoint (never downloaded)
+    path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a checkpoint (Qwen2-Audio, Qwen2.5-Omni, Qwen3-Omni; never downloaded)
     name: str = ""  # checkpoint label; with `path` empty, `make plan` reads the bundled config.json of this name (src/mapo/models/configs/)
     build_tiny_if_missing: bool = False  # build the tiny model (and its data) at `path` when absent
+    tiny_family: str = "qwen2_audio"  # architecture of that tiny model: qwen2_audio | qwen2_5_omni | qwen3_omni_moe
     master_dtype: str = "float32"  # trainable weights and optimizer state (float32: bf16 rounds small updates away)
     compute_dtype: str = "auto"  # matmuls: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     frozen_dtype: str = "auto"  # frozen weights (reference copy, frozen audio tower): auto (= compute) | float32 | bfloat16
@@ -107,7 +108,9 @@ class AlgoConfig:
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean | token_mean | seq_mean_token_sum | dr_grpo
     beta: float = 0.02  # β: weight of the KL penalty to the frozen reference (0 = no reference KL)
     kl_kind: str = "k3"  # k1 | k2 | k3
-    updates_per_rollout: int = 1  # optimizer passes over each rollout (>1 makes the ratio ≠ 1)
+    updates_per_rollout: int = 1  # full passes over each rollout (>1 makes the ratio ≠ 1); each pass = mini_batches steps
+    mini_batches: int = 1  # k: optimizer steps per pass, each on 1/k of the rows (shuffled per pass; π_old from one pass before the first)
+    overlong_filter: bool = False  # completions cut at max_new_tokens (no EOS) leave L_PG and L_attn (and their normalisers); KL keeps them
     mask: MaskConfig = field(default_factory=MaskConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     attn: AttnConfig = field(default_factory=AttnConfig)
@@ -132,11 +135,11 @@ class WarmStartConfig:
 @dataclass
 class TrainerConfig:
     seed: int = 0  # seeds python, numpy, torch and the per-prompt sampling
-    steps: int = 100  # optimizer steps of the main phase (RL steps, or SFT steps for algo=sft)
+    steps: int = 100  # steps of the main phase: RL steps = rollouts (each makes updates_per_rollout·mini_batches optimizer steps), or SFT steps
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
-    warmup_steps: int = 5  # linear warm-up steps
+    warmup_steps: int = 5  # linear warm-up, in the same steps as `steps` (the schedule itself advances per optimizer step)
     schedule: str = "constant"  # lr after warm-up: constant | cosine | linear
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     micro_batch_size: int = 16  # rows per forward/backward; the global normaliser keeps the loss exact

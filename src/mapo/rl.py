@@ -1,6 +1,10 @@
 """One RL step: data → rollout → rewards → advantages → no-grad scoring → MAPO update(s) on
-micro-batches → optimizer step → metrics (DESIGN §2). The pieces are pure functions and the model
+micro-batches → optimizer step(s) → metrics (DESIGN §2). The pieces are pure functions and the model
 adapter; this module only composes them for one step of a `Phase`.
+
+Counting: `Phase.step` and `trainer.steps` count RL steps (rollouts); each makes
+`algo.updates_per_rollout × algo.mini_batches` optimizer steps, and the learning-rate schedule advances
+once per optimizer step (the loop builds it over steps × that many). Checkpoints fall between rollouts.
 """
 
 from __future__ import annotations
@@ -14,11 +18,18 @@ from mapo.data.sampler import without_some_audio
 from mapo.phase import Phase
 from mapo.rewards import compute_rewards
 from mapo.rollout import generate_rollout
-from mapo.step import MetricSums, Normalisers, mapo_step, prepare_batch
+from mapo.step import MetricSums, prepare_batch, truncated_rows, update_on_rollout
+
+
+def mini_batch_seed(seed: int, step_index: int) -> int:
+    """Seed of the mini-batch shuffle of RL step `step_index` (pass p adds p): a function of the config and
+    the step alone, so a resumed run splits its rollouts exactly as an uninterrupted one."""
+    return seed * 1_000_003 + step_index * 10_007 + 7_777_777
 
 
 def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input) -> tuple[dict, list]:
-    """One RL optimizer step on `rollout.prompts_per_step` prompts (global). Returns (metrics, sample rows)."""
+    """One RL step on `rollout.prompts_per_step` prompts (global): one rollout, then
+    `updates_per_rollout × mini_batches` optimizer steps on it. Returns (metrics, sample rows)."""
     algo, G = cfg.algo, cfg.rollout.group_size
     n_global = cfg.rollout.prompts_per_step
     step_index = phase.step
@@ -44,36 +55,35 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     n_local = len(rewards.total)
     adv = group_advantages(all_rewards, G, scale=algo.adv_scale, eps=algo.adv_eps)[ctx.rank * n_local : (ctx.rank + 1) * n_local]
 
-    # no-grad scoring: reference log-probs, ablated reference, (old policy when several passes)
+    # no-grad scoring: reference log-probs, ablated reference, π_old (and Δh, ω̃) when the config needs them
+    truncated = truncated_rows(rollout.completion_ids, gen_kwargs["eos_token_id"])
     prepared = prepare_batch(
         phase.runner, rollout, adv, rewards.accuracy, algo,
         frozen_reference=ref_runner, feature_extractor=collator.feature_extractor,
         content_vocab_mask=content_mask, temperature=cfg.rollout.temperature, audio_input=audio_input,
-        old_pass=algo.updates_per_rollout > 1,
+        truncated=truncated,
     )
-    num_tokens = dist_utils.global_sum(rollout.completion_mask.sum().float(), ctx)
-    norms = Normalisers(num_tokens=num_tokens, num_seqs=n_global * G, max_len=cfg.rollout.max_new_tokens)
 
-    # update(s) on micro-batches; FSDP averages gradients over ranks, so scale by world size
-    sums = MetricSums()
-    rows = torch.arange(n_local, device=rollout.completion_ids.device)
-    for _ in range(algo.updates_per_rollout):
-        for chunk in rows.split(max(1, cfg.trainer.micro_batch_size)):
-            _, m = mapo_step(
-                phase.model, rollout, chunk, prepared, algo, norms, temperature=cfg.rollout.temperature,
-                audio_input=audio_input, backward_scale=float(ctx.world_size), call=phase.runner,
-            )
-            sums.add(m)
-        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
+    # updates_per_rollout passes × mini_batches optimizer steps, each on micro-batches; FSDP averages
+    # gradients over ranks, so scale by world size
+    sums, grad_norms = update_on_rollout(
+        phase.model, rollout, prepared, algo, micro_batch_size=cfg.trainer.micro_batch_size,
+        optimizer_step=lambda: phase.clip_and_step(cfg.trainer.grad_clip),
+        seed=mini_batch_seed(cfg.trainer.seed, step_index), temperature=cfg.rollout.temperature,
+        max_len=cfg.rollout.max_new_tokens, audio_input=audio_input, backward_scale=float(ctx.world_size),
+        call=phase.runner, global_sum=lambda x: dist_utils.global_sum(x, ctx),
+    )
     phase.step += 1
 
     lengths = rollout.completion_mask.sum(-1).float()
     extra = {
         "reward/mean": torch.stack([rewards.total.sum(), torch.tensor(float(n_local))]),
         "completion/length": torch.stack([lengths.sum().cpu(), torch.tensor(float(n_local))]),
+        "completion/length_max": torch.stack([lengths.max().cpu(), torch.tensor(1.0)]),
         # rows that hit max_new_tokens without emitting EOS (they score 0 accuracy)
-        "completion/truncated": torch.stack([(rollout.completion_ids == gen_kwargs["eos_token_id"]).any(-1).logical_not().sum().float().cpu(),
-                                             torch.tensor(float(n_local))]),
+        "completion/truncated": torch.stack([truncated.sum().float().cpu(), torch.tensor(float(n_local))]),
+        # rows the overlong filter took out of L_PG and L_attn (0 when the filter is off)
+        "completion/overlong_filtered": torch.stack([(~prepared.pg_rows).sum().float().cpu(), torch.tensor(float(n_local))]),
     }
     groups = rewards.total.view(-1, G)
     informative = (groups.amax(-1) > groups.amin(-1)).float()  # groups with a non-zero advantage somewhere
@@ -82,7 +92,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
         extra[f"reward/{name}"] = torch.stack([values.sum(), torch.tensor(float(n_local))])
     sums.add(extra)
     metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
-    metrics["grad_norm"] = float(grad_norm)
+    metrics["grad_norm"] = sum(float(g) for g in grad_norms) / len(grad_norms)  # mean over the rollout's optimizer steps
     metrics["lr"] = phase.scheduler.get_last_lr()[0]
     samples = [{"id": r.id, "task": r.task, "answer": r.answer, "completion": t, "reward": float(v)}
                for r, t, v in list(zip(row_records, texts, rewards.total.tolist()))[:: G][:8]]

@@ -106,8 +106,11 @@ def ablation_features(
             waves.append(np.zeros(n, dtype=np.float32))
         else:
             waves.append((np.random.default_rng(noise_seed).standard_normal(n) * noise_std).astype(np.float32))
+    # Padded to the rollout's own width F (the window for families that pad every clip to it, the longest
+    # clip of the batch for Qwen3-Omni), so the ablated features line up with the real ones.
     out = feature_extractor(
-        waves, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True, return_tensors="pt"
+        waves, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True, return_tensors="pt",
+        padding="max_length", max_length=int(feature_attention_mask.shape[-1]) * hop,
     )
     features, mask = out["input_features"], out["attention_mask"]
     if features.shape[-1] != feature_attention_mask.shape[-1] or mask.sum(-1).tolist() != frame_counts:
@@ -154,6 +157,11 @@ def sequence_inputs(
             )
         rows = _encoded_rows(model, rollout, features, mask)
     else:
+        if audio in ("recompute", "silence", "noise") and bool(rollout.has_audio.any()):
+            raise ValueError(
+                f"audio input {audio!r} re-encodes the clips, but this rollout has audio placeholders and no "
+                "input_features (bare placeholders would silently stand in for the audio)"
+            )
         # drop_features / mask_audio_keys (or a text-only rollout): placeholders keep bare embeddings.
         rows = None
     if audio == "mask_audio_keys":

@@ -101,12 +101,17 @@ def test_summary_has_a_before_rl_row_and_publishes(tmp_path):
     _run(setting.warm_dir(out), "study_prior90_warm", sft, 0.5)
     for seed, cp in enumerate([0.6, 0.7, 0.8]):
         _run(setting.runs_dir(out) / f"grpo_seed{seed}", "study_prior90", grpo, cp, seed)
+    mask_only = {"name": "mapo", "mask": {"enabled": True}, "attn": {"eta": 0.0}}
+    mapo = {"name": "mapo", "mask": {"enabled": True}, "attn": {"eta": 0.05}}
+    _run(setting.runs_dir(out) / "mapo_mask_only_seed0", "study_prior90", mask_only, 0.9)  # sorts before mapo_seed0
+    _run(setting.runs_dir(out) / "mapo_seed0", "study_prior90", mapo, 0.9)
     table = summarize_study([setting], out, publish=tmp_path / "pub")
     lines = table.splitlines()
     assert lines[0].startswith("| setting | algorithm | runs | test | test, no audio |")
     assert lines[2].startswith("| prior90 | before RL | 1 | 0.900 (n=1) |")
     assert lines[3].startswith("| prior90 | grpo | 3 | 0.900 ± 0.000 |")
     assert "| 0.700 ± 0.100 |" in lines[3]  # counter_prior over the three seeds
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["before RL", "grpo", "mapo", "mask_only"]
     assert (tmp_path / "pub" / "summary.md").read_text() == table
     assert (tmp_path / "pub" / "plots" / "prior90_accuracy.png").is_file()
     assert (tmp_path / "pub" / "plots" / "prior90_reward.png").is_file()

@@ -62,6 +62,7 @@ BENCHMARK_FILE = "benchmark.json"
 STUDY_METRICS = (*DEFAULT_METRICS, "counter_prior/audio/task/tone_count", "train_seconds")
 GROUP_BY = ("extra.study_setting", "algorithm")
 BEFORE_RL = "before RL"  # the label of the warm start's row
+ROW_ORDER = (BEFORE_RL, "grpo", "mapo", "mask_only", "attn_only")  # rows of a setting, in this order
 
 
 @dataclass
@@ -254,6 +255,7 @@ def summarize_study(settings: list[Setting], out: Path, publish: Path | None = N
         for group in groups:  # the warm start's final evaluation is the "before RL" row
             if group.key[1] == "sft":
                 group.key = (group.key[0], BEFORE_RL)
+        groups.sort(key=lambda g: ROW_ORDER.index(g.key[1]) if g.key[1] in ROW_ORDER else len(ROW_ORDER))
         rows = summary_rows(groups, GROUP_BY, STUDY_METRICS)
         all_rows += rows
         write_group_plots(groups, out / "plots", prefix=f"{setting.name}_")

@@ -68,9 +68,11 @@ class Phase:
         self.sampler = EpochSampler(items, seed=cfg.trainer.seed)
         self.step = 0
         # Frozen weights are not saved: resume and export rebuild them from the run config kept here,
-        # and refuse a resume whose phase or LoRA settings differ (the saved keys would not fit).
+        # and refuse a resume whose phase or LoRA settings differ (the saved keys would not fit), or whose
+        # optimizer steps per phase step differ (the schedule's position would be misplaced).
         self.run_config = dataclasses.asdict(cfg)
-        self.must_match = {"phase": name, "lora": self.run_config["model"].get("lora")}
+        self.must_match = {"phase": name, "lora": self.run_config["model"].get("lora"),
+                           "optimizer_steps_per_step": optimizer_steps_per_step}
 
     def clip_and_step(self, grad_clip: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -84,7 +86,7 @@ class Phase:
         """Checkpoint this phase (every rank: each writes its own shards; see `mapo.checkpoint`)."""
         precision = getattr(self.runner, "precision", None)
         trainer_state = {
-            "step": self.step, "phase": self.name, "sampler": self.sampler.state_dict(), "lora": self.must_match["lora"],
+            "step": self.step, "sampler": self.sampler.state_dict(), **self.must_match,
             "precision": precision.names() if precision is not None else None, "config": self.run_config,
         }
         return save_checkpoint(

@@ -37,6 +37,9 @@ class DataConfig:
     )  # split name -> manifest evaluated periodically and in the final table
     layout: str = "auto"  # manifest layout: auto | jsonl | mmau | avqa
     skip_bad: bool = False  # drop bad manifest rows (counted and reported) instead of stopping
+    audio_check: str = "decode"  # pre-run check of every clip: decode (whole body) | header (fast, blind to corrupt bodies)
+    allow_outside_paths: bool = False  # follow relative audio paths that leave the manifest's folder ("../x.wav")
+    check_workers: int = 0  # threads of the pre-run audio check (0 = one per CPU core, at most 16)
     generate_if_missing: bool = False  # run the synthetic generator when `dir` has no manifests
     eval_max_items: int = 240  # cap on items per eval split (0 = all), taken evenly over tasks
     text_only_fraction: float = 0.0  # fraction of training prompts shown without their audio (mixed batches)
@@ -139,6 +142,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto (latest checkpoint of run_dir, if any) | never | path to a checkpoint
     export_final: bool = True  # save the final policy as a Hugging Face folder (run_dir/final_model) the loader reads
     stop_after: int = 0  # end this invocation after N steps with a checkpoint, to resume later (0 = run to `steps`)
+    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
     run_dir: Optional[str] = None  # where metrics, plots and checkpoints go (default: Hydra's output folder)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 

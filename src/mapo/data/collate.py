@@ -24,7 +24,7 @@ import torch
 from transformers import BatchEncoding, Qwen2AudioProcessor
 
 from mapo.data import prompt
-from mapo.data.audio import load_audio
+from mapo.data.audio import AudioError, load_audio
 from mapo.data.schema import Record
 from mapo.models.embed import audio_span_mask, position_ids_from_mask  # noqa: F401  (part of the batching API)
 
@@ -118,7 +118,8 @@ class Collator:
         self.feature_cache = feature_cache
         self.audio_token = processor.audio_token
         self.audio_token_id = processor.audio_token_id
-        self._warned_truncated: set[str] = set()
+        #: Clips longer than the window, cut to it (counted per distinct path; the loop reports the count).
+        self.cut_clips: set[str] = set()
 
     # -------------------------------------------------------------------------------- one record
 
@@ -140,13 +141,15 @@ class Collator:
             return cached
         samples = self.audio_loader(path)
         extractor = self.feature_extractor
-        if len(samples) > extractor.n_samples and path not in self._warned_truncated:
-            self._warned_truncated.add(path)
-            warnings.warn(
-                f"{path}: {len(samples) / extractor.sampling_rate:.2f} s is longer than the "
-                f"{extractor.chunk_length} s audio window; the model sees only the first {extractor.chunk_length} s",
-                stacklevel=3,
-            )
+        if len(samples) > extractor.n_samples and path not in self.cut_clips:
+            self.cut_clips.add(path)
+            if len(self.cut_clips) == 1:  # one warning; the rest are counted (data/clips_cut), not repeated
+                warnings.warn(
+                    f"{path}: {len(samples) / extractor.sampling_rate:.2f} s is longer than the "
+                    f"{extractor.chunk_length} s audio window; the model sees only the first {extractor.chunk_length} s "
+                    "(further clips cut to the window are counted in data/clips_cut)",
+                    stacklevel=3,
+                )
         out = extractor(
             samples,
             sampling_rate=extractor.sampling_rate,
@@ -156,7 +159,7 @@ class Collator:
         )
         n_valid = int(out["attention_mask"][0].sum())
         if num_audio_tokens(n_valid) < 1:
-            raise ValueError(f"{path}: clip too short ({len(samples)} samples) to give one audio position")
+            raise AudioError(path, "too_short", f"clip too short ({len(samples)} samples) to give one audio position")
         clip = ClipFeatures.compress(out["input_features"][0].to(torch.float32), n_valid)
         if self.feature_cache is not None:
             self.feature_cache.put(path, clip)

@@ -2,7 +2,9 @@
 
 Both are local folders written by `save_pretrained`; both go through the same calls, so whatever works
 on the tiny model on a laptop runs unchanged on the real one. The network is never touched
-(`local_files_only=True`): a missing file is an error that says what the folder must hold.
+(`local_files_only=True`): a missing file is an error that says what the folder must hold. Weights load
+from safetensors only (`use_safetensors=True`); remote code is never trusted (`trust_remote_code` is
+left at its default, off).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def check_model_folder(path: str | Path) -> Path:
         raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); {EXPECTED}")
     if not any((folder / name).is_file() for name in PREPROCESSOR_FILES):
         raise FileNotFoundError(f"{folder}: no {' or '.join(PREPROCESSOR_FILES)}; {EXPECTED}")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {', '.join(pickled)}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights{hint}; {EXPECTED}")
     return folder
 
 
@@ -93,6 +99,7 @@ def load_model_and_processor(
         dtype=resolve_dtype(dtype),
         attn_implementation=attn_implementation,
         local_files_only=True,
+        use_safetensors=True,  # weights never come from a pickle (.bin): loading one can run code
     )
     # The encoder defines its position table as frozen (requires_grad=False), but from_pretrained
     # (transformers 5.24) hands it back trainable; restore the architecture's intent.

@@ -20,6 +20,7 @@ import torch
 from mapo import paths
 from mapo.capture.bench import compare as compare_capture
 from mapo.capture.bench import median_time, peak_bytes
+from mapo.models.adapter import get_adapter
 
 
 def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch.device, repeats: int) -> dict:
@@ -69,7 +70,7 @@ def bench_rollout(model_dir: Path, prompts: int, group: int, new_tokens: int, re
     def count(module, inputs, output):
         clips["n"] += inputs[0].shape[0]
 
-    hook = model.model.audio_tower.register_forward_hook(count)
+    hook = get_adapter(model).audio_tower(model).register_forward_hook(count)
 
     def ours():
         generate_rollout(model, batch, group_size=group, max_new_tokens=new_tokens, eos_token_id=eos,

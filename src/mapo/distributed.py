@@ -2,9 +2,10 @@
 
 - `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the
   process group (nccl on CUDA, gloo on CPU); without torchrun it returns a single-process context.
-- `apply_fsdp(model, ctx)` shards a *built* model with FSDP2 (`fully_shard`): each text decoder layer
-  and each audio-encoder layer, then the root, with bf16 mixed precision on GPU. The model code knows
-  nothing of it. (`Qwen2AudioAttention` is not wrapped on its own: FIELD-NOTES.)
+- `apply_fsdp(model, ctx)` shards a *built* model with FSDP2 (`fully_shard`): the units its adapter
+  names (each text decoder layer and each audio-encoder layer), then the root, with bf16 mixed
+  precision on GPU. The model code knows nothing of it. (Attention modules are not wrapped on their
+  own: FIELD-NOTES.)
 - `reduce_metrics`, `all_done`, `gather_1d`, `global_sum` are the only collectives the loop uses.
 - `shard_indices` gives each rank its slice of a global batch.
 - `full_model_state` / `load_full_model_state` move weights in and out of a sharded model for
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from mapo.models.adapter import get_adapter
 
 
 @dataclass
@@ -65,6 +68,12 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, fsdp=world_size > 1)
 
 
+def say(ctx: DistContext, message: str) -> None:
+    """Print once per job (rank 0), not once per process."""
+    if ctx.is_main:
+        print(message, flush=True)
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.barrier()
@@ -98,11 +107,8 @@ def apply_fsdp(runner: ModelRunner, ctx: DistContext) -> ModelRunner:
     kwargs = {}
     if ctx.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    inner = runner.model.model
-    for layer in inner.language_model.layers:
-        fully_shard(layer, **kwargs)
-    for layer in inner.audio_tower.layers:
-        fully_shard(layer, **kwargs)
+    for unit in get_adapter(runner.model).fsdp_units(runner.model):
+        fully_shard(unit, **kwargs)
     fully_shard(runner, **kwargs)
     return runner
 

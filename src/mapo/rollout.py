@@ -16,14 +16,12 @@ to and including the first EOS.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-
+from mapo.models.adapter import get_adapter
 from mapo.models.embed import (
     audio_token_id,
     build_inputs_embeds,
@@ -153,12 +151,6 @@ def _next_tokens(
     return sample_from_probs(logits.softmax(dim=-1), generators, group_size)
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """The KV-cache argument of the base model's forward: `cache` in recent transformers 5.x, before that
-    `past_key_values` (the cache object is updated in place, so its name on the output is never needed)."""
-    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
-
-
 def _as_eos_list(eos_token_id: int | Sequence[int]) -> list[int]:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not ids:
@@ -224,10 +216,12 @@ def generate_rollout(
     _check_left_padded(prompt_mask)
     eos_ids = _as_eos_list(eos_token_id)
 
-    device = model.get_input_embeddings().weight.device
+    adapter = get_adapter(model)
+    embed_tokens, lm_head = adapter.embed_tokens(model), adapter.lm_head(model)
+    device = embed_tokens.weight.device
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     audio_token = audio_token_id(model)
-    vocab_size = model.lm_head.out_features
+    vocab_size = adapter.vocab_size(model)
     suppress = torch.zeros(vocab_size, dtype=torch.bool, device=device)
     suppress[[audio_token, *suppress_token_ids]] = True
     if suppress[eos_ids].any():
@@ -249,17 +243,12 @@ def generate_rollout(
             prompt_audio_embeds = [None] * num_prompts
 
         # 2. Prefill the B distinct prompts once, then copy cache and last logits G times.
-        kv_cache = DynamicCache(config=model.config)
-        cache_arg = {_cache_keyword(model): kv_cache}
+        kv_cache = adapter.new_cache(model)
         positions = position_ids_from_mask(prompt_mask)
-        prefill = model.model(
-            inputs_embeds=build_inputs_embeds(model, input_ids, prompt_audio_embeds),
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            use_cache=True,
-            **cache_arg,
+        prefill = adapter.run_text_model(
+            model, build_inputs_embeds(model, input_ids, prompt_audio_embeds), prompt_mask, positions, cache=kv_cache
         )
-        logits = model.lm_head(prefill.last_hidden_state[:, -1]).float()  # [B, V]
+        logits = lm_head(prefill[:, -1]).float()  # [B, V]
         kv_cache.batch_repeat_interleave(group_size)
         logits = logits.repeat_interleave(group_size, dim=0)  # [N, V]
         step_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [N, P + t]
@@ -290,14 +279,8 @@ def generate_rollout(
             if all_done or step == max_new_tokens - 1:
                 break
             step_mask = torch.cat([step_mask, step_mask.new_ones(num_rows, 1)], dim=1)
-            out = model.model(
-                inputs_embeds=model.get_input_embeddings()(tokens[:, None]),
-                attention_mask=step_mask,
-                position_ids=next_position,
-                use_cache=True,
-                **cache_arg,
-            )
-            logits = model.lm_head(out.last_hidden_state[:, -1]).float()
+            hidden = adapter.run_text_model(model, embed_tokens(tokens[:, None]), step_mask, next_position, cache=kv_cache)
+            logits = lm_head(hidden[:, -1]).float()
             next_position = next_position + 1
     finally:
         model.train(was_training)

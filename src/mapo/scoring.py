@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mapo.models.adapter import get_adapter
 from mapo.models.embed import (
     audio_token_id,
     build_inputs_embeds,
@@ -168,10 +169,7 @@ def hidden_states(
 
     This is the forward to wrap in an attention-capture context manager for the policy update.
     """
-    out = model.model(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state
+    return get_adapter(model).run_text_model(model, inputs_embeds, attention_mask, position_ids)
 
 
 def _chunk_logprob_entropy(
@@ -257,7 +255,7 @@ def score_tokens(
         )
         hidden = hidden_states(model, *inputs)
         logprobs, entropy = logprobs_from_hidden(
-            model.lm_head,
+            get_adapter(model).lm_head(model),
             hidden,
             rollout.completion_ids,
             rollout.prompt_len,

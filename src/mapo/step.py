@@ -28,6 +28,8 @@ from torch import nn
 from mapo.algos import losses, mapo
 from mapo.capture import capture_audio_attention, completion_mass
 from mapo.config import AlgoConfig
+from mapo.models.adapter import get_adapter
+from mapo.models.embed import build_inputs_embeds, encode_audio, split_audio_by_row
 from mapo.rollout import Rollout
 from mapo.scoring import (
     DEFAULT_CHUNK_SIZE,
@@ -344,7 +346,7 @@ def _policy_forward(model: nn.Module, sub: Rollout, audio_input: str, temperatur
     inputs = sequence_inputs(model, sub, audio_input)
     hidden = hidden_states(model, *inputs)
     logprobs, entropy = logprobs_from_hidden(
-        model.lm_head, hidden, sub.completion_ids, sub.prompt_len,
+        get_adapter(model).lm_head(model), hidden, sub.completion_ids, sub.prompt_len,
         completion_mask=sub.completion_mask, temperature=temperature, chunk_size=chunk_size,
     )
     return hidden, logprobs, entropy
@@ -352,8 +354,9 @@ def _policy_forward(model: nn.Module, sub: Rollout, audio_input: str, temperatur
 
 def _kl_full(model: nn.Module, hidden: torch.Tensor, ablated_hidden: torch.Tensor, sub: Rollout, temperature: float, chunk_size: int):
     """Full-vocabulary KL(π_θ ‖ π_ablated) per completion token, [n, T] (no grad)."""
+    lm_head = get_adapter(model).lm_head(model)
     return kl_full_vocabulary(
-        model.lm_head, hidden, model.lm_head, ablated_hidden, sub.prompt_len,
+        lm_head, hidden, lm_head, ablated_hidden, sub.prompt_len,
         completion_mask=sub.completion_mask, temperature=temperature, chunk_size=chunk_size,
     )
 
@@ -424,24 +427,23 @@ def sft_nll(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 
     it). Logits are computed `chunk_size` label positions at a time, never for the whole batch.
     Returns (nll_sum, correct_tokens, num_tokens), scalars; nll_sum has grad.
     """
-    device = model.get_input_embeddings().weight.device
+    adapter = get_adapter(model)
+    device = adapter.embed_tokens(model).weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = model.model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        input_features=batch.get("input_features"),
-        feature_attention_mask=batch.get("feature_attention_mask"),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, :-1]  # position s predicts token s + 1
+    rows = None
+    if batch.get("input_features") is not None:
+        clips = encode_audio(model, batch["input_features"], batch["feature_attention_mask"])
+        rows = split_audio_by_row(clips, batch["input_ids"], adapter.audio_token_id(model))
+    inputs_embeds = build_inputs_embeds(model, batch["input_ids"], rows)
+    hidden = adapter.run_text_model(model, inputs_embeds, batch["attention_mask"], batch["position_ids"])
+    hidden = hidden[:, :-1]  # position s predicts token s + 1
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     queries, targets = hidden[keep], targets[keep]  # [M, H], [M]
     nll = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), device=device)
     for start in range(0, len(targets), chunk_size):
-        logits = model.lm_head(queries[start : start + chunk_size]).float()
+        logits = adapter.lm_head(model)(queries[start : start + chunk_size]).float()
         tgt = targets[start : start + chunk_size]
         nll = nll + torch.nn.functional.cross_entropy(logits, tgt, reduction="sum")
         correct = correct + (logits.argmax(-1) == tgt).sum()

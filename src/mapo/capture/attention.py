@@ -49,6 +49,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mapo.capture.kernels import audio_mass_eager, audio_mass_sdpa
+from mapo.models.adapter import get_adapter, has_adapter
 from mapo.models.embed import audio_span_mask
 
 MASS_METHODS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": audio_mass_sdpa, "eager": audio_mass_eager}
@@ -56,13 +57,15 @@ HEAD_REDUCTIONS = ("max", "mean")
 LAYER_REDUCTIONS = ("mean", "max")
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
-# Attribute paths from a model object to its text decoder's layer list, tried in order:
-# Qwen2AudioForConditionalGeneration, Qwen2AudioModel, a plain causal LM (Qwen2ForCausalLM).
-_DECODER_LAYER_PATHS = ("model.language_model.layers", "language_model.layers", "model.layers")
+# Attribute paths to a text decoder's layer list for models without a mapo adapter (a plain causal LM
+# such as Qwen2ForCausalLM, or a bare decoder); models of a supported family ask their adapter.
+_DECODER_LAYER_PATHS = ("model.layers", "layers")
 
 
 def text_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The text decoder's layers (`Qwen2DecoderLayer` list) of `model`; raises naming the paths tried."""
+    """The text decoder's layers of `model` (its adapter's, else a plain LM's); raises naming the paths tried."""
+    if has_adapter(model):
+        return get_adapter(model).decoder_layers(model)
     for path in _DECODER_LAYER_PATHS:
         node: Any = model
         for name in path.split("."):
@@ -267,7 +270,7 @@ def capture_audio_attention(
 ) -> AudioAttentionCapture:
     """Context manager recording the audio attention mass of `model`'s text decoder.
 
-    model: Qwen2AudioForConditionalGeneration (or a Qwen2 causal LM) run with attn_implementation
+    model: a model of a supported family (or a plain causal LM) run with attn_implementation
         "sdpa" or "eager" in its text decoder.
     audio_key_mask: [B, S] bool, True on the audio token positions of the batch about to be run
         (see `audio_key_mask_from_ids`); S is the full sequence length (prompt + completion).

@@ -1,7 +1,9 @@
-"""Deterministic, resumable order over a training set: a fresh permutation per epoch from the seed."""
+"""Deterministic, resumable order over a training set: a fresh permutation per epoch from the seed,
+and the per-step choice of items shown without their audio (mixed batches)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Generic, Sequence, TypeVar
 
 import numpy as np
@@ -39,3 +41,12 @@ class EpochSampler(Generic[T]):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+def without_some_audio(records: list, fraction: float, seed: int, step: int) -> list:
+    """Copies of `records` where a `fraction` of them (chosen by (seed, step), the same on every rank)
+    have no audio: the prompt is then text only, and batches mix items with and without audio."""
+    if fraction <= 0:
+        return records
+    drop = np.random.default_rng([seed, step, 7]).random(len(records)) < fraction
+    return [dataclasses.replace(r, audio=None) if d else r for r, d in zip(records, drop)]

@@ -1,8 +1,8 @@
 """Input embeddings with the audio scattered in: one helper shared by rollout, scoring and training.
 
-Qwen2-Audio's own forward encodes `input_features` with the audio tower, projects them, and writes
+An audio LM's own forward encodes `input_features` with the audio tower, projects them, and writes
 the result into the token embeddings wherever `input_ids == audio_token_id`. Doing those two steps
-ourselves lets every pass reuse one encoding of a prompt's audio (DESIGN §9) and lets the ablations
+ourselves (the encoding through the family's adapter) lets every pass reuse one encoding of a prompt's audio (DESIGN §9) and lets the ablations
 of DESIGN §3 swap the audio for nothing, silence or noise. `encode_audio` + `build_inputs_embeds`
 reproduce the model's forward exactly (see tests/test_scoring.py).
 
@@ -19,9 +19,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
 
-from mapo.models.loader import audio_token_id  # noqa: F401  (re-exported: rollout and scoring use it from here)
+from mapo.models.adapter import get_adapter
+
+
+def audio_token_id(model: nn.Module) -> int:
+    """Id of the audio placeholder token of `model` (from its family's adapter)."""
+    return get_adapter(model).audio_token_id(model)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -46,9 +50,9 @@ def audio_span_mask(
 def encode_audio(
     model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Audio tower + multi-modal projector, exactly as `Qwen2AudioModel.forward` runs them.
+    """The model's audio encoder (tower + projector, as its own forward runs them), via its adapter.
 
-    input_features: [C, n_mels, F] log-mel features of C clips (padded to the encoder window);
+    input_features: [C, n_mels, F] log-mel features of C clips;
     feature_attention_mask: [C, F] (1 = valid mel frame).
     Returns C tensors, clip c: [n_c, H] with n_c = its number of audio tokens and H the text hidden size.
     Runs under the caller's grad mode (no grad for rollout/scoring; grad when the tower is trained).
@@ -59,26 +63,7 @@ def encode_audio(
     if feature_attention_mask is None or tuple(feature_attention_mask.shape) != expected:
         got = None if feature_attention_mask is None else tuple(feature_attention_mask.shape)
         raise ValueError(f"feature_attention_mask must be [clips, frames] = {expected}, got {got}")
-    tower = model.model.audio_tower
-    device = tower.conv1.weight.device
-    input_features = input_features.to(device)
-    feature_attention_mask = feature_attention_mask.to(device)
-
-    # Same masking as the model's forward: frames after the first convolution that come from padding
-    # are masked out of the encoder's (bidirectional) self-attention.
-    conv_lengths, output_lengths = tower._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
-    num_clips, _, num_frames = input_features.shape
-    conv_len = (num_frames - 2) // 2 + 1
-    valid = torch.arange(conv_len, device=device)[None, :] < conv_lengths[:, None]
-    text_dtype = model.get_input_embeddings().weight.dtype
-    encoder_mask = create_bidirectional_mask(
-        config=tower.config,
-        inputs_embeds=torch.zeros(num_clips, conv_len, 1, dtype=text_dtype, device=device),
-        attention_mask=valid.long(),
-    )
-    encoded = tower(input_features, attention_mask=encoder_mask).last_hidden_state  # [C, F/4, d_audio]
-    projected = model.model.multi_modal_projector(encoded)  # [C, F/4, H]
-    return [projected[c, :n] for c, n in enumerate(output_lengths.tolist())]
+    return get_adapter(model).encode_audio(model, input_features, feature_attention_mask)
 
 
 def split_audio_by_row(
@@ -113,7 +98,7 @@ def build_inputs_embeds(
     `<|AUDIO|>` token embedding: the "drop features" ablation of DESIGN §3.
     Returns inputs_embeds: [B, S, H], differentiable w.r.t. the token table and the audio embeddings.
     """
-    embed_tokens = model.get_input_embeddings()
+    embed_tokens = get_adapter(model).embed_tokens(model)
     input_ids = input_ids.to(embed_tokens.weight.device)
     inputs_embeds = embed_tokens(input_ids)
     if row_audio_embeds is None:

@@ -1,10 +1,11 @@
-"""The one loader for Qwen2-Audio checkpoints: the tiny model and a real one (e.g. Qwen2-Audio-7B-Instruct).
+"""The one loader for every supported model family: the tiny model and a real one (e.g. Qwen2-Audio-7B-Instruct).
 
 Both are local folders written by `save_pretrained`; both go through the same calls, so whatever works
-on the tiny model on a laptop runs unchanged on the real one. The network is never touched
+on the tiny model on a laptop runs unchanged on the real one. The folder's config.json names the family
+(`model_type`), whose adapter (`mapo.models.adapter`) does the loading. The network is never touched
 (`local_files_only=True`): a missing file is an error that says what the folder must hold. Weights load
-from safetensors only (`use_safetensors=True`); remote code is never trusted (`trust_remote_code` is
-left at its default, off).
+from safetensors only (a folder with only pickled .bin weights is refused); remote code is never
+trusted (`trust_remote_code` stays at its default, off).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+from mapo.models.adapter import adapter_for_folder, get_adapter, registered_model_types
 
 EXPECTED = (
-    "expected a local folder with config.json of a Qwen2AudioForConditionalGeneration (model_type "
-    "'qwen2_audio'), its weights, tokenizer and preprocessor files (e.g. a downloaded "
-    "Qwen2-Audio-7B-Instruct, or the tiny model from `make tiny`)"
+    "expected a local folder with config.json of a supported audio LM (model_type one of {types}), its "
+    "weights, tokenizer and preprocessor files (e.g. a downloaded Qwen2-Audio-7B-Instruct, or the tiny "
+    "model from `make tiny`)"
 )
 #: Tokenizer files: either the fast tokenizer's single file or the BPE pair.
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -34,14 +36,15 @@ DTYPES = {
     "fp16": torch.float16,
 }
 
-#: Tokens that must never be sampled: the audio markers and placeholder (an extra <|AUDIO|> breaks the
-#: next forward with "audio features and audio tokens do not match"), padding, and the start of a new
-#: turn. Stopping is left to eos (<|im_end|>).
-SUPPRESSED_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>")
+
+
+def _expected() -> str:
+    return EXPECTED.format(types=", ".join(repr(t) for t in registered_model_types()))
 
 
 def check_model_folder(path: str | Path) -> Path:
-    """Raise a clear error unless `path` looks like a local Qwen2-Audio checkpoint; returns it as a Path."""
+    """Raise a clear error unless `path` looks like a local checkpoint of a supported family; returns it as a Path."""
+    EXPECTED = _expected()  # noqa: N806  (the message names the families registered now)
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: model folder not found; {EXPECTED}")
@@ -54,8 +57,8 @@ def check_model_folder(path: str | Path) -> Path:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: not valid JSON ({err}); {EXPECTED}") from None
-    if model_type != "qwen2_audio":
-        raise ValueError(f"{config_file}: model_type is {model_type!r}, not 'qwen2_audio'; {EXPECTED}")
+    if model_type not in registered_model_types():
+        raise ValueError(f"{config_file}: model_type is {model_type!r}, not a supported family; {EXPECTED}")
     if not any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES):
         raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); {EXPECTED}")
     if not any((folder / name).is_file() for name in PREPROCESSOR_FILES):
@@ -81,8 +84,8 @@ def load_model_and_processor(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str | dict = "sdpa",
     device: str | torch.device = "cpu",
-) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
-    """Load a Qwen2-Audio checkpoint and its processor from a local folder, in eval mode on `device`.
+):
+    """Load a checkpoint of any supported family and its processor from a local folder, in eval mode on `device`.
 
     attn_implementation: "sdpa", "eager", a registered name, or a dict per sub-config
         (e.g. {"text_config": "eager", "audio_config": "sdpa"}).
@@ -90,50 +93,52 @@ def load_model_and_processor(
     checkpoint says, so tiny and real models batch the same way.
     """
     folder = check_model_folder(path)
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-    if not isinstance(processor, Qwen2AudioProcessor):
-        raise ValueError(f"{folder}: processor is {type(processor).__name__}, not Qwen2AudioProcessor; {EXPECTED}")
-    processor.tokenizer.padding_side = "left"
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(
-        folder,
-        dtype=resolve_dtype(dtype),
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-        use_safetensors=True,  # weights never come from a pickle (.bin): loading one can run code
+    adapter = adapter_for_folder(folder)
+    model, processor = adapter.load(
+        folder, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, device=device
     )
-    # The encoder defines its position table as frozen (requires_grad=False), but from_pretrained
-    # (transformers 5.24) hands it back trainable; restore the architecture's intent.
-    model.model.audio_tower.embed_positions.requires_grad_(False)
-    return model.to(device).eval(), processor
+    processor.tokenizer.padding_side = "left"
+    return model, processor
 
 
-def audio_token_id(source: Qwen2AudioProcessor | Qwen2AudioForConditionalGeneration) -> int:
-    """Id of the <|AUDIO|> placeholder, from a processor or a model (they agree for a sound checkpoint)."""
-    if isinstance(source, Qwen2AudioProcessor):
+def audio_token_id(source) -> int:
+    """Id of the audio placeholder, from a processor (its `audio_token_id`) or a model (its adapter)."""
+    if getattr(source, "audio_token_id", None) is not None and not isinstance(source, torch.nn.Module):
         return int(source.audio_token_id)
-    config = getattr(source, "config", None)
-    if config is not None and getattr(config, "audio_token_id", None) is not None:
-        return int(config.audio_token_id)
-    raise TypeError(f"cannot find the audio token id on {type(source).__name__}; pass a Qwen2-Audio processor or model")
+    if isinstance(source, torch.nn.Module):
+        return get_adapter(source).audio_token_id(source)
+    raise TypeError(f"cannot find the audio token id on {type(source).__name__}; pass a processor or a model")
 
 
-def generation_suppressed_token_ids(processor: Qwen2AudioProcessor) -> list[int]:
-    """Ids to forbid during sampling: <|AUDIO|>, <|audio_bos|>, <|audio_eos|>, <|im_start|> and the pad token.
+#: Processor attributes naming multimodal marker tokens (those a processor has are suppressed).
+MARKER_ATTRIBUTES = (
+    "audio_token", "audio_bos_token", "audio_eos_token",
+    "image_token", "video_token", "vision_bos_token", "vision_eos_token",
+)
+#: The start of a new chat turn (every supported family uses the ChatML markers).
+TURN_START = "<|im_start|>"
+
+
+def generation_suppressed_token_ids(processor) -> list[int]:
+    """Ids to forbid during sampling: the processor's multimodal markers and placeholders (an extra
+    audio placeholder breaks every later pass with "audio features and audio tokens do not match"), the
+    start of a new turn, and the pad token. Stopping is left to EOS (<|im_end|>).
 
     Pass them as `generate(..., suppress_tokens=ids)` (or `bad_words_ids=[[i] for i in ids]`).
     Note: in the real Qwen2-Audio-Instruct the pad token <|endoftext|> is also listed as an eos id;
     suppressing it leaves <|im_end|>, which is how the assistant turn ends.
     """
     tokenizer = processor.tokenizer
-    tokens = list(SUPPRESSED_TOKENS) + [tokenizer.pad_token]
+    markers = [getattr(processor, name, None) for name in MARKER_ATTRIBUTES]
+    tokens = [t for t in markers if t is not None] + [TURN_START, tokenizer.pad_token]
     vocab = tokenizer.get_vocab()
     missing = [token for token in tokens if token is None or token not in vocab]
     if missing:
-        raise ValueError(f"tokenizer lacks the special tokens {missing}; is this a Qwen2-Audio tokenizer?")
+        raise ValueError(f"tokenizer lacks the special tokens {missing}; does it belong to this model family?")
     return sorted({vocab[token] for token in tokens})
 
 
-def enable_activation_checkpointing(model: Qwen2AudioForConditionalGeneration) -> None:
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute decoder activations in backward (non-reentrant), across transformers 5.x.
 
     transformers 5.2x names it `activation_checkpointing_enable` and keeps `gradient_checkpointing_enable`

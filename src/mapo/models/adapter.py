@@ -1,0 +1,231 @@
+"""The model adapter: what mapo needs to know about one model family, in one small object (DESIGN §10).
+
+Rollout, scoring, the attention capture, FSDP wrapping and the training loop ask the adapter for the
+parts they use (the text decoder, its layers, the LM head, the token table, the audio tower) and for the
+few operations whose details differ between families (encoding audio, placing it, the decoder call with
+a KV cache). They never test a model's type. An adapter is stateless: every method takes the model.
+
+`get_adapter(model)` finds the adapter by the model config's `model_type`; `adapter_for_folder(path)`
+by the `model_type` in a folder's config.json (the loader uses it before any weights are read).
+
+Adding a family = one subclass registered with `register_adapter`, plus a tiny builder for the tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ModelAdapter", "Qwen2AudioAdapter", "adapter_for_folder", "get_adapter", "has_adapter", "register_adapter",
+    "registered_model_types",
+]
+
+
+class ModelAdapter:
+    """Interface of a model family. Subclasses set `family`, `model_types` and override what differs.
+
+    Shapes: B rows, S positions, H text hidden size, C clips, F mel frames.
+    """
+
+    #: Short name used in messages and configs (e.g. "qwen2_audio").
+    family: str = ""
+    #: `model_type` values of config.json this adapter loads.
+    model_types: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ loading
+    def load(self, folder: Path, *, dtype: torch.dtype, attn_implementation: str | dict, device) -> tuple[nn.Module, Any]:
+        """(model in eval mode on `device`, processor) from a local folder; never touches the network."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ parts
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The text decoder stack (embeddings → layers → final norm), without the LM head."""
+        raise NotImplementedError
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.lm_head
+
+    def embed_tokens(self, model: nn.Module) -> nn.Embedding:
+        return model.get_input_embeddings()
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The text decoder's layers (what the attention capture and FSDP wrap)."""
+        return self.text_model(model).layers
+
+    def audio_tower(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def audio_projector(self, model: nn.Module) -> nn.Module | None:
+        """The audio → text projection when it is a separate module (None when inside the tower)."""
+        return None
+
+    def audio_encoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.audio_tower(model).layers
+
+    def fixed_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters that never train, whatever the config says (e.g. a fixed sinusoid table)."""
+        return []
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        """Modules sharded as their own FSDP2 units, innermost first (the root is wrapped by the caller)."""
+        return [*self.decoder_layers(model), *self.audio_encoder_layers(model)]
+
+    def vocab_size(self, model: nn.Module) -> int:
+        """Rows of the LM head (may exceed the tokenizer's length: padded vocabularies)."""
+        return self.lm_head(model).out_features
+
+    # ------------------------------------------------------------------ tokens
+    def audio_token_id(self, model: nn.Module) -> int:
+        """Id of the audio placeholder token whose positions receive the audio embeddings."""
+        config = model.config
+        for name in ("audio_token_id", "audio_token_index"):
+            value = getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        raise ValueError(f"{self.family}: the model config has no audio_token_id / audio_token_index")
+
+    # ------------------------------------------------------------------ operations
+    def encode_audio(self, model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """C clips' features [C, n_mels, F] and mask [C, F] → C tensors [n_c, H] in the text hidden size."""
+        raise NotImplementedError
+
+    def new_cache(self, model: nn.Module):
+        """An empty KV cache for `run_text_model(..., cache=...)`."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+
+    def run_text_model(
+        self,
+        model: nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        cache=None,
+    ) -> torch.Tensor:
+        """Final (normed) hidden states [B, S, H] of the text decoder; `cache` is filled in place when given."""
+        text = self.text_model(model)
+        kwargs: dict[str, Any] = {"use_cache": cache is not None}
+        if cache is not None:
+            kwargs[_cache_keyword(text)] = cache
+        out = text(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return out.last_hidden_state
+
+
+def _cache_keyword(module: nn.Module) -> str:
+    """The KV-cache argument of a decoder's forward: `cache` in recent transformers 5.x, before that
+    `past_key_values` (the cache object is updated in place, so its name on the output is never needed)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------- Qwen2-Audio
+class Qwen2AudioAdapter(ModelAdapter):
+    """`Qwen2AudioForConditionalGeneration` (transformers 5.x layout: `model.model.audio_tower`,
+    `model.model.multi_modal_projector`, `model.model.language_model`, `model.lm_head`)."""
+
+    family = "qwen2_audio"
+    model_types = ("qwen2_audio",)
+
+    def load(self, folder, *, dtype, attn_implementation, device):
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        if not isinstance(processor, Qwen2AudioProcessor):
+            raise ValueError(f"{folder}: processor is {type(processor).__name__}, not Qwen2AudioProcessor")
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
+            use_safetensors=True,  # weights never come from a pickle (.bin): loading one can run code
+        )
+        # The encoder defines its position table as frozen (requires_grad=False), but from_pretrained
+        # (transformers 5.24) hands it back trainable; restore the architecture's intent.
+        for p in self.fixed_parameters(model):
+            p.requires_grad_(False)
+        return model.to(device).eval(), processor
+
+    def text_model(self, model):
+        return model.model.language_model
+
+    def audio_tower(self, model):
+        return model.model.audio_tower
+
+    def audio_projector(self, model):
+        return model.model.multi_modal_projector
+
+    def fixed_parameters(self, model):
+        return list(self.audio_tower(model).embed_positions.parameters())
+
+    def encode_audio(self, model, input_features, feature_attention_mask):
+        """Audio tower + projector exactly as `Qwen2AudioModel.forward` runs them (the features are padded
+        to the encoder's full window; padding frames after the first convolution are masked out of the
+        encoder's bidirectional attention)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        tower = self.audio_tower(model)
+        device = tower.conv1.weight.device
+        input_features = input_features.to(device, tower.conv1.weight.dtype)
+        feature_attention_mask = feature_attention_mask.to(device)
+        conv_lengths, output_lengths = tower._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
+        num_clips, _, num_frames = input_features.shape
+        conv_len = (num_frames - 2) // 2 + 1
+        valid = torch.arange(conv_len, device=device)[None, :] < conv_lengths[:, None]
+        text_dtype = self.embed_tokens(model).weight.dtype
+        encoder_mask = create_bidirectional_mask(
+            config=tower.config,
+            inputs_embeds=torch.zeros(num_clips, conv_len, 1, dtype=text_dtype, device=device),
+            attention_mask=valid.long(),
+        )
+        encoded = tower(input_features, attention_mask=encoder_mask).last_hidden_state  # [C, F/4, d_audio]
+        projected = self.audio_projector(model)(encoded)  # [C, F/4, H]
+        return [projected[c, :n] for c, n in enumerate(output_lengths.tolist())]
+
+
+# ---------------------------------------------------------------------------------------- registry
+_ADAPTERS: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Make `adapter` the one for each of its `model_types`."""
+    for model_type in adapter.model_types:
+        _ADAPTERS[model_type] = adapter
+    return adapter
+
+
+register_adapter(Qwen2AudioAdapter())
+
+
+def registered_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def _lookup(model_type: str | None, where: str) -> ModelAdapter:
+    adapter = _ADAPTERS.get(model_type or "")
+    if adapter is None:
+        raise ValueError(f"{where}: model_type {model_type!r} has no mapo adapter; supported: {', '.join(registered_model_types())}")
+    return adapter
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter of a built model (by `model.config.model_type`)."""
+    config = getattr(model, "config", None)
+    return _lookup(getattr(config, "model_type", None), type(model).__name__)
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in _ADAPTERS
+
+
+def adapter_for_folder(folder: str | Path) -> ModelAdapter:
+    """The adapter for a local model folder, from the `model_type` of its config.json."""
+    config_file = Path(folder) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    return _lookup(model_type, str(config_file))

@@ -1,0 +1,91 @@
+"""One RL step: data → rollout → rewards → advantages → no-grad scoring → MAPO update(s) on
+micro-batches → optimizer step → metrics (DESIGN §2). The pieces are pure functions and the model
+adapter; this module only composes them for one step of a `Phase`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mapo import distributed as dist_utils
+from mapo.algos.advantages import group_advantages
+from mapo.config import MapoConfig
+from mapo.data.sampler import without_some_audio
+from mapo.phase import Phase
+from mapo.rewards import compute_rewards
+from mapo.rollout import generate_rollout
+from mapo.step import MetricSums, Normalisers, mapo_step, prepare_batch
+
+
+def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input) -> tuple[dict, list]:
+    """One RL optimizer step on `rollout.prompts_per_step` prompts (global). Returns (metrics, sample rows)."""
+    algo, G = cfg.algo, cfg.rollout.group_size
+    n_global = cfg.rollout.prompts_per_step
+    step_index = phase.step
+    records = phase.sampler.next_batch(n_global)
+    records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, step_index)
+    local = dist_utils.shard_indices(n_global, ctx)
+    records = records[local]
+    seeds = [cfg.trainer.seed * 1_000_003 + step_index * 10_007 + i for i in range(local.start, local.stop)]
+
+    # rollout (audio encoded once per prompt, prompt prefilled once per group)
+    batch = collator.prompts(records)
+    rollout = phase.runner(
+        generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=seeds, **gen_kwargs,
+    )
+
+    # rewards and advantages (the advantage normaliser may span ranks: gather, compute, slice)
+    ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, gen_kwargs["pad_token_id"])
+    texts = collator.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+    row_records = [r for r in records for _ in range(G)]
+    rewards = compute_rewards(texts, row_records, cfg.reward.functions, cfg.reward.weights)
+    all_rewards = dist_utils.gather_1d(rewards.total.to(ctx.device), ctx)
+    n_local = len(rewards.total)
+    adv = group_advantages(all_rewards, G, scale=algo.adv_scale, eps=algo.adv_eps)[ctx.rank * n_local : (ctx.rank + 1) * n_local]
+
+    # no-grad scoring: reference log-probs, ablated reference, (old policy when several passes)
+    prepared = prepare_batch(
+        phase.runner, rollout, adv, rewards.accuracy, algo,
+        frozen_reference=ref_runner, feature_extractor=collator.feature_extractor,
+        content_vocab_mask=content_mask, temperature=cfg.rollout.temperature, audio_input=audio_input,
+        old_pass=algo.updates_per_rollout > 1,
+    )
+    num_tokens = dist_utils.global_sum(rollout.completion_mask.sum().float(), ctx)
+    norms = Normalisers(num_tokens=num_tokens, num_seqs=n_global * G, max_len=cfg.rollout.max_new_tokens)
+
+    # update(s) on micro-batches; FSDP averages gradients over ranks, so scale by world size
+    sums = MetricSums()
+    rows = torch.arange(n_local, device=rollout.completion_ids.device)
+    for _ in range(algo.updates_per_rollout):
+        for chunk in rows.split(max(1, cfg.trainer.micro_batch_size)):
+            _, m = mapo_step(
+                phase.model, rollout, chunk, prepared, algo, norms, temperature=cfg.rollout.temperature,
+                audio_input=audio_input, backward_scale=float(ctx.world_size), call=phase.runner,
+            )
+            sums.add(m)
+        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
+    phase.step += 1
+
+    lengths = rollout.completion_mask.sum(-1).float()
+    extra = {
+        "reward/mean": torch.stack([rewards.total.sum(), torch.tensor(float(n_local))]),
+        "completion/length": torch.stack([lengths.sum().cpu(), torch.tensor(float(n_local))]),
+        # rows that hit max_new_tokens without emitting EOS (they score 0 accuracy)
+        "completion/truncated": torch.stack([(rollout.completion_ids == gen_kwargs["eos_token_id"]).any(-1).logical_not().sum().float().cpu(),
+                                             torch.tensor(float(n_local))]),
+    }
+    groups = rewards.total.view(-1, G)
+    informative = (groups.amax(-1) > groups.amin(-1)).float()  # groups with a non-zero advantage somewhere
+    extra["rollout/informative_groups"] = torch.stack([informative.sum(), torch.tensor(float(len(informative)))])
+    for name, values in rewards.per_function.items():
+        extra[f"reward/{name}"] = torch.stack([values.sum(), torch.tensor(float(n_local))])
+    sums.add(extra)
+    metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
+    metrics["grad_norm"] = float(grad_norm)
+    metrics["lr"] = phase.scheduler.get_last_lr()[0]
+    samples = [{"id": r.id, "task": r.task, "answer": r.answer, "completion": t, "reward": float(v)}
+               for r, t, v in list(zip(row_records, texts, rewards.total.tolist()))[:: G][:8]]
+    return metrics, samples
+
+

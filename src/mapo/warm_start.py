@@ -1,0 +1,105 @@
+"""The supervised phases: the cached warm start on the reference traces before RL, and `algo=sft` run
+as the main phase. Both are `sft_phase` on a `Phase`; the warm start caches its weights by a hash of
+everything they depend on, so a second run (or a sweep) reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mapo import distributed as dist_utils
+from mapo.checkpoint import resolve_resume
+from mapo.config import MapoConfig
+from mapo.data.collate import Collator
+from mapo.data.sampler import without_some_audio
+from mapo.distributed import say
+from mapo.phase import Phase, set_trainable
+from mapo.run_logging import make_logger
+from mapo.step import MetricSums, sft_nll
+
+
+def warm_start_key(cfg: MapoConfig) -> str:
+    """Hash of everything the warm-started weights depend on (not where the cache lives)."""
+    settings = dataclasses.asdict(cfg.trainer.warm_start)
+    settings.pop("cache_dir")
+    parts = {"model": dataclasses.asdict(cfg.model), "data": [cfg.data.dir, cfg.data.train], "warm_start": settings, "seed": cfg.trainer.seed}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, run_dir: Path, batch_size: int,
+              log_prefix: str, stop_at: int | None = None) -> None:
+    """Supervised steps on the reference traces (the warm start, or `algo=sft` as the main phase),
+    up to `stop_at` (default: the phase's last step)."""
+    micro = max(1, cfg.trainer.micro_batch_size)
+    while phase.step < (phase.steps if stop_at is None else stop_at):
+        t0 = time.perf_counter()
+        records = phase.sampler.next_batch(batch_size)
+        records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, phase.step)
+        records = records[dist_utils.shard_indices(batch_size, ctx)]
+        batches = [collator.supervised(records[i : i + micro]) for i in range(0, len(records), micro)]
+        num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        num_tokens = float(dist_utils.global_sum(torch.tensor(float(num_tokens)), ctx))
+        sums = MetricSums()
+        for batch in batches:
+            nll, correct, count = phase.runner(sft_nll, batch)
+            (nll / num_tokens * ctx.world_size).backward()
+            sums.add({"loss/nll": torch.stack([nll.detach() / num_tokens, torch.ones((), device=nll.device)]),
+                      "sft/token_accuracy": torch.stack([correct.float(), count.float()])})
+        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
+        phase.step += 1
+        metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
+        metrics.update({"grad_norm": float(grad_norm), "lr": phase.scheduler.get_last_lr()[0], "time/step_s": time.perf_counter() - t0})
+        logger.log(phase.step, {f"{log_prefix}{k}": v for k, v in metrics.items()})
+        logger.progress(phase.step, {f"{log_prefix}{k}": v for k, v in metrics.items()})
+        if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
+            phase.save(run_dir, ctx, cfg.trainer.keep_last)
+
+
+def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx) -> Path:
+    """The cached warm-start weights (a safetensors file); trains `model` to make them when missing.
+
+    Training shards `model` in place under FSDP: the caller reloads it before loading the weights.
+    The work folder keeps checkpoints, so an interrupted warm start resumes; it is removed once the
+    weights are in the cache (written to a temporary folder, then renamed).
+    """
+    ws = cfg.trainer.warm_start
+    cache = Path(ws.cache_dir) / warm_start_key(cfg)
+    weights = cache / "model.safetensors"
+    if weights.is_file():
+        say(ctx, f"[mapo] warm start: cached weights {weights}")
+        return weights
+    say(ctx, f"[mapo] warm start: {ws.steps} supervised steps (cached in {cache})")
+    work = cache.with_name(cache.name + ".run")
+    set_trainable(model, cfg, everything=True)
+    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
+    phase = Phase("warm_start", runner, model, ws.lr, ws.steps, ws.warmup_steps, "constant", cfg, train_items)
+    resume = resolve_resume(work, "auto")
+    if resume is not None:
+        phase.resume(resume, ctx)
+    logger = make_logger("none", work, {}, total_steps=ws.steps, enabled=ctx.is_main,
+                         progress_keys={"loss": "warm/loss/nll", "tok_acc": "warm/sft/token_accuracy"})
+    sft_phase(phase, collator, cfg, ctx, logger, work, ws.batch_size, "warm/")
+    logger.finish()
+    state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
+    if ctx.is_main:
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / "warm_start.json").write_text(json.dumps({"steps": ws.steps, "key": cache.name}) + "\n")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+        shutil.rmtree(work, ignore_errors=True)
+    if ctx.enabled:
+        torch.distributed.barrier()
+    return weights
+
+

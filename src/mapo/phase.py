@@ -44,10 +44,16 @@ class Phase:
         self.sampler = EpochSampler(items, seed=cfg.trainer.seed)
         self.step = 0
 
-    def clip_and_step(self, grad_clip: float) -> torch.Tensor:
+    def clip_and_step(self, grad_clip: float, should_step=None) -> torch.Tensor:
+        """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the norm.
+
+        should_step: optional `norm -> bool` (e.g. the non-finite guard); False skips the optimizer step
+        (the schedule still advances, so the learning rate stays tied to the step count).
+        """
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        if should_step is None or should_step(norm):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -17,14 +17,23 @@ from mapo.rollout import generate_rollout
 from mapo.step import MetricSums, Normalisers, mapo_step, prepare_batch
 
 
-def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input) -> tuple[dict, list]:
-    """One RL optimizer step on `rollout.prompts_per_step` prompts (global). Returns (metrics, sample rows)."""
+def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input,
+            faults=None) -> tuple[dict, list]:
+    """One RL optimizer step on `rollout.prompts_per_step` prompts (global). Returns (metrics, sample rows).
+
+    faults: the run's `mapo.faults.RunFaults` (rows with bad audio replaced on every rank, non-finite
+    steps skipped, reward failures counted), or None for none of that.
+    """
     algo, G = cfg.algo, cfg.rollout.group_size
     n_global = cfg.rollout.prompts_per_step
     step_index = phase.step
-    records = phase.sampler.next_batch(n_global)
-    records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, step_index)
     local = dist_utils.shard_indices(n_global, ctx)
+    replaced_before, skipped_before = (faults.batches.skipped, faults.nonfinite.skipped) if faults else (0, 0)
+    if faults is None:
+        records = phase.sampler.next_batch(n_global)
+    else:
+        records = faults.batches.next_batch(phase.sampler, n_global, local, step_index + 1)
+    records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, step_index)
     records = records[local]
     seeds = [cfg.trainer.seed * 1_000_003 + step_index * 10_007 + i for i in range(local.start, local.stop)]
 
@@ -58,13 +67,16 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     sums = MetricSums()
     rows = torch.arange(n_local, device=rollout.completion_ids.device)
     for _ in range(algo.updates_per_rollout):
+        pass_loss = torch.zeros((), device=rollout.completion_ids.device)
         for chunk in rows.split(max(1, cfg.trainer.micro_batch_size)):
-            _, m = mapo_step(
+            loss, m = mapo_step(
                 phase.model, rollout, chunk, prepared, algo, norms, temperature=cfg.rollout.temperature,
                 audio_input=audio_input, backward_scale=float(ctx.world_size), call=phase.runner,
             )
+            pass_loss = pass_loss + loss.detach()
             sums.add(m)
-        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
+        decide = faults.step_decider(step_index + 1, pass_loss, [r.id for r in records]) if faults else None
+        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip, should_step=decide)
     phase.step += 1
 
     lengths = rollout.completion_mask.sum(-1).float()
@@ -82,6 +94,12 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
         extra[f"reward/{name}"] = torch.stack([values.sum(), torch.tensor(float(n_local))])
     sums.add(extra)
     metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
+    if faults is not None:
+        metrics.update(faults.add_reward_errors(list(cfg.reward.functions), rewards.errors))
+        if faults.nonfinite.skipped > skipped_before:
+            metrics["faults/step_skipped"] = 1.0
+        if faults.batches.skipped > replaced_before:
+            metrics["faults/audio_rows_replaced"] = float(faults.batches.skipped - replaced_before)
     metrics["grad_norm"] = float(grad_norm)
     metrics["lr"] = phase.scheduler.get_last_lr()[0]
     samples = [{"id": r.id, "task": r.task, "answer": r.answer, "completion": t, "reward": float(v)}

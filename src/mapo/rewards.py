@@ -278,8 +278,8 @@ def _log_first_failure(name: str, failure: str, completion: str, record: Record)
         return
     _LOGGED_FAILURES.add(name)
     log.warning("reward %r %s on record %r; that completion scores 0 from it (later failures of %r are only "
-                "counted, as reward/errors/%s). The completion was:\n%s", name, failure, record.id, name, name,
-                completion)
+                "counted: faults/reward_errors/%s in the run's metrics). The completion was:\n%s", name, failure,
+                record.id, name, name, completion)
 
 
 def _weights_by_name(names: list[str], weights: Sequence[float] | Mapping[str, float] | None) -> dict[str, float]:

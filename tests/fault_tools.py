@@ -21,10 +21,11 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
 
-def tiny_overrides(env: dict, run_dir: Path, *extra: str, data_dir: Path | None = None) -> list[str]:
+def tiny_overrides(env: dict, run_dir: Path, *extra: str, data_dir: Path | None = None,
+                   experiment: str = "tiny_grpo") -> list[str]:
     """A small, fast run of the tiny model: no warm start, 2 prompts × 2 samples, 6 new tokens, 3 steps."""
     return [
-        "experiment=tiny_grpo", "logger=none", f"model.path={env['model']}", f"data.dir={data_dir or env['data']}",
+        f"experiment={experiment}", "logger=none", f"model.path={env['model']}", f"data.dir={data_dir or env['data']}",
         f"trainer.run_dir={run_dir}", "trainer.warm_start.enabled=false", "trainer.steps=3", "trainer.num_threads=1",
         "trainer.eval_on_start=false", "trainer.export_final=false", "data.eval_max_items=2",
         "data.eval_splits={test: test.jsonl}", "rollout.prompts_per_step=2", "rollout.group_size=2",

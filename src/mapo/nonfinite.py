@@ -44,7 +44,10 @@ class NonFiniteGuard:
         step: the optimizer step about to be taken (1-based); rows: ids of this rank's rows, for the log.
         Raises NonFiniteError on the `max_consecutive`-th non-finite step in a row.
         """
-        bad_here = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach()))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: clip_grad_norm_ returns a (replicated) DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.detach()
+        bad_here = ~(torch.isfinite(loss.detach().to(grad_norm.device)) & torch.isfinite(grad_norm))
         bad = float(self.any_rank(bad_here.to(grad_norm.device, torch.float32).reshape(()))) > 0
         if not bad:
             self.consecutive = 0

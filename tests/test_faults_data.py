@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from fault_tools import compose_config, manifest_row, tiny_overrides, write_clip
 
 from mapo.data import validate

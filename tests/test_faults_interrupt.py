@@ -246,7 +246,7 @@ def test_enospc_in_the_training_program_fails_loudly_and_resume_auto_recovers(ti
 
 
 def test_phase_resume_restores_every_rng(tmp_path):
-    phase, model = _fresh_phase()
+    phase, _ = _fresh_phase()
     ctx = dist_utils.init_distributed("cpu")
     phase.step = 1
     torch.manual_seed(123)

@@ -14,15 +14,12 @@ import dataclasses
 
 import pytest
 import torch
+from test_step import setup  # noqa: F401  (a module fixture: the tiny model and one rollout)
 from toy_model import AUDIO, EOS, PAD, make_batch, tiny_model
 
 from mapo.algos import losses, mapo
-from mapo.algos.mapo import build_content_vocab_mask
 from mapo.capture import capture_audio_attention, completion_mass
 from mapo.config import AlgoConfig
-from mapo.data.collate import Collator
-from mapo.data.validate import read_manifest
-from mapo.models.loader import generation_suppressed_token_ids, load_model_and_processor
 from mapo.rollout import generate_rollout
 from mapo.scoring import hidden_states, sequence_inputs
 from mapo.step import Normalisers, mapo_step, plain_call, prepare_batch
@@ -96,22 +93,11 @@ def test_first_token_frequencies_follow_the_tempered_nucleus(temperature, top_p)
 
 # ------------------------------------------------------------------------------------------ mapo_step options
 
-G = 4
-
 
 @pytest.fixture(scope="module")
-def step_setup(tiny_env):
-    torch.manual_seed(0)
-    model, processor = load_model_and_processor(tiny_env["model"])
-    collator = Collator(processor)
-    records = read_manifest(tiny_env["data"] / "train.jsonl").records[::20][:3]
-    tok = processor.tokenizer
-    rollout = generate_rollout(
-        model, collator.prompts(records), group_size=G, max_new_tokens=10,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-        suppress_token_ids=generation_suppressed_token_ids(processor), seeds=[1, 2, 3],
-    )
-    content = build_content_vocab_mask(tok, model.lm_head.out_features)
+def step_setup(setup):
+    """test_step's tiny model, rollout and content mask, with a reference that differs from the policy."""
+    model, _, rollout, content = setup
     reference = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():  # a reference that differs from the policy, so every KL estimator is non-zero
         gen = torch.Generator().manual_seed(1)
@@ -220,7 +206,7 @@ def test_audio_mass_metrics_follow_the_head_and_layer_reduction(step_setup):
 def test_kl_kind_changes_the_kl_term_by_the_expected_amount(step_setup, kind):
     algo = _algo(kl_kind=kind)
     prepared = _prepare(step_setup, algo)
-    loss, m = _metrics(step_setup, algo, prepared)
+    _, m = _metrics(step_setup, algo, prepared)
     mask = step_setup[2].completion_mask.double()
     p, q = prepared.old_logprobs.double(), prepared.ref_logprobs.double()  # policy (unchanged) and reference
     per_token = {"k1": p - q, "k2": 0.5 * (p - q) ** 2, "k3": torch.exp(q - p) - (q - p) - 1}[kind]

@@ -259,3 +259,32 @@ def test_phase_resume_restores_every_rng(tmp_path):
     fresh.resume(resolve_resume(tmp_path, "auto"), ctx)
     got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_a_signal_during_the_warm_start_keeps_its_progress(tiny_env, tmp_path):
+    """SIGTERM while the supervised warm start runs: a checkpoint in its work folder, exit 143; the next
+    run resumes the warm start from there instead of starting it again."""
+    cache = tmp_path / "warm"
+    run_dir = tmp_path / "run"
+    overrides = _overrides(tiny_env, run_dir, "trainer.warm_start.enabled=true", f"trainer.warm_start.cache_dir={cache}",
+                           "trainer.warm_start.steps=8", "trainer.warm_start.batch_size=4", "trainer.steps=1")
+    proc = subprocess.Popen(train_command(overrides), cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(len(metrics_rows(work)) >= 2 for work in cache.glob("*.run")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    (work,) = cache.glob("*.run")
+    stopped_at = len(metrics_rows(work))
+    assert f"warm start stopped at step {stopped_at} of 8" in out and stopped_at < 8
+    assert resolve_resume(work, "auto").name == f"step_{stopped_at:06d}"
+    done = run_training(overrides, cwd=tmp_path)
+    assert f"resumed warm start at step {stopped_at}" in done.stdout  # resumed, not restarted
+    assert not work.exists() and any(cache.glob("*/model.safetensors"))  # finished and cached

@@ -99,6 +99,7 @@ def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx,
     resume = resolve_resume(work, "auto")
     if resume is not None:
         phase.resume(resume, ctx)
+        say(ctx, f"[mapo] resumed warm start at step {phase.step} from {resume}")
     logger = make_logger("none", work, {}, total_steps=ws.steps, enabled=ctx.is_main,
                          progress_keys={"loss": "warm/loss/nll", "tok_acc": "warm/sft/token_accuracy"})
     sft_phase(phase, collator, cfg, ctx, logger, work, ws.batch_size, "warm/", faults=faults)

@@ -226,8 +226,7 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
         phase.save(run_dir, ctx, cfg.trainer.keep_last)
     flag.deferring = False
     fault_counts = faults.summary(clips_cut=int(dist_utils.global_sum(torch.tensor(float(len(collator.cut_clips))), ctx)))
-    if ctx.is_main:
-        say(ctx, "[mapo] data and faults: " + ", ".join(f"{k}={v}" for k, v in fault_counts.items()))
+    say(ctx, "[mapo] data and faults: " + ", ".join(f"{k}={v}" for k, v in fault_counts.items()))
     if phase.step < phase.steps:
         why = "trainer.stop_after" if faults.stop.stopped_by is None else f"signal {faults.stop.exit_code - 128}"
         say(ctx, f"[mapo] stopped after step {phase.step} of {phase.steps} ({why}); resume with trainer.run_dir={run_dir} trainer.resume=auto")

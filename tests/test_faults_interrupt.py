@@ -216,31 +216,80 @@ def test_a_full_disk_during_a_save_fails_loudly_and_keeps_the_previous_checkpoin
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000001"]
 
 
-def test_enospc_in_the_training_program_fails_loudly_and_resume_auto_recovers(tiny_env, tmp_path, reference, monkeypatch):
-    """torch.save raising ENOSPC on the second checkpoint (after writing part of a file): the run stops
-    with the error, checkpoint 2 stays the newest, and resume=auto reproduces the uninterrupted run."""
-    real_save = torch.save
-    saves = {"n": 0, "failed": False}
+class DiskFullAfterFirstCheckpoint:
+    """Makes every checkpoint writer fail with ENOSPC, after writing part of its file, once a first
+    complete checkpoint exists under `run_dir`: Python file objects opened for writing there, `torch.save`
+    and safetensors' `save_file` (whichever the checkpoint format uses)."""
 
-    def save_until_disk_full(obj, f, *args, **kwargs):
-        saves["n"] += 1
-        if saves["n"] > 3 and not saves["failed"]:  # the first checkpoint's files, then disk full
-            saves["failed"] = True
-            if isinstance(f, (str, os.PathLike)):
-                Path(f).write_bytes(b"\0" * 100)
-            else:
-                f.write(b"\0" * 100)
+    def __init__(self, run_dir: Path, monkeypatch):
+        import builtins
+
+        import safetensors.torch
+
+        import mapo.checkpoint
+
+        self.run_dir, self.failures = run_dir, 0
+        real_open, real_save, real_save_file = builtins.open, torch.save, safetensors.torch.save_file
+        full = self
+
+        class FillingFile:
+            def __init__(self, handle):
+                self.handle = handle
+
+            def write(self, data):
+                self.handle.write(bytes(data)[:100] if isinstance(data, (bytes, bytearray, memoryview)) else data[:100])
+                full.failures += 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            def __getattr__(self, name):
+                return getattr(self.handle, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.handle.close()
+
+        def open_(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            return FillingFile(handle) if any(m in mode for m in "wax") and self.armed(file) else handle
+
+        def fail(target):
+            if isinstance(target, (str, os.PathLike)):
+                Path(target).write_bytes(b"\0" * 100)
+            self.failures += 1
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", save_until_disk_full)
+        def save(obj, f, *args, **kwargs):
+            return fail(f) if self.armed(f) else real_save(obj, f, *args, **kwargs)
+
+        def save_file(tensors, filename, *args, **kwargs):
+            return fail(filename) if self.armed(filename) else real_save_file(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        if hasattr(mapo.checkpoint, "save_file"):
+            monkeypatch.setattr(mapo.checkpoint, "save_file", save_file)
+
+    def armed(self, target) -> bool:
+        """A write into the checkpoints folder once one checkpoint is complete (a file object counts too)."""
+        if isinstance(target, (str, os.PathLike)) and Path(self.run_dir, "checkpoints") not in Path(target).parents:
+            return False
+        return resolve_resume(self.run_dir, "auto") is not None
+
+
+def test_enospc_in_the_training_program_fails_loudly_and_resume_auto_recovers(tiny_env, tmp_path, reference, monkeypatch):
+    """Every checkpoint writer raises ENOSPC (after writing part of a file) once checkpoint 2 exists: the
+    run stops with the error, checkpoint 2 stays the newest, and resume=auto reproduces the uninterrupted run."""
     run_dir = tmp_path / "run"
-    cfg = compose_config(_overrides(tiny_env, run_dir, "trainer.checkpoint_every=2"))
-    with pytest.raises(OSError) as info:
-        mapo.train.run(cfg)
-    assert info.value.errno == errno.ENOSPC and saves["failed"]
+    with monkeypatch.context() as patch:
+        disk = DiskFullAfterFirstCheckpoint(run_dir, patch)
+        cfg = compose_config(_overrides(tiny_env, run_dir, "trainer.checkpoint_every=2"))
+        with pytest.raises(OSError) as info:
+            mapo.train.run(cfg)
+    assert info.value.errno == errno.ENOSPC and disk.failures >= 1
     assert resolve_resume(run_dir, "auto").name == "step_000002"
-    monkeypatch.setattr(torch, "save", real_save)
     mapo.train.run(compose_config(_overrides(tiny_env, run_dir, "trainer.checkpoint_every=2", "trainer.resume=auto")))
     rows = train_rows(run_dir)
     assert sorted(rows) == list(range(1, STEPS + 1))

@@ -343,7 +343,7 @@ def check_clips(paths: list[str], audio_check: str = "decode", workers: int = 0,
 
     if not paths:
         return {}
-    workers = workers or min(16, os.cpu_count() or 1)
+    workers = workers if workers > 0 else min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(paths), desc=desc, unit="clip", disable=not progress, mininterval=0.5) as bar:
         out = {}

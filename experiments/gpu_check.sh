@@ -25,3 +25,9 @@ timeout 120 python3 -m mapo.train experiment=tiny_mapo logger=none trainer.devic
   model.path=$MAPO_ARTIFACTS/models/tiny-qwen2-audio data.dir=$MAPO_ARTIFACTS/data/synthetic \
   trainer.warm_start.cache_dir=$MAPO_ARTIFACTS/warm trainer.warm_start.steps=60 trainer.steps=10 \
   data.eval_max_items=24 trainer.run_dir=$MAPO_ARTIFACTS/run 2>&1 | grep -v "it/s\]" | tail -15 | tee "$OUT/train.txt"
+echo "== mapo.eval on cuda (bf16): MMAU fixture, all conditions, collapse diagnostics"
+timeout 120 python3 -m mapo.eval --model $MAPO_ARTIFACTS/models/tiny-qwen2-audio --data tests/fixtures/mmau/mmau-test-mini.json \
+  --out "$OUT/eval" --conditions all --collapse --max-new-tokens 32 --device cuda --no-progress 2>&1 | tail -4 | tee "$OUT/eval.txt"
+python3 -c "import json; s=json.load(open('$OUT/eval/summary.json')); c=json.load(open('$OUT/eval/collapse.json')); \
+print('dtype', s['options']['dtype'], 'flip', s['flip_rate'], 'audio mass by decile', [None if v is None else round(v, 3) for v in c['audio']['audio_mass']])" \
+  | tee -a "$OUT/eval.txt"

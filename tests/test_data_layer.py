@@ -167,7 +167,7 @@ def test_unknown_layout_lists_the_valid_ones(tmp_path):
         read_manifest(manifest)
     for name in ("ours", "mmau", "avqa"):
         assert name in str(info.value)
-    with pytest.raises(ValueError, match="valid: auto, mmau, avqa, ours"):
+    with pytest.raises(ValueError, match="valid: auto, mmau, avqa, mmar, mmsu, ours"):
         read_manifest(manifest, layout="csv")
 
 

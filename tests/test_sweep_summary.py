@@ -129,3 +129,27 @@ def test_empty_sweep_and_bad_overrides(tmp_path):
     assert parse_overrides_file(bad) == {"algo.attn": "~deleted", "trainer.steps": "5", "data.path": "a=b"}
     bad.write_text("[]\n")
     assert parse_overrides_file(bad) == {}
+
+
+def test_eval_columns_come_from_the_evaluated_splits(tmp_path):
+    sweep = tmp_path / "sweep"
+    # Run 0 evaluated MMAU (audio, no_audio) and the built-in test split (audio only); run 1 also
+    # shuffled MMAU and a new split; per-task keys and other metrics are not evaluation columns.
+    make_run(sweep, "0", ["algo.eta=0"], final={
+        "step": 5, "train_seconds": 12.5, "mmau/audio/accuracy": 0.5, "mmau/no_audio/accuracy": 0.25,
+        "mmau/flip_rate": 0.4, "mmau/audio/task/sound": 1.0, "test/audio/accuracy": 0.75, "reward/mean": 0.3})
+    make_run(sweep, "1", ["algo.eta=0.05"], final={
+        "step": 5, "mmau/shuffled/accuracy": 0.125, "mmau/audio/accuracy": 0.625, "mmar/audio/accuracy": 0.375})
+    make_run(sweep, "2", ["algo.eta=0.1"])  # failed: no metrics, still listed
+    rows = summarize_sweep(sweep, eval_only=True)
+    assert list(rows[0]) == ["run", "status", "algo.eta", "step", "mmau/audio/accuracy", "mmau/no_audio/accuracy",
+                             "mmau/shuffled/accuracy", "mmau/flip_rate", "test/audio/accuracy",
+                             "mmar/audio/accuracy", "train_seconds", "note"]
+    assert [rows[0][k] for k in ("mmau/audio/accuracy", "mmau/shuffled/accuracy", "test/audio/accuracy", "train_seconds")] == [
+        0.5, None, 0.75, 12.5]
+    assert [rows[1][k] for k in ("mmau/audio/accuracy", "mmau/shuffled/accuracy", "mmar/audio/accuracy")] == [0.625, 0.125, 0.375]
+    assert rows[2]["status"] == "failed"
+    with pytest.raises(ValueError, match="not both"):
+        summarize_sweep(sweep, metrics=["step"], eval_only=True)
+    assert main([str(sweep), "--eval-columns"]) == 0
+    assert (sweep / "summary.md").read_text().splitlines()[0].startswith("| run | status | algo.eta | step | mmau/audio/accuracy |")

@@ -14,18 +14,6 @@ from pathlib import Path
 
 from mapo.sweep_summary import summarize_sweep
 
-#: Columns of the summary table (final_metrics.json keys; a run lacking one shows an empty cell).
-SUMMARY_METRICS = [
-    "step",
-    "test/audio/accuracy",
-    "test/no_audio/accuracy",
-    "counter_prior/audio/accuracy",
-    "counter_prior/no_audio/accuracy",
-    "counter_prior/flip_rate",
-    "train_seconds",
-]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     experiment = next((a.split("=", 1)[1] for a in argv if a.startswith("experiment=")), "tiny_mapo")
@@ -39,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "mapo.train", "--multirun", *argv]
     print("[mapo] sweep:", " ".join(cmd))
     code = subprocess.call(cmd)
-    rows = summarize_sweep(Path(sweep_dir), metrics=SUMMARY_METRICS)
+    # Columns: the splits the runs evaluated (mapo.sweep_summary.eval_columns), not a fixed list.
+    rows = summarize_sweep(Path(sweep_dir), eval_only=True)
     print(f"[mapo] sweep summary of {len(rows)} run(s): {Path(sweep_dir) / 'summary.md'}")
     print((Path(sweep_dir) / "summary.md").read_text())
     return code

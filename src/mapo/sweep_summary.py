@@ -12,7 +12,14 @@ is listed, failed ones included, with the reason in the `note` column.
 
 Columns: run, status, one per override key (first-seen order), one per metric, note.
 
-    python -m mapo.sweep_summary SWEEP_DIR [--metrics reward/mean,eval/accuracy]
+Metric columns: every numeric metric of any run (default); the ones named (`--metrics a,b`); or the
+evaluation columns (`--eval-columns`, what `make sweep` shows): `step`, then for every split the runs
+evaluated, in first-seen order, its accuracy under each condition found (audio, no_audio, shuffled) and
+its flip rate, then `train_seconds`. The splits come from the runs' own metrics (keys
+"<split>/<condition>/accuracy" and "<split>/flip_rate"), so a sweep over MMAU shows MMAU columns and
+one over the built-in benchmark shows test / counter_prior, with no list to keep up to date.
+
+    python -m mapo.sweep_summary SWEEP_DIR [--metrics reward/mean,eval/accuracy | --eval-columns]
 """
 
 from __future__ import annotations
@@ -110,6 +117,28 @@ def read_final_metrics(run_dir: Path) -> tuple[dict[str, float | int] | None, st
     return None, "; ".join(problems)
 
 
+EVAL_CONDITIONS = ("audio", "no_audio", "shuffled")
+_SPLIT_METRIC = re.compile(rf"^(?P<split>.+)/(?:(?P<condition>{'|'.join(EVAL_CONDITIONS)})/accuracy|flip_rate)$")
+
+
+def eval_columns(finals: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The evaluation columns of the module docstring, from the final metrics of the runs (in order)."""
+    splits: list[str] = []
+    present: set[str] = set()
+    for final in finals:
+        for key in final:
+            match = _SPLIT_METRIC.match(key)
+            if match:
+                present.add(key)
+                if match["split"] not in splits:
+                    splits.append(match["split"])
+    columns = ["step"]
+    for split in splits:
+        columns += [key for c in EVAL_CONDITIONS if (key := f"{split}/{c}/accuracy") in present]
+        columns += [key for key in (f"{split}/flip_rate",) if key in present]
+    return columns + ["train_seconds"]
+
+
 def _natural_key(text: str) -> list[Any]:
     """Sort key that orders "2" before "10" (Hydra numbers its run folders 0, 1, ..., 10, ...)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
@@ -126,12 +155,14 @@ def summarize_sweep(
     out_csv: str | Path | None = None,
     out_md: str | Path | None = None,
     metrics: Sequence[str] | None = None,
+    eval_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Summarise a Hydra multirun folder: one row per run; writes CSV and Markdown tables.
 
     sweep_dir: the multirun folder (e.g. multirun/2026-01-01/12-00-00).
     out_csv / out_md: default `sweep_dir/summary.csv` and `sweep_dir/summary.md`.
     metrics:   metric columns to keep (in this order); default every numeric metric of any run.
+    eval_only: the evaluation columns (`eval_columns`) instead; not together with `metrics`.
     Returns the rows: {"run": folder relative to sweep_dir, "status": "ok"|"failed", <override key>: str,
     <metric>: number, "note": str}; a cell a run does not have is None.
     Raises FileNotFoundError when sweep_dir is missing or holds no run folder.
@@ -143,6 +174,8 @@ def summarize_sweep(
     if not run_dirs:
         raise FileNotFoundError(f"no run folders (with .hydra/overrides.yaml) under {sweep_dir}")
 
+    if eval_only and metrics is not None:
+        raise ValueError("choose metric columns or the evaluation columns (eval_only), not both")
     override_cols: list[str] = []
     metric_cols: list[str] = list(metrics) if metrics is not None else []
     per_run = []
@@ -150,9 +183,11 @@ def summarize_sweep(
         overrides = parse_overrides_file(run_dir / ".hydra" / "overrides.yaml")
         final, note = read_final_metrics(run_dir)
         override_cols.extend(k for k in overrides if k not in override_cols)
-        if metrics is None and final is not None:
+        if metrics is None and not eval_only and final is not None:
             metric_cols.extend(k for k in final if k not in metric_cols)
         per_run.append((run_dir, overrides, final, note))
+    if eval_only:
+        metric_cols = eval_columns([final for _, _, final, _ in per_run if final is not None])
 
     fixed = {*FIXED_LEADING, *FIXED_TRAILING}
     clash = (set(override_cols) & set(metric_cols)) | ((set(override_cols) | set(metric_cols)) & fixed)
@@ -206,11 +241,14 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mapo.sweep_summary", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="Hydra multirun folder")
-    parser.add_argument("--metrics", default=None, help="comma-separated metric columns (default: all numeric)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--metrics", default=None, help="comma-separated metric columns (default: all numeric)")
+    which.add_argument("--eval-columns", action="store_true",
+                       help="step, accuracy per evaluated split and condition, flip rates, train_seconds")
     args = parser.parse_args(argv)
     chosen = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
-        rows = summarize_sweep(args.sweep_dir, metrics=chosen)
+        rows = summarize_sweep(args.sweep_dir, metrics=chosen, eval_only=args.eval_columns)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -38,11 +38,11 @@ from mapo.checkpoint import resolve_resume
 from mapo.config import MapoConfig
 from mapo.data.collate import Collator, FeatureCache
 from mapo.distributed import say
-from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate
+from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate, generation_tokens
 from mapo.faults import RunFaults, Stopped
 from mapo.interrupt import SignalFlag
 from mapo.models.adapter import get_adapter
-from mapo.models.loader import enable_activation_checkpointing, generation_suppressed_token_ids, load_model_and_processor
+from mapo.models.loader import enable_activation_checkpointing, load_model_and_processor
 from mapo.phase import Phase, set_trainable
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
@@ -79,12 +79,7 @@ def check_reward_config(cfg: MapoConfig) -> None:
 
 
 def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
-    tokenizer = processor.tokenizer
-    kwargs = dict(
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_token_ids=generation_suppressed_token_ids(processor),
-    )
+    kwargs = generation_tokens(processor)  # stop, pad and suppressed ids (shared with mapo.eval)
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs

@@ -199,6 +199,10 @@ def _decode_array(data: bytes, path: Path) -> str:
 
 
 def _rows(path: Path) -> list[tuple[int, Any]]:
+    if path.suffix.lower() == ".parquet":  # Hugging Face layout, audio embedded (mapo.data.parquet)
+        from mapo.data.parquet import parquet_rows
+
+        return parquet_rows(path)
     data = _read_bytes(path)
     first = _WHITESPACE_BYTES.match(data).end()
     if data[first:first + 1] == b"[" and path.suffix.lower() not in (".jsonl", ".ndjson"):

@@ -1,0 +1,110 @@
+"""Predictions files in and out.
+
+Read (`read_predictions`), one of:
+- our `predictions.jsonl`: one JSON object per line with `id`, `condition`, `model_output` (other keys
+  are ignored: scoring is redone from the manifest);
+- a JSON list of `{"id", "model_output"}` objects (what the benchmarks' own scripts are given), or of the
+  benchmark's rows with `model_prediction` (MMAU's / MMAR's submission layout); rows without a condition
+  are the `audio` condition.
+
+Written: `predictions.jsonl` (rows from `mapo.eval.results`), and `submission.json`: the manifest's own
+rows, as released, each with `model_prediction` set to the model's raw output, the file MMAU's and
+MMAR's scripts (and MMAU's test-split leaderboard) take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+OUTPUT_KEYS = ("model_output", "model_prediction")
+
+
+class PredictionsError(ValueError):
+    """A predictions file that cannot be used; the message names the file and line."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _output_of(row: Mapping[str, Any], where: str) -> str | None:
+    for key in OUTPUT_KEYS:
+        if key in row:
+            value = row[key]
+            if value is not None and not isinstance(value, str):
+                raise PredictionsError(f"{where}: '{key}' is {type(value).__name__}, expected a string")
+            return value
+    raise PredictionsError(f"{where}: no {' or '.join(OUTPUT_KEYS)} field")
+
+
+def _prediction(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise PredictionsError(f"{where}: expected an object, got {type(row).__name__}")
+    if row.get("id") is None:
+        raise PredictionsError(f"{where}: no 'id' field")
+    condition = row.get("condition") or "audio"
+    return {"id": str(row["id"]), "condition": str(condition), "model_output": _output_of(row, where)}
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """[{"id", "condition", "model_output"}] from any layout of the module docstring, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: predictions file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PredictionsError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        out = [_prediction(row, f"{path}: element {i}") for i, row in enumerate(rows)]
+    else:
+        out = []
+        for line_no, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PredictionsError(f"{path}:{line_no}: invalid JSON: {err.msg}") from None
+            out.append(_prediction(row, f"{path}:{line_no}"))
+    seen: set[tuple[str, str]] = set()
+    for row in out:
+        key = (row["id"], row["condition"])
+        if key in seen:
+            raise PredictionsError(f"{path}: id {row['id']!r} has two predictions under condition {row['condition']!r}")
+        seen.add(key)
+    return out
+
+
+def source_rows(manifest: str | Path) -> list[dict[str, Any]]:
+    """The manifest's rows as released (objects only), read the way the manifest reader reads them."""
+    from mapo.data.validate import _rows  # one container parser (JSON array / JSONL / parquet)
+
+    return [row for _, row in _rows(Path(manifest)) if isinstance(row, dict)]
+
+
+def write_submission(manifest: str | Path, outputs: Mapping[str, str | None], path: Path) -> int:
+    """The manifest's rows with `model_prediction` = outputs[id] (rows without an output are left out).
+
+    Returns how many rows were written.
+    """
+    rows = []
+    for row in source_rows(manifest):
+        key = str(row.get("id"))
+        if key in outputs and outputs[key] is not None:
+            rows.append({**row, "model_prediction": outputs[key]})
+    write_text_atomic(path, json.dumps(rows, ensure_ascii=False, indent=2, default=str) + "\n")
+    return len(rows)

@@ -20,6 +20,15 @@ OUT         ?=
 PRED        ?=
 BENCH       ?=
 SRC         ?=
+# Several machines: torchrun's static rendezvous (every node runs the same `make train` with its NODE_RANK).
+NNODES      ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?= 29500
+# `make plan`: the memory per GPU it plans against.
+GPU_GIB     ?= 80
+# `make sweep LAUNCHER=submitit_slurm`: Hydra's launcher plugin (pip install -e ".[cluster]").
+LAUNCHER    ?=
 
 ifdef VIRTUAL_ENV
   PY    := python
@@ -35,26 +44,33 @@ endif
 TINY_DIR := artifacts/models/tiny-qwen2-audio
 DATA_DIR := artifacts/data/synthetic
 
-ifeq ($(NPROC),1)
-  LAUNCH := $(PY)
-else
+# The launcher: plain python, torchrun on one machine, or torchrun's rendezvous over NNODES machines.
+ifneq ($(NNODES),1)
+  LAUNCH := $(PY) -m torch.distributed.run --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --nproc_per_node=$(NPROC) \
+            --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
+else ifneq ($(NPROC),1)
   LAUNCH := $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)
+else
+  LAUNCH := $(PY)
 endif
 
-.PHONY: install test tiny data check train sweep bench eval score prep clean help
+.PHONY: install test tiny data check train plan sweep bench eval score prep export clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
 	@echo "make test                                                  run the test suite (CPU)"
 	@echo "make tiny | make data                                      build the tiny model / the synthetic benchmark"
 	@echo "make check DATA=path/to/manifest                           validate a manifest (ours, MMAU, MMAR, MMSU, AVQA)"
-	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05'           Hydra multirun + summary table"
+	@echo "make train ... NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host [MASTER_PORT=29500]   one command per node (torchrun rendezvous)"
+	@echo "make plan EXP=qwen2audio_mapo NPROC=8 [GPU_GIB=80] [ARGS=...]  memory per GPU from config.json + run config (no weights)"
+	@echo "make sweep EXP=tiny_mapo SWEEP='algo.eta=0,0.05' [LAUNCHER=submitit_slurm]   Hydra multirun + summary table"
 	@echo "make eval MODEL=folder DATA=manifest [OUT=dir] [NPROC=n] [ARGS='--conditions all --collapse']  benchmark evaluation"
 	@echo "make eval RUN=run_dir DATA=manifest [OUT=dir]              every exported checkpoint of a run: accuracy vs step"
 	@echo "make eval EXP=tiny_mapo [ARGS='model.path=...']            the training config's eval splits only (before/after table)"
 	@echo "make score PRED=predictions DATA=manifest [OUT=dir]        rescore predictions without a model"
 	@echo "make prep BENCH=avqa|mmsu SRC=release OUT=dir              benchmark release -> manifest + audio files"
 	@echo "make bench                                                 speed/memory ratios of the fast paths"
+	@echo "make export CKPT=<run>/checkpoints/step_000100 OUT=<dir>    a training checkpoint as a Hugging Face folder"
 
 install: $(STAMP)
 
@@ -84,14 +100,15 @@ check: install
 	$(PY) -m mapo.data.check $(DATA) $(ARGS)
 
 train: install
-ifeq ($(NPROC),1)
-	$(PY) -m mapo.train experiment=$(EXP) $(ARGS)
-else
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m mapo.train experiment=$(EXP) $(ARGS)
-endif
+	@if [ "$(NNODES)" != "1" ] && [ -z "$(MASTER_ADDR)" ]; then \
+	  echo "make train NNODES=$(NNODES) needs MASTER_ADDR=<address of the node with NODE_RANK=0>"; exit 2; fi
+	$(LAUNCH) -m mapo.train experiment=$(EXP) $(ARGS)
+
+plan: install
+	$(PY) -m mapo.plan experiment=$(EXP) --nproc=$$(( $(NPROC) * $(NNODES) )) --gpu-gib=$(GPU_GIB) $(ARGS)
 
 sweep: install
-	$(PY) -m mapo.sweep experiment=$(EXP) $(SWEEP) $(ARGS)
+	$(PY) -m mapo.sweep experiment=$(EXP) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(SWEEP) $(ARGS)
 
 # MODEL/RUN + DATA: the standalone evaluation (mapo.eval); neither: the training config's eval splits.
 eval: install
@@ -115,6 +132,10 @@ prep: install
 
 bench: install
 	$(PY) -m mapo.bench $(ARGS)
+
+export: install
+	@if [ -z "$(CKPT)" ] || [ -z "$(OUT)" ]; then echo "usage: make export CKPT=<run_dir>/checkpoints/step_XXXXXX OUT=<folder>"; exit 2; fi
+	$(PY) -m mapo.export checkpoint=$(CKPT) out=$(OUT)
 
 clean:
 	rm -rf artifacts outputs multirun wandb

@@ -20,6 +20,8 @@ python3 -m mapo.models.tiny out_dir=$MAPO_ARTIFACTS/models/tiny-qwen2-audio corp
 timeout 100 python3 -m mapo.bench 2>&1 | tee "$OUT/bench.txt"
 echo "== MAPO step at Qwen2-Audio-7B widths (4+4 layers, 30 s audio, 4 prompts x G=8, 128 new tokens)"
 timeout 150 python3 experiments/scale_step.py 2>&1 | tail -25 | tee "$OUT/scale_step.txt"
+echo "== one MAPO step, full-depth Qwen2-Audio-7B widths, 4 prompts x G=8 x 512 new tokens, 30 s clips, plan vs measured"
+timeout 240 python3 experiments/gpu/full_step.py 2>&1 | tail -40 | tee "$OUT/full_step.txt"
 echo "== tiny_mapo on cuda (short)"
 timeout 120 python3 -m mapo.train experiment=tiny_mapo logger=none trainer.device=cuda \
   model.path=$MAPO_ARTIFACTS/models/tiny-qwen2-audio data.dir=$MAPO_ARTIFACTS/data/synthetic \

@@ -46,8 +46,9 @@ def test_experiments_resolve_to_expected_values():
     assert sft.algo.name == "sft" and not sft.trainer.warm_start.enabled
     for name in ("qwen2audio_mapo", "qwen2audio_grpo"):
         q = compose_cfg([f"experiment={name}"])
-        assert q.model.dtype == "bfloat16" and q.model.gradient_checkpointing and q.model.freeze_audio_tower
+        assert (q.model.master_dtype, q.model.compute_dtype, q.model.frozen_dtype) == ("float32", "auto", "auto") and q.model.gradient_checkpointing and q.model.freeze_audio_tower
         assert q.model.path == "" and not q.model.build_tiny_if_missing
+        assert q.data.name == "avqa_mmau" and list(q.data.eval_splits) == ["mmau_test_mini"]  # real data, splits replaced
         assert q.rollout.group_size == 8 and q.algo.beta == 0.02
     q = compose_cfg(["experiment=qwen2audio_mapo"])
     assert (q.algo.attn.eta, q.algo.attn.kappa, q.algo.mask.tau_base, q.algo.mask.cap) == (0.05, 1.0, 1.0, 5.0)
@@ -124,7 +125,7 @@ def metrics_lines(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("experiment", ["tiny_grpo", "tiny_mapo"])
 def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
     run_dir = tmp_path / experiment
-    proc = run_ok(train_cmd(tiny_env, run_dir, experiment))
+    proc = run_ok(train_cmd(tiny_env, run_dir, experiment, "trainer.export_every=1"))
     train_rows = [r for r in metrics_lines(run_dir) if "reward/mean" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
     for row in train_rows:
@@ -143,6 +144,34 @@ def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
     name = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert exported.state_dict().keys() == initial.state_dict().keys()
     assert not torch.equal(exported.state_dict()[name], initial.state_dict()[name])
+    # exports: float32 (the master weights), one folder per step (trainer.export_every=1), the last one
+    # equal to the final model; the warm-start cache keeps float32 too
+    assert json.loads((run_dir / "final_model" / "config.json").read_text())["dtype"] == "float32"
+    assert {v.dtype for v in exported.state_dict().values() if v.is_floating_point()} == {torch.float32}
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_000001", "step_000002"]
+    at_step_1, _ = load_model_and_processor(run_dir / "exports" / "step_000001")
+    at_step_2, _ = load_model_and_processor(run_dir / "exports" / "step_000002")
+    assert at_step_1.state_dict().keys() == exported.state_dict().keys()
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in at_step_2.state_dict().items())
+    # make export of the last checkpoint: the same weights as the live export; plain transformers reads it
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from mapo.export import main as export_main
+
+    export_main([f"checkpoint={run_dir / 'checkpoints' / 'step_000002'}", f"out={tmp_path / 'exported'}"])
+    ours, _ = load_model_and_processor(tmp_path / "exported")
+    plain = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "exported")  # default dtype: config's
+    for key, tensor in exported.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], tensor) and torch.equal(plain.state_dict()[key], tensor), key
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_main([f"checkpoint={run_dir / 'checkpoints' / 'step_000002'}", f"out={tmp_path / 'exported'}"])
+    from safetensors import safe_open
+
+    caches = list((tiny_env["root"] / "warm").glob("*/model.safetensors"))
+    assert caches
+    for warm in caches:
+        with safe_open(str(warm), "pt") as handle:
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F32"}
 
 
 def test_sft_experiment_lowers_its_loss_and_honours_stop_after(tiny_env, tmp_path):
@@ -221,12 +250,60 @@ def test_sweep_summary_lists_every_run(tiny_env, tmp_path):
 def test_reward_config_needs_accuracy_and_matching_weights():
     from omegaconf import OmegaConf
 
-    from mapo.train import check_reward_config
+    from mapo.preflight import ConfigError, check_config
 
     cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "reward.functions=[format]", "reward.weights=[1.0]"]))
-    with pytest.raises(ValueError, match="must include 'accuracy'"):
-        check_reward_config(cfg)
+    with pytest.raises(ConfigError, match="must include 'accuracy'"):
+        check_config(cfg)
     cfg = OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo", "reward.weights=[1.0]"]))
-    with pytest.raises(ValueError, match="same length"):
-        check_reward_config(cfg)
-    check_reward_config(OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo"])))
+    with pytest.raises(ConfigError, match="same length"):
+        check_config(cfg)
+    check_config(OmegaConf.to_object(compose_cfg(["experiment=tiny_mapo"])))
+
+
+# ----------------------------------------------------------------------------- several machines, clusters
+def make_dry_run(*args: str) -> str:
+    env = dict(os.environ, VIRTUAL_ENV=os.environ.get("VIRTUAL_ENV", sys.prefix))
+    proc = subprocess.run(["make", "-n", *args], cwd=CONF.parent, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_train_spans_nodes_through_torchrun_rendezvous():
+    out = make_dry_run("train", "EXP=qwen2audio_mapo", "NPROC=8", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.1.2.3", "ARGS=model.path=/m")
+    assert ("-m torch.distributed.run --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=10.1.2.3 --master_port=29500 "
+            "-m mapo.train experiment=qwen2audio_mapo model.path=/m") in out
+    assert "--standalone --nproc_per_node=2 -m mapo.train experiment=tiny_mapo" in make_dry_run("train", "NPROC=2")
+    assert "python -m mapo.train experiment=tiny_mapo" in make_dry_run("train")
+    assert "-m mapo.plan experiment=qwen2audio_mapo --nproc=$(( 8 * 2 )) --gpu-gib=80" in make_dry_run("plan", "EXP=qwen2audio_mapo", "NPROC=8", "NNODES=2")
+
+
+def test_sweeps_go_to_a_cluster_through_the_submitit_launcher():
+    out = make_dry_run("sweep", "LAUNCHER=submitit_slurm", "SWEEP=algo.attn.eta=0,0.05")
+    assert "-m mapo.sweep experiment=tiny_mapo hydra/launcher=submitit_slurm algo.attn.eta=0,0.05" in out
+    assert "hydra/launcher" not in make_dry_run("sweep", "SWEEP=algo.attn.eta=0,0.05")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional `cluster` extra is not installed")
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=["experiment=qwen2audio_mapo", "hydra/launcher=submitit_slurm",
+                                           "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
+                                           "hydra.launcher.tasks_per_node=8"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 8, 8)
+    check_override_keys(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"])
+
+
+def test_a_multi_task_submitit_job_gets_torchruns_variables(monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    from mapo.cluster import export_job_environment
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    assert export_job_environment() is False  # not inside a job
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
+           "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for key, value in job.items():
+        monkeypatch.setenv(key, value)
+    assert submitit.JobEnvironment().num_tasks == 16
+    assert export_job_environment() is True
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("9", "16", "1", "gpu07")
+    assert export_job_environment() is False  # torchrun's variables are there now: left alone

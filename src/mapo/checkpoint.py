@@ -1,33 +1,35 @@
-"""Training checkpoints: written atomically, pruned to the last K, resumed bit-for-bit on CPU.
+"""Training checkpoints: sharded with `torch.distributed.checkpoint` (DCP), written atomically, pruned
+to the last K, resumed bit-for-bit (DESIGN §10).
 
 Layout of one checkpoint, `<run_dir>/checkpoints/step_000123/`:
 
-    model.safetensors    model weights (the full state dict the caller passes; tensors copied to CPU)
-    optimizer.pt         optimizer state dict (torch.save)
-    scheduler.pt         LR scheduler state dict, or None (torch.save)
-    rng.pt               RNG states: python `random`, numpy's global generator, torch CPU, torch CUDA
-    trainer_state.json   {"step": 123, ...}: data position, epoch, sampler state, anything JSON
-    COMPLETE             written LAST: {"step": 123, "files": [...]}; only folders holding it count
+    state/               DCP folder (`.metadata` + `__<rank>_<n>.distcp`): the model weights that train and
+                         the optimizer state. Each rank writes only its own shards and reads back only
+                         the shards it needs (DCP plans the reads; a different world size reshards).
+    scheduler.pt         LR scheduler state dict, or None (torch.save, rank 0)
+    rng_<rank>.pt        each rank's RNG states (python, numpy, torch CPU, CUDA)
+    trainer_state.json   {"step": 123, ...}: data position, sampler state, run settings, anything JSON
+    COMPLETE             written LAST, by rank 0: {"step", "world_size", "files"}; only folders holding it count
 
-Atomicity: everything is written into `checkpoints/.tmp-step_000123-<pid>/`, each file fsynced, the
-marker last, then the folder is renamed into place with `os.replace` (one atomic rename on POSIX). A
-save that dies midway leaves a `.tmp-*` folder that `latest_checkpoint` never looks at and the next
-save deletes; a save that raises deletes its own temporary folder. One writer per run directory is
-assumed (rank 0 in a distributed run): a save removes every `.tmp-*` folder it finds but its own.
+What "the model weights that train" means: `TrainingState(trainable_only=True)` (the default) keeps only
+parameters with requires_grad (e.g. the LoRA adapters, or everything but a frozen audio tower); the
+frozen rest is rebuilt at resume exactly as at the start (same model folder, same cached warm start).
 
-State, not objects: the caller passes state dicts and loads the returned ones, so distributed code can
-gather full state dicts first (FSDP2: `torch.distributed.checkpoint.state_dict.get_model_state_dict`
-/ `get_optimizer_state_dict` with full_state_dict=True) and scatter them back after loading.
+Atomicity: every rank writes into `checkpoints/.tmp-step_000123/` (rank 0 makes it, after deleting
+leftovers of saves that died); after a barrier, rank 0 fsyncs, writes the marker last and renames the
+folder into place with `os.replace` (one atomic rename on POSIX). A save that dies midway leaves a
+`.tmp-*` folder that `latest_checkpoint` never looks at and the next save deletes; a save that raises
+on rank 0 deletes its temporary folder. One job per run directory is assumed.
 
-RNG: `rng.pt` holds the saving process's states. A run on several ranks that draws random numbers on
-each rank must either save per-rank states itself or seed every rank from (seed, step, rank).
-
-Resume: `resolve_resume(run_dir, "auto")` is the latest complete checkpoint or None; after loading,
-call `restore_rng(ckpt.rng)` LAST, after anything else that may draw random numbers (model building).
+Loading: non-tensor state goes through `torch.load(weights_only=True)` (a checkpoint from elsewhere must
+not run code on load), including the non-tensor entries inside the DCP folder (`_WeightsOnlyLoadPlanner`); DCP reads tensors into the live model and optimizer in place. After loading, call
+`restore_rng(ckpt.rng)` LAST, after anything else that may draw random numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -40,37 +42,77 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
 
 CHECKPOINTS_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+STATE_DIR = "state"
 SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 COMPLETE_MARKER = "COMPLETE"
-FILES = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, TRAINER_STATE_FILE)
+DCP_METADATA = f"{STATE_DIR}/.metadata"
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"  # a checkpoint of the same step being replaced
 
 
+def rng_file(rank: int) -> str:
+    return f"rng_{rank}.pt"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP warns on every single-process save/load that it assumes one process; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that the non-tensor entries (e.g. the optimizer's param_groups)
+    are unpickled with `weights_only=True`: plain data only, never code (DCP itself uses
+    weights_only=False). The checked object is handed on re-serialised, through the public method."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, map_location="cpu", weights_only=True)
+        safe = io.BytesIO()
+        torch.save(obj, safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
+
+
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint; every tensor is on CPU.
+    """What `load_checkpoint` returns besides the tensors it loaded in place (all on CPU).
 
-    model_state:     name -> tensor, as saved.
-    optimizer_state: the optimizer's state dict (pass to `optimizer.load_state_dict`, which moves
-                     the state to the parameters' device).
     scheduler_state: the scheduler's state dict, or None when none was saved.
-    rng:             RNG states for `restore_rng`.
+    rng:             this rank's RNG states for `restore_rng`.
     trainer_state:   the JSON trainer state, including "step".
     path:            the checkpoint folder.
     """
 
-    model_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any] | None
     rng: dict[str, Any]
     trainer_state: dict[str, Any]
@@ -79,6 +121,40 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.trainer_state["step"])
+
+
+class TrainingState(Stateful):
+    """The model (and optimizer) state DCP saves and loads, sharded as the module is (FSDP2 DTensors or
+    plain tensors); keys are fully qualified parameter names, so a checkpoint written by N ranks loads
+    on M ranks or on one process.
+
+    module:         the module whose weights are saved (the `ModelRunner` in the loop).
+    optimizer:      its optimizer, or None to save / load the weights alone (exports).
+    trainable_only: keep only parameters that require grad (and their optimizer state).
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, trainable_only: bool = True):
+        self.module, self.optimizer, self.trainable_only = module, optimizer, trainable_only
+
+    def _options(self) -> StateDictOptions:
+        # strict=False only because frozen weights are left out on purpose; DCP itself fails on any key
+        # it is asked to load that the checkpoint does not hold.
+        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.module, options=self._options())}
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer, options=self._options())
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_model_state_dict(self.module, state_dict["model"], options=self._options())
+            return
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optimizer"], options=self._options(),
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,8 +260,7 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | Non
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    state: TrainingState,
     scheduler_state: dict[str, Any] | None,
     trainer_state: dict[str, Any],
     keep_last: int | None = 3,
@@ -193,13 +268,13 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically under `run_dir/checkpoints/` and prune to the last `keep_last`.
 
-    model_state:     name -> tensor (full, unsharded); copied to CPU and saved as safetensors.
-    optimizer_state: `optimizer.state_dict()` (or a gathered full one).
-    scheduler_state: `scheduler.state_dict()`, or None.
-    trainer_state:   JSON-serialisable dict (data position, epoch, …); "step" is added, and if present
-                     must equal `step`.
+    Every rank of the job calls it (DCP's save is a collective); with no process group it is one process.
+    state:           the model / optimizer to save (each rank writes its own shards).
+    scheduler_state: `scheduler.state_dict()`, or None (written by rank 0).
+    trainer_state:   JSON-serialisable dict (data position, sampler, …); "step" is added, and if present
+                     must equal `step` (written by rank 0).
     keep_last:       complete checkpoints kept after this save (>= 1), None keeps all.
-    rng:             RNG states to store; None captures this process's now.
+    rng:             this rank's RNG states; None captures them now.
     Returns the final checkpoint folder. An existing checkpoint of the same step is replaced.
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -209,41 +284,49 @@ def save_checkpoint(
     if "step" in trainer_state and trainer_state["step"] != step:
         raise ValueError(f"trainer_state['step'] = {trainer_state['step']!r} disagrees with step = {step}")
     # Check everything that can be checked before touching the disk, so a bad argument writes nothing.
-    weights = _cpu_tensors(model_state)
     try:
         trainer_json = json.dumps({**trainer_state, "step": step}, indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"trainer_state must be JSON-serialisable: {err}") from err
     rng = capture_rng() if rng is None else rng
+    rank, world = _rank_world()
 
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
     name = checkpoint_dir_name(step)
-    tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = root / f"{_TMP_PREFIX}{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root)
+        tmp.mkdir()
+    _barrier(world)
     try:
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        torch.save(scheduler_state, tmp / SCHEDULER_FILE)
-        torch.save(rng, tmp / RNG_FILE)
-        (tmp / TRAINER_STATE_FILE).write_text(trainer_json)
-        for file in FILES:
-            _fsync_file(tmp / file)
-        # The marker goes last: a folder without it was never finished.
-        _write_synced(tmp / COMPLETE_MARKER, json.dumps({"step": step, "files": list(FILES)}))
-        _fsync_dir(tmp)
-        final = _move_into_place(tmp, root / name)
+        with _single_process_quietly():
+            dcp.save({"training": state}, storage_writer=dcp.FileSystemWriter(str(tmp / STATE_DIR), sync_files=True), no_dist=world == 1)
+        _save_synced(rng, tmp / rng_file(rank))
+        if rank == 0:
+            _save_synced(scheduler_state, tmp / SCHEDULER_FILE)
+            _write_synced(tmp / TRAINER_STATE_FILE, trainer_json)
+        _barrier(world)  # every rank's files are on disk
+        if rank == 0:
+            files = [DCP_METADATA, SCHEDULER_FILE, TRAINER_STATE_FILE, *(rng_file(r) for r in range(world))]
+            missing = [f for f in files if not (tmp / f).is_file()]
+            if missing:
+                raise RuntimeError(f"checkpoint {tmp}: {missing} missing after every rank saved")
+            _fsync_dir(tmp / STATE_DIR)
+            # The marker goes last: a folder without it was never finished.
+            _write_synced(tmp / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world, "files": files}))
+            _fsync_dir(tmp)
+            _move_into_place(tmp, root / name)
+            _fsync_dir(root)
     except BaseException:
         # Also on KeyboardInterrupt: the half-written folder is useless; the previous checkpoint stays.
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
-    if keep_last is not None:
+    if rank == 0 and keep_last is not None:
         prune_checkpoints(run_dir, keep_last)
-    return final
+    _barrier(world)  # nobody reads or saves again before the folder is in place
+    return root / name
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -258,29 +341,13 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     return doomed
 
 
-def _cpu_tensors(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies safetensors accepts: tensors sharing storage (tied weights) are
-    cloned, since safetensors refuses shared storage; both names are kept for a strict load."""
-    out: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
-    for name, tensor in model_state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"model_state[{name!r}] is a {type(tensor).__name__}, expected a tensor")
-        cpu = tensor.detach().to("cpu").contiguous()
-        storage = cpu.untyped_storage().data_ptr()
-        if storage in seen_storage or cpu.untyped_storage().nbytes() != cpu.numel() * cpu.element_size():
-            cpu = cpu.clone()  # shared or a view into a larger buffer
-        seen_storage.add(cpu.untyped_storage().data_ptr())
-        out[name] = cpu
-    return out
-
-
 def _move_into_place(tmp: Path, final: Path) -> Path:
     """Rename `tmp` to `final`; an existing `final` (same step saved again) is set aside, then deleted."""
     if not final.exists():
         os.replace(tmp, final)
         return final
-    aside = final.with_name(f"{_OLD_PREFIX}{final.name}-{os.getpid()}")
+    aside = final.with_name(f"{_OLD_PREFIX}{final.name}")
+    shutil.rmtree(aside, ignore_errors=True)
     os.replace(final, aside)
     os.replace(tmp, final)
     shutil.rmtree(aside)
@@ -288,22 +355,23 @@ def _move_into_place(tmp: Path, final: Path) -> Path:
 
 
 def _remove_stale_temporaries(root: Path) -> None:
-    """Delete temporary and set-aside folders left by saves that died (any process but this one)."""
-    own_suffix = f"-{os.getpid()}"
+    """Delete temporary and set-aside folders left by saves that died."""
     for entry in root.iterdir():
-        if entry.name.startswith((_TMP_PREFIX, _OLD_PREFIX)) and not entry.name.endswith(own_suffix):
+        if entry.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
             shutil.rmtree(entry)
+
+
+def _save_synced(obj: Any, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w") as handle:
         handle.write(text)
         handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 
@@ -323,22 +391,87 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a complete checkpoint folder (see the module docstring); every tensor lands on CPU."""
+def read_marker(path: str | os.PathLike) -> dict[str, Any]:
+    """The COMPLETE marker of a checkpoint folder; a clear error when the folder is not a finished one."""
     path = Path(path)
     marker = path / COMPLETE_MARKER
     if not marker.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} file)")
-    missing = [f for f in json.loads(marker.read_text())["files"] if not (path / f).is_file()]
+    info = json.loads(marker.read_text())
+    if "world_size" not in info:
+        raise ValueError(f"{path} is a checkpoint of an older mapo (a single model.safetensors, no sharded state/); it cannot be resumed")
+    missing = [f for f in info["files"] if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is missing {missing}")
-    # weights_only: a checkpoint from elsewhere must not run code on load; our files hold only
-    # tensors and plain Python values.
+    return info
+
+
+def load_checkpoint(path: str | os.PathLike, state: TrainingState | None) -> Checkpoint:
+    """Read a complete checkpoint folder: tensors into `state` in place (each rank its own shards; a
+    checkpoint of another world size is resharded), the rest returned. Every rank calls it."""
+    path = Path(path)
+    read_marker(path)
+    trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    if state is not None:
+        with _single_process_quietly():
+            dcp.load({"training": state}, storage_reader=dcp.FileSystemReader(str(path / STATE_DIR)),
+                     planner=_WeightsOnlyLoadPlanner(), no_dist=_rank_world()[1] == 1)
+    rank, _ = _rank_world()
+    own = path / rng_file(rank)
+    if not own.is_file():  # resumed on more ranks than saved: this rank's draws will differ
+        warnings.warn(f"{path} has no RNG state for rank {rank}; using rank 0's", stacklevel=2)
+        own = path / rng_file(0)
     return Checkpoint(
-        model_state=load_file(str(path / MODEL_FILE), device="cpu"),
-        optimizer_state=torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
         scheduler_state=torch.load(path / SCHEDULER_FILE, map_location="cpu", weights_only=True),
-        rng=torch.load(path / RNG_FILE, map_location="cpu", weights_only=True),
-        trainer_state=json.loads((path / TRAINER_STATE_FILE).read_text()),
+        rng=torch.load(own, map_location="cpu", weights_only=True),
+        trainer_state=trainer_state,
         path=path,
     )
+
+
+def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's sharded state whose key starts with `prefix`, whole, on CPU
+    (one process, no model needed: for tests and inspection). Keys as stored, e.g.
+    `training.model.model.lm_head.weight` (the `ModelRunner`'s `model.` included)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    read_marker(path)
+    reader = dcp.FileSystemReader(str(Path(path) / STATE_DIR))
+    metadata = reader.read_metadata()
+    out = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    with _single_process_quietly():
+        dcp.load(out, storage_reader=reader, planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+    return out
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON trainer state of a complete checkpoint (no tensors read)."""
+    read_marker(path)
+    return json.loads((Path(path) / TRAINER_STATE_FILE).read_text())
+
+
+def load_model_weights(path: str | os.PathLike, module: nn.Module) -> list[str]:
+    """Load the model weights a checkpoint holds into `module` (one process, in place), whichever of its
+    parameters trained when it was saved; returns their names. For exports: no optimizer needed."""
+    prefix = "training.model."
+    stored = [key.removeprefix(prefix) for key in _tensor_keys(path) if key.startswith(prefix)]
+    live = module.state_dict()
+    unknown = [name for name in stored if name not in live]
+    if unknown:
+        raise ValueError(f"{path} holds weights this model does not have (another model or LoRA setting?): {unknown[:5]}")
+    with _single_process_quietly():
+        dcp.load({"training": {"model": {name: live[name] for name in stored}}},
+                 storage_reader=dcp.FileSystemReader(str(Path(path) / STATE_DIR)), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+    return stored
+
+
+def _tensor_keys(path: str | os.PathLike) -> list[str]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    read_marker(path)
+    metadata = dcp.FileSystemReader(str(Path(path) / STATE_DIR)).read_metadata()
+    return [key for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)]

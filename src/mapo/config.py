@@ -17,14 +17,26 @@ from omegaconf import MISSING
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # LoRA rank on the language model's linear layers (0 = off: full fine-tuning)
+    alpha: float = 16.0  # the adapter is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input while training
+    targets: Any = "all-linear"  # "all-linear" (every linear layer of the language model but the LM head) or module names, e.g. [q_proj, v_proj]
+
+
+@dataclass
 class ModelConfig:
     path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a Qwen2-Audio checkpoint (never downloaded)
+    name: str = ""  # checkpoint label; with `path` empty, `make plan` reads the bundled config.json of this name (src/mapo/models/configs/)
     build_tiny_if_missing: bool = False  # build the tiny model (and its data) at `path` when absent
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
+    master_dtype: str = "float32"  # trainable weights and optimizer state (float32: bf16 rounds small updates away)
+    compute_dtype: str = "auto"  # matmuls: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
+    frozen_dtype: str = "auto"  # frozen weights (reference copy, frozen audio tower): auto (= compute) | float32 | bfloat16
     attn_implementation: str = "sdpa"  # text-model attention kernel: sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # recompute decoder activations in backward (saves memory)
     freeze_audio_tower: bool = True  # keep the audio encoder fixed (its embeddings are then cached per prompt)
     freeze_projector: bool = False  # keep the audio→text projector fixed
+    lora: LoraConfig = field(default_factory=LoraConfig)  # with rank > 0 only the adapters train; the reference is the model with them off
 
 
 @dataclass
@@ -32,9 +44,7 @@ class DataConfig:
     name: str = "synthetic"  # label shown in logs and tables
     dir: str = "artifacts/data/synthetic"  # folder holding the manifests (relative paths resolve against it)
     train: str = "train.jsonl"  # training manifest, relative to `dir` or absolute
-    eval_splits: dict[str, str] = field(
-        default_factory=lambda: {"test": "test.jsonl", "counter_prior": "counter_prior.jsonl"}
-    )  # split name -> manifest evaluated periodically and in the final table
+    eval_splits: dict[str, str] = field(default_factory=dict)  # split name -> manifest evaluated periodically and in the final table (a data config's own list replaces, not extends, this)
     layout: str = "auto"  # manifest layout: auto | jsonl | mmau | avqa
     skip_bad: bool = False  # drop bad manifest rows (counted and reported) instead of stopping
     audio_check: str = "decode"  # pre-run check of every clip: decode (whole body) | header (fast, blind to corrupt bodies)
@@ -141,9 +151,12 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept
     resume: str = "auto"  # auto (latest checkpoint of run_dir, if any) | never | path to a checkpoint
     export_final: bool = True  # save the final policy as a Hugging Face folder (run_dir/final_model) the loader reads
+    export_every: int = 0  # also export run_dir/exports/step_XXXXXX every N RL steps, for evaluation as training goes (0 = off)
     stop_after: int = 0  # end this invocation after N steps with a checkpoint, to resume later (0 = run to `steps`)
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
     run_dir: Optional[str] = None  # where metrics, plots and checkpoints go (default: Hydra's output folder)
+    memory_check: str = "refuse"  # memory plan at start: refuse (stop when it does not fit; CUDA only, CPU warns) | warn | off
+    device_memory_gib: float = 0.0  # memory per device the plan is checked against (0 = the device's own; host RAM on CPU)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 

@@ -2,20 +2,24 @@
 
 - `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the
   process group (nccl on CUDA, gloo on CPU); without torchrun it returns a single-process context.
-- `apply_fsdp(model, ctx)` shards a *built* model with FSDP2 (`fully_shard`): the units its adapter
-  names (each text decoder layer and each audio-encoder layer), then the root, with bf16 mixed
-  precision on GPU. The model code knows nothing of it. (Attention modules are not wrapped on their
-  own: FIELD-NOTES.)
+- `apply_fsdp(runner, ctx)` shards a *built* model with FSDP2 (`fully_shard`): the units its adapter
+  names (each text decoder layer and each audio-encoder layer), the audio tower, then the root, with
+  the run's mixed-precision policy (`mapo.precision`). The model code knows nothing of it.
+  (Attention modules are not wrapped on their own: FIELD-NOTES.)
+- `ModelRunner` is the root every model call goes through (and where autocast is entered on one
+  process); `runner.decode(fn, ...)` runs a rollout or an evaluation with the weights gathered once
+  (`gather_once`), not once per generated token.
 - `reduce_metrics`, `all_done`, `gather_1d`, `global_sum` are the only collectives the loop uses.
 - `shard_indices` gives each rank its slice of a global batch.
-- `full_model_state` / `load_full_model_state` move weights in and out of a sharded model for
-  checkpoints (rank 0 writes a plain safetensors state dict).
+- `full_model_state` gathers the full weights on rank 0's CPU for an export (checkpoints are sharded:
+  `mapo.checkpoint`).
 
 Algorithm code never imports this module.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from mapo.models.adapter import get_adapter
+from mapo.precision import Precision, compute_context
 
 
 @dataclass
@@ -87,28 +92,93 @@ class ModelRunner(torch.nn.Module):
     table, the audio tower) so that audio is encoded once and logits are chunked. FSDP2 gathers the
     parameters that belong to the root unit (embeddings, norms, LM head, audio convolutions, projector)
     in the root's forward hook, so every such function must run inside a forward of the root: this
-    wrapper is that root. Without FSDP it adds nothing but one call.
+    wrapper is that root. It is also the one place compute precision is entered (`mapo.precision`):
+    autocast to the compute dtype on one process; under FSDP2 `apply_fsdp` turns that off, since the
+    mixed-precision policy then gathers the weights in the compute dtype.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, precision: Precision | None = None):
         super().__init__()
         self.model = model
+        self.precision = precision
+        self.autocast = precision is not None and precision.mixed
 
     def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
+        if not self.autocast:
+            return fn(self.model, *args, **kwargs)
+        with compute_context(self.precision, _module_device(self.model)):
+            return fn(self.model, *args, **kwargs)
+
+
+    def decode(self, fn, *args, **kwargs):
+        """Like calling the runner, for a function that runs the model many times without gradients
+        (a rollout, an evaluation): under FSDP2 the weights are gathered once (`gather_once`)."""
+        return self(gather_once(fn), *args, **kwargs)
+
+
+def gather_once(fn):
+    """`fn(model, ...)` with every FSDP2 unit inside `model` all-gathered once before it runs and
+    resharded after, instead of once per forward: token-by-token decoding then costs one all-gather
+    per unit per rollout, not per token (DESIGN §10). Without FSDP it is `fn` itself.
+
+    Must run inside the root's forward (`ModelRunner.decode`), where the root's own weights are
+    already gathered. The units keep `reshard_after_forward=False` while `fn` runs, so their forward
+    hooks find the weights gathered and leave them so; the units are put back (reshard after forward,
+    sharded) even when `fn` raises. Memory: the whole model is unsharded for the duration (in the
+    compute dtype under a mixed-precision policy), as a decode needs every layer for every token.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    @functools.wraps(fn)
+    def gathered(model, *args, **kwargs):
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if not units:
+            return fn(model, *args, **kwargs)
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            handles = [unit.unshard(async_op=True) for unit in units]  # issue every all-gather, then wait
+            for handle in handles:
+                handle.wait()
+            return fn(model, *args, **kwargs)
+        finally:
+            for unit in units:
+                unit.set_reshard_after_forward(True, recurse=False)
+                unit.reshard()
+
+    return gathered
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def apply_fsdp(runner: ModelRunner, ctx: DistContext) -> ModelRunner:
-    """Shard decoder layers, audio-encoder layers and the root (the runner) with FSDP2; no-op on one process."""
+    """Shard the adapter's units (decoder layers, audio-encoder layers), the audio tower and the root
+    (the runner) with FSDP2; no-op on one process.
+
+    Mixed precision: when the runner's compute dtype is lower than its master dtype, FSDP2's policy
+    gathers weights in the compute dtype and reduces gradients in float32 (`reduce_dtype`), and the
+    runner's own autocast is switched off. The audio tower is its own unit so that a frozen tower
+    stored in the frozen dtype does not share a unit with trainable float32 weights (FSDP2 wants one
+    dtype per unit for the weights that train).
+    """
     if not ctx.enabled:
         return runner
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
-    if ctx.device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for unit in get_adapter(runner.model).fsdp_units(runner.model):
+    precision = runner.precision
+    if precision is not None and precision.mixed:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
+        runner.autocast = False
+    adapter = get_adapter(runner.model)
+    for unit in adapter.fsdp_units(runner.model):
         fully_shard(unit, **kwargs)
+    tower = adapter.audio_tower(runner.model)
+    if any(True for _ in tower.parameters(recurse=True)):
+        fully_shard(tower, **kwargs)
     fully_shard(runner, **kwargs)
     return runner
 
@@ -184,35 +254,10 @@ def reduce_metrics(metrics: dict[str, torch.Tensor | float], ctx: DistContext) -
 
 
 def full_model_state(model: torch.nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """A full, CPU, unsharded state dict (gathered under FSDP; every rank must call it)."""
+    """A full, unsharded state dict on CPU (every rank must call it). Under FSDP the tensors are gathered
+    one at a time and only rank 0 keeps them (`cpu_offload`): the other ranks get an empty dict."""
     if not ctx.enabled:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], ctx: DistContext) -> None:
-    if not ctx.enabled:
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict:
-    if not ctx.enabled:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
-    if not ctx.enabled:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -135,11 +135,12 @@ def generate_answers(
     return texts
 
 
-def generation_tokens(processor) -> dict[str, Any]:
+def generation_tokens(processor, vocab_size: int | None = None) -> dict[str, Any]:
     """Stop, pad and suppressed token ids for decoding with a chat model's processor.
 
     The assistant turn ends at `<|im_end|>`; the pad token and the audio/turn markers are suppressed
-    (`mapo.models.loader.generation_suppressed_token_ids`).
+    (`mapo.models.loader.generation_suppressed_token_ids`), and with the model's `vocab_size` the LM-head
+    rows past the tokenizer (a padded vocabulary) too.
     """
     tokenizer = processor.tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -148,7 +149,7 @@ def generation_tokens(processor) -> dict[str, Any]:
     return {
         "eos_token_id": eos,
         "pad_token_id": tokenizer.pad_token_id,
-        "suppress_token_ids": generation_suppressed_token_ids(processor),
+        "suppress_token_ids": generation_suppressed_token_ids(processor, vocab_size),
     }
 
 

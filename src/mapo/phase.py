@@ -7,21 +7,30 @@ adapter names those parts, so nothing here depends on the model family.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
 
-from mapo import distributed as dist_utils
-from mapo.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from mapo.checkpoint import TrainingState, load_checkpoint, read_trainer_state, restore_rng, save_checkpoint
 from mapo.config import MapoConfig
 from mapo.data.sampler import EpochSampler
+from mapo.models import lora as lora_utils
 from mapo.models.adapter import get_adapter
 from mapo.optim import build_optimizer, build_scheduler
+from mapo.precision import Precision, store_frozen
 
 
 def set_trainable(model: torch.nn.Module, cfg: MapoConfig, everything: bool) -> None:
     """Freeze the audio tower / projector as configured (the warm start trains everything); parameters
-    the architecture fixes (e.g. a sinusoid table) never train."""
+    the architecture fixes (e.g. a sinusoid table) never train. A model with LoRA layers trains its
+    adapters and nothing else, so that switching them off gives back the initial model exactly."""
+    if lora_utils.has_lora(model):
+        model.requires_grad_(False)
+        for p in lora_utils.adapter_parameters(model):
+            p.requires_grad_(True)
+        return
     adapter = get_adapter(model)
     model.requires_grad_(True)
     if not everything:
@@ -34,6 +43,18 @@ def set_trainable(model: torch.nn.Module, cfg: MapoConfig, everything: bool) -> 
         p.requires_grad_(False)
 
 
+def prepare_policy(model: torch.nn.Module, cfg: MapoConfig, precision: Precision, everything: bool) -> torch.nn.Module:
+    """Make a loaded model the policy a phase trains: add LoRA layers when `model.lora.rank > 0`, choose
+    what trains (`set_trainable`) and store the frozen rest (e.g. a frozen audio tower, the LoRA base
+    weights) in the frozen dtype. Training and `make export` both go through it, so an export rebuilds
+    exactly what was trained. Returns the same model object."""
+    if lora_utils.lora_enabled(cfg.model.lora):
+        lora_utils.add_lora(model, cfg.model.lora)
+    set_trainable(model, cfg, everything=everything)
+    store_frozen(model, precision.frozen)  # e.g. a frozen audio tower
+    return model
+
+
 class Phase:
     """One optimisation phase (warm start or RL): the model behind its runner, optimizer, schedule, data order."""
 
@@ -43,6 +64,10 @@ class Phase:
         self.scheduler = build_scheduler(self.optimizer, warmup, steps, schedule)
         self.sampler = EpochSampler(items, seed=cfg.trainer.seed)
         self.step = 0
+        # Frozen weights are not saved: resume and export rebuild them from the run config kept here,
+        # and refuse a resume whose phase or LoRA settings differ (the saved keys would not fit).
+        self.run_config = dataclasses.asdict(cfg)
+        self.must_match = {"phase": name, "lora": self.run_config["model"].get("lora")}
 
     def clip_and_step(self, grad_clip: float, should_step=None) -> torch.Tensor:
         """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the norm.
@@ -58,25 +83,29 @@ class Phase:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def save(self, run_dir: Path, ctx, keep_last: int) -> None:
-        model_state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(self.runner, ctx).items()}
-        opt_state = dist_utils.full_optimizer_state(self.runner, self.optimizer, ctx)
-        if ctx.is_main:
-            save_checkpoint(
-                run_dir, self.step, model_state, opt_state, self.scheduler.state_dict(),
-                {"step": self.step, "phase": self.name, "sampler": self.sampler.state_dict()},
-                keep_last=keep_last, rng=capture_rng(),
-            )
-        if ctx.enabled:
-            torch.distributed.barrier()
+    def save(self, run_dir: Path, ctx, keep_last: int) -> Path:
+        """Checkpoint this phase (every rank: each writes its own shards; see `mapo.checkpoint`)."""
+        precision = getattr(self.runner, "precision", None)
+        trainer_state = {
+            "step": self.step, "phase": self.name, "sampler": self.sampler.state_dict(), "lora": self.must_match["lora"],
+            "precision": precision.names() if precision is not None else None, "config": self.run_config,
+        }
+        return save_checkpoint(
+            run_dir, self.step, TrainingState(self.runner, self.optimizer), self.scheduler.state_dict(), trainer_state,
+            keep_last=keep_last,
+        )
 
     def resume(self, path: Path, ctx) -> None:
-        ckpt = load_checkpoint(path)
-        dist_utils.load_full_model_state(self.runner, {f"model.{k}": v for k, v in ckpt.model_state.items()}, ctx)
-        dist_utils.load_full_optimizer_state(self.runner, self.optimizer, ckpt.optimizer_state, ctx)
+        """Load a checkpoint of this phase (every rank) and restore this rank's RNG last."""
+        saved = read_trainer_state(path)
+        for key, value in self.must_match.items():
+            if saved.get(key) != value:
+                raise ValueError(f"cannot resume from {path}: it was saved with {key}={saved.get(key)!r}, this run has {value!r}")
+        if saved["config"]["model"]["path"] != self.run_config["model"]["path"]:
+            warnings.warn(f"resuming {path} (trained from {saved['config']['model']['path']}) on model.path="
+                          f"{self.run_config['model']['path']}: its frozen weights come from the new folder", stacklevel=2)
+        ckpt = load_checkpoint(path, TrainingState(self.runner, self.optimizer))
         self.scheduler.load_state_dict(ckpt.scheduler_state)
         self.sampler.load_state_dict(ckpt.trainer_state["sampler"])
         self.step = ckpt.step
         restore_rng(ckpt.rng)
-
-

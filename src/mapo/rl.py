@@ -39,7 +39,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
 
     # rollout (audio encoded once per prompt, prompt prefilled once per group)
     batch = collator.prompts(records)
-    rollout = phase.runner(
+    rollout = phase.runner.decode(  # under FSDP the weights are gathered once for the whole rollout
         generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=seeds, **gen_kwargs,
     )

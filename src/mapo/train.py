@@ -19,8 +19,8 @@ loads.
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import random
 import sys
 import time
@@ -35,15 +35,21 @@ from mapo import distributed as dist_utils
 from mapo.algos.mapo import build_content_vocab_mask
 from mapo.assets import ensure_data, ensure_model, load_run_data
 from mapo.checkpoint import resolve_resume
+from mapo.cluster import export_job_environment
 from mapo.config import MapoConfig
 from mapo.data.collate import Collator, FeatureCache
 from mapo.distributed import say
 from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate, generation_tokens
+from mapo.export import export_dir, export_policy
 from mapo.faults import RunFaults, Stopped
 from mapo.interrupt import SignalFlag
 from mapo.models.adapter import get_adapter
 from mapo.models.loader import enable_activation_checkpointing, load_model_and_processor
-from mapo.phase import Phase, set_trainable
+from mapo.models.lora import adapters_off, check_lora_config, lora_enabled
+from mapo.phase import Phase, prepare_policy
+from mapo.precision import check_precision_config, frozen_copy, resolve_precision
+from mapo.plan import check_memory_at_start
+from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
 from mapo.run_logging import make_logger, write_json_atomic
@@ -69,17 +75,34 @@ def resolve_run_dir(cfg: MapoConfig) -> Path:
         return Path("outputs") / cfg.experiment_name / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def check_reward_config(cfg: MapoConfig) -> None:
-    """The accuracy reward must be computed: the MAPO sequence gate and the logs use it."""
-    names, weights = list(cfg.reward.functions), list(cfg.reward.weights)
-    if len(names) != len(weights):
-        raise ValueError(f"reward.functions {names} and reward.weights {weights} must have the same length")
-    if cfg.algo.name != "sft" and "accuracy" not in names:
-        raise ValueError("reward.functions must include 'accuracy' (the MAPO gate uses it; give it weight 0 to keep it out of the reward)")
+def check_before_loading(cfg: MapoConfig, ctx) -> None:
+    """The checks that need the model folder's config.json, then the memory plan (printed; refused on
+    CUDA when it does not fit): before any weights or data are read."""
+    folder = Path(cfg.model.path)
+    config_dict = json.loads((folder / "config.json").read_text())
+    preprocessor = folder / "preprocessor_config.json"
+    check_config(cfg, config_dict, ctx.world_size, json.loads(preprocessor.read_text()) if preprocessor.is_file() else None)
+    check_memory_at_start(cfg, config_dict, ctx)
 
 
-def generation_kwargs(cfg: MapoConfig, processor, ctx) -> dict:
-    kwargs = generation_tokens(processor)  # stop, pad and suppressed ids (shared with mapo.eval)
+def sampling_summary(cfg: MapoConfig, model_path: str | Path) -> str:
+    """The sampling settings rollout uses (from the run config alone), and what of the model folder's
+    generation_config.json is ignored, for the run log."""
+    used = f"temperature={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}"
+    folder_file = Path(model_path) / "generation_config.json"
+    ignored = ""
+    if folder_file.is_file():
+        keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        folder_cfg = json.loads(folder_file.read_text())
+        found = {k: folder_cfg[k] for k in keys if k in folder_cfg}
+        if found:
+            ignored = f"; {folder_file.name} of the model folder ({', '.join(f'{k}={v}' for k, v in found.items())}) is not used"
+    return f"[mapo] sampling: {used} (from the run config){ignored}"
+
+
+def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = None) -> dict:
+    """Rollout and evaluation keywords; `vocab_size` (the LM head's rows) suppresses the rows past the tokenizer."""
+    kwargs = generation_tokens(processor, vocab_size)  # stop, pad and suppressed ids (shared with mapo.eval)
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs
@@ -91,7 +114,7 @@ def evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx) 
     results = {}
     for split, records in eval_sets.items():
         for condition in conditions:
-            results[f"{split}/{condition}"] = runner(
+            results[f"{split}/{condition}"] = runner.decode(  # weights gathered once per split under FSDP
                 evaluate_split, collator, records, split, condition, seed=cfg.trainer.seed,
                 shard=(ctx.rank, ctx.world_size), gather=lambda items: dist_utils.gather_objects(items, ctx),
                 batch_size=cfg.rollout.eval_batch_size, max_new_tokens=cfg.rollout.max_new_tokens, **gen_kwargs,
@@ -126,7 +149,10 @@ def run(cfg: MapoConfig) -> dict:
 def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     if not isinstance(cfg, MapoConfig):
         cfg = OmegaConf.to_object(cfg)
-    check_reward_config(cfg)
+    export_job_environment()  # a multi-task submitit (SLURM) job: torchrun's variables from the job
+    check_config(cfg, None, int(os.environ.get("WORLD_SIZE", "1")))  # every value, before anything is read
+    check_precision_config(cfg.model)
+    check_lora_config(cfg.model.lora)
     ctx = dist_utils.init_distributed(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.trainer.seed)
@@ -134,8 +160,12 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     if ctx.is_main:
         if not cfg.model.build_tiny_if_missing:
             ensure_model(cfg.model, cfg.data)  # a wrong model.path fails before any data work
+            check_before_loading(cfg, ctx)  # layers, window, memory plan: before any data work too
         ensure_data(cfg.data, cfg.trainer.seed)
         ensure_model(cfg.model, cfg.data)
+        if cfg.model.build_tiny_if_missing:
+            check_before_loading(cfg, ctx)
+        say(ctx, sampling_summary(cfg, cfg.model.path))
     if ctx.enabled:
         torch.distributed.barrier()
     # every manifest checked before any model loads (rank 0 decodes the audio; all ranks drop the same rows)
@@ -144,9 +174,11 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     train_items = data.train
     eval_sets = {s: evenly_by_task(records, cfg.data.eval_max_items) for s, records in data.eval_sets.items()}
 
+    precision = resolve_precision(cfg.model, ctx.device)
+
     def load():
         model, processor = load_model_and_processor(
-            cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation, device=ctx.device
+            cfg.model.path, dtype=precision.master, attn_implementation=cfg.model.attn_implementation, device=ctx.device
         )
         if cfg.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
@@ -157,29 +189,34 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     faults = RunFaults.for_run(cfg.trainer.max_nonfinite_steps, ctx, collator.clip_features, data.counts, flag)
     flag.deferring = True  # from here on a signal ends the run after a step, with a checkpoint
     if cfg.trainer.warm_start.enabled and cfg.algo.name != "sft":
-        weights = run_warm_start(cfg, model, collator, train_items, ctx, faults=faults)
+        weights = run_warm_start(cfg, model, collator, train_items, ctx, precision, faults=faults)
         if ctx.enabled:  # FSDP sharded it in place during a fresh warm start
             model, _ = load()
         model.load_state_dict(load_file(str(weights)))
     seed_everything(cfg.trainer.seed)
 
     is_sft = cfg.algo.name == "sft"
-    needs_ref = not is_sft and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
+    # a run that never trains (make eval: trainer.steps=0) never uses a reference
+    needs_ref = not is_sft and cfg.trainer.steps > 0 and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
+    use_lora = lora_enabled(cfg.model.lora)
     ref_runner = None
-    if needs_ref:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-        ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference), ctx)
-    set_trainable(model, cfg, everything=is_sft)
-    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
+    if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
+        reference = frozen_copy(model, precision.frozen)
+        ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference, precision), ctx)
+    prepare_policy(model, cfg, precision, everything=is_sft)
+    # cached audio embeddings are exact only while the tower and projector do not train
+    audio_parts = [get_adapter(model).audio_tower(model), get_adapter(model).audio_projector(model)]
+    audio_input = "recompute" if any(p.requires_grad for part in audio_parts if part is not None for p in part.parameters()) else "cached"
+    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model, precision), ctx)
+    if needs_ref and use_lora:  # the same model with its adapters off: no second copy
+        ref_runner = adapters_off(runner)
     phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items)
     resume = resolve_resume(run_dir, cfg.trainer.resume)
     if resume is not None:
         phase.resume(resume, ctx)
         say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
-    # cached audio embeddings are exact only while the tower and projector do not train
-    audio_input = "cached" if cfg.model.freeze_audio_tower and cfg.model.freeze_projector else "recompute"
-    gen_kwargs = generation_kwargs(cfg, processor, ctx)
+    gen_kwargs = generation_kwargs(cfg, processor, ctx, get_adapter(model).vocab_size(model))
     content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = make_logger(cfg.logger.kind, run_dir, plain_cfg, project=cfg.logger.project,
@@ -216,6 +253,8 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
             logger.log(phase.step, eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, ("audio",), ctx), "eval/"))
         if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
+        if cfg.trainer.export_every and phase.step % cfg.trainer.export_every == 0:
+            export_policy(runner, model, processor, export_dir(run_dir, phase.step), ctx, precision.master)
     train_seconds = time.perf_counter() - t_start
     if phase.step > 0:
         phase.save(run_dir, ctx, cfg.trainer.keep_last)
@@ -231,11 +270,8 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
             raise Stopped(faults.stop.exit_code)
         return {"step": phase.step, **fault_counts}
 
-    if cfg.trainer.export_final and phase.step > 0:
-        state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
-        if ctx.is_main:  # a folder the common loader reads: make eval ARGS='model.path=<run_dir>/final_model'
-            model.save_pretrained(run_dir / "final_model", state_dict=state)
-            processor.save_pretrained(run_dir / "final_model")
+    if cfg.trainer.export_final and phase.step > 0:  # make eval ARGS='model.path=<run_dir>/final_model'
+        export_policy(runner, model, processor, run_dir / "final_model", ctx, precision.master)
 
     after = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
     final = {"step": phase.step, "train_seconds": train_seconds, **after, **fault_counts}

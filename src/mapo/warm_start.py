@@ -31,8 +31,20 @@ def warm_start_key(cfg: MapoConfig) -> str:
     """Hash of everything the warm-started weights depend on (not where the cache lives)."""
     settings = dataclasses.asdict(cfg.trainer.warm_start)
     settings.pop("cache_dir")
-    parts = {"model": dataclasses.asdict(cfg.model), "data": [cfg.data.dir, cfg.data.train], "warm_start": settings, "seed": cfg.trainer.seed}
+    model = dataclasses.asdict(cfg.model)
+    model.pop("frozen_dtype")  # the warm start trains every weight: nothing is stored frozen
+    model.pop("lora")  # LoRA layers are added after the warm start
+    parts = {"model": model, "data": [cfg.data.dir, cfg.data.train], "warm_start": settings, "seed": cfg.trainer.seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def cached_warm_start(cfg: MapoConfig) -> Path | None:
+    """The cached warm-start weights for this config, or None when they have not been made."""
+    weights = Path(cfg.trainer.warm_start.cache_dir) / warm_start_key(cfg) / WEIGHTS_FILE
+    return weights if weights.is_file() else None
 
 
 def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, run_dir: Path, batch_size: int,
@@ -77,7 +89,7 @@ def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, ru
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
 
 
-def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx, faults=None) -> Path:
+def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx, precision=None, faults=None) -> Path:
     """The cached warm-start weights (a safetensors file); trains `model` to make them when missing.
 
     Training shards `model` in place under FSDP: the caller reloads it before loading the weights.
@@ -87,14 +99,14 @@ def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx,
     """
     ws = cfg.trainer.warm_start
     cache = Path(ws.cache_dir) / warm_start_key(cfg)
-    weights = cache / "model.safetensors"
+    weights = cache / WEIGHTS_FILE
     if weights.is_file():
         say(ctx, f"[mapo] warm start: cached weights {weights}")
         return weights
     say(ctx, f"[mapo] warm start: {ws.steps} supervised steps (cached in {cache})")
     work = cache.with_name(cache.name + ".run")
     set_trainable(model, cfg, everything=True)
-    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model), ctx)
+    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model, precision), ctx)
     phase = Phase("warm_start", runner, model, ws.lr, ws.steps, ws.warmup_steps, "constant", cfg, train_items)
     resume = resolve_resume(work, "auto")
     if resume is not None:
@@ -114,7 +126,7 @@ def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx,
     if ctx.is_main:
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         (tmp / "warm_start.json").write_text(json.dumps({"steps": ws.steps, "key": cache.name}) + "\n")
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)

@@ -134,7 +134,7 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
                 item_extras=None if factory is None else factory(model), progress=bar.update, **generation,
             )
 
-        outputs[condition], items = runner(answer)
+        outputs[condition], items = runner.decode(answer)  # under FSDP: weights gathered once per condition
         bar.close()
         if items is not None:
             diagnostics[condition] = items

@@ -8,6 +8,10 @@ a KV cache). They never test a model's type. An adapter is stateless: every meth
 `get_adapter(model)` finds the adapter by the model config's `model_type`; `adapter_for_folder(path)`
 by the `model_type` in a folder's config.json (the loader uses it before any weights are read).
 
+`adapter.dims(config_dict)` turns a folder's config.json into `ModelDims`, the few numbers the memory
+plan (`mapo.plan`) needs: parameter counts by part (counted on a weightless meta-device model, so they are
+exact for any family the adapter can build) and the shapes that size the KV cache and activations.
+
 Adding a family = one subclass registered with `register_adapter`, plus a tiny builder for the tests.
 """
 
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +28,109 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ModelAdapter", "Qwen2AudioAdapter", "adapter_for_folder", "get_adapter", "has_adapter", "register_adapter",
+    "LinearGroup", "ModelAdapter", "ModelDims", "Qwen2AudioAdapter", "adapter_for_config", "adapter_for_folder", "get_adapter", "has_adapter", "register_adapter",
     "registered_model_types",
 ]
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """`count` linear layers called `name` (the module's own attribute name, e.g. "q_proj") in one part
+    of the model ("text", "audio", "projector" or "lm_head"), each `in_features` → `out_features`.
+    LoRA's parameter count is Σ count · rank · (in + out) over the targeted groups."""
+
+    part: str
+    name: str
+    in_features: int
+    out_features: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the memory plan needs to know about a model, read from config.json alone (no weights).
+
+    Parameter counts (an MoE layer counts all its experts: they are all stored):
+      embed_params      token table of the text model.
+      layer_params      one text decoder layer (the FSDP unit gathered at a time); num_layers of them.
+      text_other_params the rest of the text stack (final norm, …).
+      lm_head_params    output projection (0 when tied to the token table).
+      audio_params      the whole audio tower; audio_layer_params one encoder layer, audio_layers of them.
+      projector_params  audio → text projection (0 when it sits inside the tower).
+      other_params      anything else the checkpoint holds (e.g. a vision tower mapo never runs).
+    Shapes that size memory per token:
+      hidden_size, num_heads, num_kv_heads, head_dim   text attention (KV cache: 2·layers·kv_heads·head_dim).
+      mlp_width         MLP activation width per token: intermediate_size (dense), or the active
+                        experts' widths + shared experts' (MoE: experts_per_token · moe_intermediate + shared).
+      vocab_size        rows of the LM head (may exceed the tokenizer's length).
+      max_position      longest text sequence the position scheme allows.
+      audio_hidden, audio_heads, audio_ffn             audio encoder width (its transient activations).
+      num_mel_bins      feature channels of one audio frame.
+      audio_frames      mel frames of one full window (the encoder's input length; 3000 for 30 s).
+      audio_tokens_per_window  audio positions one full-window clip gives the text model (750 for 30 s).
+    linears: the model's linear layers by part and name (LoRA sizing).
+    num_experts, experts_per_token: 0 for a dense model (reported only).
+    """
+
+    family: str
+    embed_params: int
+    layer_params: int
+    num_layers: int
+    text_other_params: int
+    lm_head_params: int
+    audio_params: int
+    audio_layer_params: int
+    audio_layers: int
+    projector_params: int
+    other_params: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_width: int
+    vocab_size: int
+    max_position: int
+    audio_hidden: int
+    num_mel_bins: int
+    audio_heads: int
+    audio_ffn: int
+    audio_frames: int
+    audio_tokens_per_window: int
+    linears: tuple[LinearGroup, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
+
+    @property
+    def text_params(self) -> int:
+        """The text model without the LM head: token table, layers, final norm."""
+        return self.embed_params + self.num_layers * self.layer_params + self.text_other_params
+
+    @property
+    def total_params(self) -> int:
+        return self.text_params + self.lm_head_params + self.audio_params + self.projector_params + self.other_params
+
+    @property
+    def largest_param(self) -> int:
+        """Elements of the biggest single weight tensor (the token table or the LM head, in practice)."""
+        return max(self.embed_params, self.lm_head_params)
+
+
+def count_parameters(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def linear_groups(parts: dict[str, nn.Module | None]) -> tuple[LinearGroup, ...]:
+    """The nn.Linear layers of each named part, grouped by (part, attribute name, in, out)."""
+    counts: Counter = Counter()
+    for part, module in parts.items():
+        if module is None:
+            continue
+        if isinstance(module, nn.Linear):
+            counts[(part, part, module.in_features, module.out_features)] += 1
+            continue
+        for name, sub in module.named_modules():
+            if isinstance(sub, nn.Linear):
+                counts[(part, name.rsplit(".", 1)[-1], sub.in_features, sub.out_features)] += 1
+    return tuple(LinearGroup(part, name, i, o, n) for (part, name, i, o), n in sorted(counts.items()))
 
 
 class ModelAdapter:
@@ -41,6 +147,18 @@ class ModelAdapter:
     # ------------------------------------------------------------------ loading
     def load(self, folder: Path, *, dtype: torch.dtype, attn_implementation: str | dict, device) -> tuple[nn.Module, Any]:
         """(model in eval mode on `device`, processor) from a local folder; never touches the network."""
+        raise NotImplementedError
+
+    def config_from_dict(self, config_dict: dict):
+        """The family's transformers config object from a config.json dict (defaults filled in)."""
+        raise NotImplementedError
+
+    def meta_model(self, config_dict: dict) -> nn.Module:
+        """The model built on the meta device: every parameter's shape, no memory, no weights read."""
+        raise NotImplementedError
+
+    def dims(self, config_dict: dict) -> ModelDims:
+        """`ModelDims` of a checkpoint from its config.json dict (parameter counts from `meta_model`)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ parts
@@ -149,6 +267,59 @@ class Qwen2AudioAdapter(ModelAdapter):
             p.requires_grad_(False)
         return model.to(device).eval(), processor
 
+    def config_from_dict(self, config_dict):
+        from transformers import Qwen2AudioConfig
+
+        return Qwen2AudioConfig(**{k: v for k, v in config_dict.items() if k != "model_type"})
+
+    def meta_model(self, config_dict):
+        from transformers import Qwen2AudioForConditionalGeneration
+
+        config = self.config_from_dict(config_dict)
+        with torch.device("meta"):
+            return Qwen2AudioForConditionalGeneration(config)
+
+    def dims(self, config_dict):
+        """Qwen2-Audio: a dense Qwen2 text model and a Whisper-style encoder. The Hub config.json's
+        `text_config` omits hidden size, layer and head counts, so Qwen2Config's defaults (4096 / 32 / 32)
+        apply; building the config object fills them exactly as loading would."""
+        from mapo.data.collate import num_audio_tokens
+
+        model = self.meta_model(config_dict)
+        text, audio = model.config.text_config, model.config.audio_config
+        text_model, layers, tower = self.text_model(model), self.decoder_layers(model), self.audio_tower(model)
+        projector, lm_head, embed = self.audio_projector(model), self.lm_head(model), self.embed_tokens(model)
+        lm_head_params = 0 if lm_head.weight is embed.weight else lm_head.weight.numel()
+        counted = count_parameters(text_model) + lm_head_params + count_parameters(tower) + count_parameters(projector)
+        frames = 2 * audio.max_source_positions  # the encoder's required input length (mel frames)
+        return ModelDims(
+            family=self.family,
+            embed_params=embed.weight.numel(),
+            layer_params=count_parameters(layers[0]),
+            num_layers=len(layers),
+            text_other_params=count_parameters(text_model) - embed.weight.numel() - sum(map(count_parameters, layers)),
+            lm_head_params=lm_head_params,
+            audio_params=count_parameters(tower),
+            audio_layer_params=count_parameters(tower.layers[0]),
+            audio_layers=len(tower.layers),
+            projector_params=count_parameters(projector),
+            other_params=count_parameters(model) - counted,
+            hidden_size=text.hidden_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            mlp_width=text.intermediate_size,
+            vocab_size=lm_head.out_features,
+            max_position=text.max_position_embeddings,
+            audio_hidden=audio.d_model,
+            num_mel_bins=audio.num_mel_bins,
+            audio_heads=audio.encoder_attention_heads,
+            audio_ffn=audio.encoder_ffn_dim,
+            audio_frames=frames,
+            audio_tokens_per_window=num_audio_tokens(frames),
+            linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower, "projector": projector}),
+        )
+
     def text_model(self, model):
         return model.model.language_model
 
@@ -219,6 +390,11 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 def has_adapter(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in _ADAPTERS
+
+
+def adapter_for_config(config_dict: dict, where: str = "config.json") -> ModelAdapter:
+    """The adapter for a config.json dict (by its `model_type`); `where` names it in the error."""
+    return _lookup(config_dict.get("model_type"), where)
 
 
 def adapter_for_folder(folder: str | Path) -> ModelAdapter:

@@ -119,10 +119,12 @@ MARKER_ATTRIBUTES = (
 TURN_START = "<|im_start|>"
 
 
-def generation_suppressed_token_ids(processor) -> list[int]:
+def generation_suppressed_token_ids(processor, vocab_size: int | None = None) -> list[int]:
     """Ids to forbid during sampling: the processor's multimodal markers and placeholders (an extra
     audio placeholder breaks every later pass with "audio features and audio tokens do not match"), the
-    start of a new turn, and the pad token. Stopping is left to EOS (<|im_end|>).
+    start of a new turn, the pad token, and, given the model's `vocab_size`, every LM-head row past the
+    tokenizer (the real Qwen2-Audio has 156,032 rows for 154,931 tokens: a sampled padding row decodes to
+    nothing). Stopping is left to EOS (<|im_end|>).
 
     Pass them as `generate(..., suppress_tokens=ids)` (or `bad_words_ids=[[i] for i in ids]`).
     Note: in the real Qwen2-Audio-Instruct the pad token <|endoftext|> is also listed as an eos id;
@@ -135,7 +137,8 @@ def generation_suppressed_token_ids(processor) -> list[int]:
     missing = [token for token in tokens if token is None or token not in vocab]
     if missing:
         raise ValueError(f"tokenizer lacks the special tokens {missing}; does it belong to this model family?")
-    return sorted({vocab[token] for token in tokens})
+    padding_rows = range(len(tokenizer), vocab_size) if vocab_size is not None else range(0)
+    return sorted({vocab[token] for token in tokens} | set(padding_rows))
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

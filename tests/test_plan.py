@@ -1,0 +1,194 @@
+"""The memory plan (mapo.plan): Qwen2-Audio-7B's dimensions from its config.json, hand-worked components,
+the options taking effect, the fit verdict and advice, the start-time refusal, and the plan against the
+measured peak of a real RL step on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_preflight import REAL_CONFIG, cfg_of
+
+from mapo import plan as plan_mod
+from mapo.models.adapter import Qwen2AudioAdapter
+from mapo.plan import GIB, check_memory_at_start, fixes, inputs_from_config, lora_parameters, memory_plan, trainable_parts
+
+DIMS = Qwen2AudioAdapter().dims(REAL_CONFIG)
+
+
+def q_inputs(world: int, *overrides: str):
+    return inputs_from_config(cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", *overrides), world, "cuda")
+
+
+def test_qwen2_audio_7b_dimensions_from_its_config_json():
+    d = DIMS  # text_config omits hidden size, layers and heads: Qwen2Config's defaults apply
+    assert (d.hidden_size, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim, d.mlp_width) == (4096, 32, 32, 32, 128, 11008)
+    assert (d.vocab_size, d.max_position, d.audio_tokens_per_window, d.audio_frames) == (156032, 8192, 750, 3000)
+    # one decoder layer: q, k, v, o (4·4096²) + q/k/v biases (3·4096) + SwiGLU (3·4096·11008) + 2 norms
+    assert d.layer_params == 4 * 4096**2 + 3 * 4096 + 3 * 4096 * 11008 + 2 * 4096 == 202_395_648
+    assert d.embed_params == d.lm_head_params == 156032 * 4096
+    assert d.projector_params == 1280 * 4096 + 4096
+    assert d.total_params == 8_397_094_912 and d.audio_params == 636_968_960
+
+
+def test_hand_worked_components_on_eight_gpus():
+    p = memory_plan(DIMS, q_inputs(8))
+    trainable = DIMS.text_params + DIMS.lm_head_params + DIMS.projector_params  # the audio tower is frozen
+    frozen = DIMS.audio_params
+    c = p.components
+    assert c["weights"] == (trainable * 4 + frozen * 2) // 8  # fp32 masters + bf16 frozen tower, sharded
+    assert c["gradients"] == trainable * 4 // 8 and c["optimizer state"] == trainable * 8 // 8
+    assert c["reference"] == DIMS.total_params * 2 // 8  # a bf16 frozen copy (β = 0.02), sharded
+    assert c["compute copy (rollout/eval)"] == DIMS.total_params * 2  # the whole model gathered once, bf16
+    # 16 prompts / 8 ranks × G = 8 rows; 750 audio + 128 text + 512 new tokens; K and V of 32 layers × 32 heads × 128 in bf16
+    assert c["rollout KV cache"] == 16 * (750 + 128 + 512) * 2 * 32 * 32 * 128 * 2
+    assert p.fits is True and memory_plan(DIMS, q_inputs(1)).peak > 80 * GIB
+
+
+def test_options_take_effect():
+    base = memory_plan(DIMS, q_inputs(8))
+    no_ac = memory_plan(DIMS, q_inputs(8, "model.gradient_checkpointing=false"))
+    assert no_ac.components["activations"] == base.activations_without_ac > 5 * base.activations_with_ac
+    half = memory_plan(DIMS, q_inputs(8, "trainer.micro_batch_size=2"))
+    assert half.components["activations"] < base.components["activations"]
+    lora = memory_plan(DIMS, q_inputs(8, "model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"))
+    assert lora.components["reference"] == 0 and lora.components["gradients"] == 32 * 8 * (4096 + 4096) * 2 * 4 // 8
+    grpo = memory_plan(DIMS, inputs_from_config(cfg_of("experiment=qwen2audio_grpo", "data.dir=/d", "algo.beta=0"), 8, "cuda"))
+    assert grpo.components["reference"] == 0  # no KL, no ablated reference
+    evaluation = memory_plan(DIMS, q_inputs(8, "trainer.steps=0"))  # make eval
+    assert evaluation.components["reference"] == evaluation.components["gradients"] == evaluation.components["optimizer state"] == 0
+    assert set(evaluation.phases) == {"evaluation"}
+    longer = memory_plan(DIMS, q_inputs(8, "rollout.max_new_tokens=1024"))
+    assert longer.components["rollout KV cache"] == base.components["rollout KV cache"] * (750 + 128 + 1024) // (750 + 128 + 512)
+
+
+def test_lora_counts_from_dims_and_targets():
+    text_only = {"text", "lm_head"}
+    assert lora_parameters(DIMS, 16, ("q_proj", "v_proj"), text_only) == 32 * 16 * (4096 + 4096) * 2
+    per_layer = 4 * (4096 + 4096) + 3 * (4096 + 11008)
+    assert lora_parameters(DIMS, 4, "all-linear", text_only) == 32 * 4 * per_layer  # never the LM head
+    with_projector = text_only | {"projector"}
+    assert lora_parameters(DIMS, 4, "all-linear", with_projector) == 32 * 4 * per_layer + 4 * (1280 + 4096)
+    assert trainable_parts(q_inputs(1)) == {"text", "lm_head", "projector"}  # the tower is frozen by default
+
+
+def test_a_plan_that_does_not_fit_names_what_would():
+    one = q_inputs(1)
+    capacity = 80 * GIB
+    assert not memory_plan(DIMS, one, capacity).fits
+    advice = fixes(DIMS, one, capacity)
+    assert advice == ["4 GPUs (NPROC×NNODES)", "rollout.prompts_per_step=8 + model.lora.rank=64"]
+    assert all(memory_plan(DIMS, _apply(one, a), capacity).fits for a in advice)
+    assert not memory_plan(DIMS, _apply(one, "2 GPUs (NPROC×NNODES)"), capacity).fits  # the fewest that fit
+    eight_tight = dataclasses.replace(q_inputs(8), micro_batch_size=16, gradient_checkpointing=False)
+    advice = fixes(DIMS, eight_tight, capacity)
+    assert "model.gradient_checkpointing=true" in advice and any(a.startswith("trainer.micro_batch_size=") for a in advice)
+
+
+def _apply(inputs, advice: str):
+    """The PlanInputs an advice string stands for (a combination joins several with ' + ')."""
+    fields = {"trainer.micro_batch_size": "micro_batch_size", "rollout.prompts_per_step": "prompts_per_step",
+              "rollout.max_new_tokens": "max_new_tokens", "rollout.eval_batch_size": "eval_batch_size", "model.lora.rank": "lora_rank"}
+    for item in advice.split(" + "):
+        key, _, value = item.partition("=")
+        if item.endswith("GPUs (NPROC×NNODES)"):
+            inputs = dataclasses.replace(inputs, world_size=int(item.split()[0]))
+        elif key == "model.gradient_checkpointing":
+            inputs = dataclasses.replace(inputs, gradient_checkpointing=value == "true")
+        else:
+            inputs = dataclasses.replace(inputs, **{fields[key]: int(value)})
+            if key == "model.lora.rank":
+                inputs = dataclasses.replace(inputs, reference=False)
+    return inputs
+
+
+def test_make_plan_prints_and_exits_by_the_verdict(capsys):
+    assert plan_mod.main(["experiment=qwen2audio_mapo", "--nproc=8", "--gpu-gib=80"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen2-Audio-7B-Instruct.json" in out and "no weights read" in out
+    for line in ("weights", "gradients", "optimizer state", "reference", "rollout KV cache", "activations, checkpointing on",
+                 "activations, checkpointing off", "evaluation batch"):
+        assert f"\n  {line}" in out, line
+    assert "of 80.0 GiB → fits" in out
+    assert plan_mod.main(["experiment=qwen2audio_mapo", "--nproc=1", "--gpu-gib=80"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "\n  would fit with: " in out
+    with pytest.raises(SystemExit, match="unknown option --gpus"):
+        plan_mod.main(["--gpus=2"])
+
+
+def test_training_refuses_on_cuda_and_warns_on_cpu(capsys):
+    cfg = cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", "trainer.device_memory_gib=80")
+    cuda = SimpleNamespace(device=torch.device("cuda"), world_size=1, is_main=True)
+    with pytest.raises(plan_mod.MemoryPlanError, match=r"needs \d+\.\d GiB per GPU of 80.0 GiB; would fit with: "):
+        check_memory_at_start(cfg, REAL_CONFIG, cuda)
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert check_memory_at_start(cfg, REAL_CONFIG, SimpleNamespace(device=torch.device("cuda"), world_size=8, is_main=True)).fits
+    cpu = SimpleNamespace(device=torch.device("cpu"), world_size=1, is_main=True)
+    assert not check_memory_at_start(cfg, REAL_CONFIG, cpu).fits  # printed against the 80 GiB asked for, not refused
+    assert "[mapo] warning: the memory plan needs" in capsys.readouterr().out
+    warn = cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", "trainer.device_memory_gib=80", "trainer.memory_check=warn")
+    assert not check_memory_at_start(warn, REAL_CONFIG, cuda).fits
+    off = cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", "trainer.memory_check='off'")
+    assert check_memory_at_start(off, REAL_CONFIG, cuda) is None
+
+
+def test_the_plan_is_within_20_percent_of_a_measured_rl_step(tiny_env):
+    """One real RL step (rollout, no-grad scoring, micro-batched update with the capture, AdamW) on the tiny
+    model, every tensor byte counted (tests/memory_probe.py), against the plan of the same lengths."""
+    from memory_probe import PeakTracker
+
+    import mapo.rl as rl
+    from mapo import distributed as dist_utils
+    from mapo.algos.mapo import build_content_vocab_mask
+    from mapo.assets import load_split
+    from mapo.data.collate import Collator, FeatureCache
+    from mapo.models.adapter import get_adapter
+    from mapo.models.loader import load_model_and_processor
+    from mapo.phase import Phase, set_trainable
+    from mapo.train import generation_kwargs
+
+    cfg = cfg_of("experiment=tiny_mapo", f"model.path={tiny_env['model']}", f"data.dir={tiny_env['data']}",
+                 "rollout.prompts_per_step=4", "rollout.group_size=8", "rollout.max_new_tokens=24", "trainer.micro_batch_size=8")
+    ctx = dist_utils.DistContext()
+    torch.manual_seed(0)
+    model, processor = load_model_and_processor(cfg.model.path)
+    collator = Collator(processor, feature_cache=FeatureCache())
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    set_trainable(model, cfg, everything=False)
+    phase = Phase("rl", dist_utils.ModelRunner(model), model, 1e-4, 10, 0, "constant", cfg, load_split(cfg.data, cfg.data.train))
+    gen = generation_kwargs(cfg, processor, ctx, get_adapter(model).vocab_size(model))
+    content = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model))
+    model.train()
+    step = lambda: rl.rl_step(phase, dist_utils.ModelRunner(reference), collator, cfg, ctx, gen, content, "recompute")  # noqa: E731
+    step()  # AdamW state exists from here on, as in every later step
+    lengths = {}
+    sample = rl.generate_rollout
+
+    def spy(*args, **kwargs):
+        out = sample(*args, **kwargs)
+        lengths.update(prompt=out.prompt_len, audio=int(out.audio_mask[0].sum()), new=out.completion_ids.shape[1])
+        return out
+
+    rl.generate_rollout = spy
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in
+                [*model.parameters(), *model.buffers(), *reference.parameters(), *reference.buffers(),
+                 *(v for s in phase.optimizer.state.values() for v in s.values() if torch.is_tensor(v))]}
+    try:
+        with PeakTracker(sum(storages.values())) as probe:
+            step()
+    finally:
+        rl.generate_rollout = sample
+    inputs = inputs_from_config(cfg, 1, "cpu", prompt_text_tokens=lengths["prompt"] - lengths["audio"])
+    inputs = dataclasses.replace(inputs, max_new_tokens=lengths["new"], warm_start_batch=0)
+    dims = get_adapter(model).dims(json.loads((Path(cfg.model.path) / "config.json").read_text()))
+    planned = memory_plan(dims, inputs)
+    peak = max(v for k, v in planned.phases.items() if k != "evaluation")
+    ratio = peak / probe.peak
+    print(f"\n[plan check] tiny RL step: planned {peak / 2**20:.2f} MiB, measured {probe.peak / 2**20:.2f} MiB, ratio {ratio:.3f}")
+    assert 0.8 <= ratio <= 1.2, (planned.phases, probe.peak)

@@ -210,7 +210,8 @@ def test_a_full_disk_during_a_save_fails_loudly_and_keeps_the_previous_checkpoin
     done = subprocess.run([sys.executable, str(SCRIPTS / "save_loop.py"), str(run_dir), "100000"], env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, (done.stdout, done.stderr[-2000:])
-    assert "FAILED" in done.stdout and ("File too large" in done.stdout or "errno 27" in done.stdout.lower())
+    assert "FAILED CheckpointWriteError: [Errno 27] checkpoint of step 2 could not be written" in done.stdout
+    assert f"The previous checkpoint {run_dir / 'checkpoints' / 'step_000001'} is intact" in done.stdout
     phase, values = _resumed_step_and_weights(run_dir)
     assert phase.step == 1 and torch.equal(values, torch.ones_like(values))
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_000001"]
@@ -273,8 +274,10 @@ class DiskFullAfterFirstCheckpoint:
             monkeypatch.setattr(mapo.checkpoint, "save_file", save_file)
 
     def armed(self, target) -> bool:
-        """A write into the checkpoints folder once one checkpoint is complete (a file object counts too)."""
-        if isinstance(target, (str, os.PathLike)) and Path(self.run_dir, "checkpoints") not in Path(target).parents:
+        """A write to a file in the checkpoints folder (a path, or a file object with that name) once one
+        checkpoint is complete; in-memory buffers are not the disk."""
+        name = target if isinstance(target, (str, os.PathLike)) else getattr(target, "name", None)
+        if not isinstance(name, (str, os.PathLike)) or Path(self.run_dir, "checkpoints") not in Path(name).parents:
             return False
         return resolve_resume(self.run_dir, "auto") is not None
 
@@ -339,3 +342,32 @@ def test_a_signal_during_the_warm_start_keeps_its_progress(tiny_env, tmp_path):
     done = run_training(overrides, cwd=tmp_path)
     assert f"resumed warm start at step {stopped_at}" in done.stdout  # resumed, not restarted
     assert not work.exists() and any(cache.glob("*/model.safetensors"))  # finished and cached
+
+
+@pytest.mark.parametrize("fail_rank", [1, 0])
+def test_a_full_disk_on_one_of_two_ranks_stops_both_without_waiting(tmp_path, fail_rank):
+    """2 gloo ranks: at step 2 one rank cannot write its files (ENOSPC). Both ranks must raise the same
+    clear error (none may wait forever at a barrier: the test fails after 120 s) and step 1 stays loadable."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from save_loop import two_rank_worker
+
+        port = str(29600 + fail_rank + os.getpid() % 200)
+        context = mp.start_processes(two_rank_worker, args=(2, str(tmp_path), port, fail_rank), nprocs=2, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + 120
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in context.processes:
+                    p.kill()
+                pytest.fail("a rank waited forever")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    for outcome in outcomes:
+        assert outcome.startswith("CheckpointWriteError errno=") and "checkpoint of step 2 could not be written" in outcome
+        assert "step_000001 is intact" in outcome
+    assert "errno=28" in outcomes[fail_rank]  # the rank that met the full disk names it
+    assert resolve_resume(tmp_path, "auto").name == "step_000001"

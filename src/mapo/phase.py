@@ -20,6 +20,7 @@ from mapo.models import lora as lora_utils
 from mapo.models.adapter import get_adapter
 from mapo.optim import build_optimizer, build_scheduler
 from mapo.precision import Precision, store_frozen
+from mapo.run_logging import redact_secrets
 
 
 def set_trainable(model: torch.nn.Module, cfg: MapoConfig, everything: bool) -> None:
@@ -88,7 +89,8 @@ class Phase:
         precision = getattr(self.runner, "precision", None)
         trainer_state = {
             "step": self.step, "phase": self.name, "sampler": self.sampler.state_dict(), "lora": self.must_match["lora"],
-            "precision": precision.names() if precision is not None else None, "config": self.run_config,
+            "precision": precision.names() if precision is not None else None,
+            "config": redact_secrets(self.run_config),  # the checkpoint is a file like any log: no API key in it
         }
         return save_checkpoint(
             run_dir, self.step, TrainingState(self.runner, self.optimizer), self.scheduler.state_dict(), trainer_state,

@@ -58,3 +58,37 @@ if __name__ == "__main__":
         print(f"saved {step} {time.perf_counter() - t0:.4f}", flush=True)
         if limit is not None and step >= 2:
             sys.exit(0)  # the full disk went unnoticed: the caller's test fails on this status
+
+
+def two_rank_worker(rank: int, world: int, run_dir: str, port: str, fail_rank: int) -> None:
+    """One of two gloo ranks saving steps 1 and 2; on step 2 rank `fail_rank` cannot write its small
+    files (its RNG state; on rank 0 also the marker) as on a full disk. Writes rank<r>.txt with the outcome."""
+    import errno
+    import os
+
+    import torch.distributed as dist
+
+    import mapo.checkpoint as checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = dist_utils.DistContext(rank=rank, world_size=world)
+    phase, model = build_phase()
+    outcome = "no error"
+    real_save, real_write = checkpoint._save_synced, checkpoint._write_synced
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for step in (1, 2):
+        set_step(phase, model, step)
+        if step == 2 and rank == fail_rank:
+            checkpoint._save_synced, checkpoint._write_synced = full_disk, full_disk
+        try:
+            phase.save(Path(run_dir), ctx, keep_last=2)
+        except OSError as err:
+            outcome = f"{type(err).__name__} errno={err.errno}: {err}"
+        finally:
+            checkpoint._save_synced, checkpoint._write_synced = real_save, real_write
+    Path(run_dir, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()

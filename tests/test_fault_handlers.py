@@ -84,3 +84,19 @@ def test_stop_request_is_agreed_over_ranks():
     assert elsewhere.should_stop() and elsewhere.stopped_by == signal.SIGTERM and elsewhere.exit_code == 143
     both = StopRequest(here, any_rank=lambda code: code + float(signal.SIGTERM))  # 2 + 15: keep our own
     assert both.should_stop() and both.exit_code == 130
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.audio_check=full", "data.audio_check='full': unknown choice; valid: decode, header"),
+    ("data.check_workers=-2", "data.check_workers=-2: a thread count (0 = one per core); valid: ≥ 0"),
+    ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: the K-th non-finite step in a row stops the run"),
+])
+def test_fault_options_are_checked_before_anything_loads(override, expected):
+    from fault_tools import compose_config
+
+    from mapo.preflight import ConfigError, check_config
+
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_config(["experiment=tiny_mapo", override]), None, 1)
+    assert any(expected in p for p in info.value.problems), info.value.problems
+    check_config(compose_config(["experiment=tiny_mapo"]), None, 1)  # the defaults pass

@@ -63,11 +63,16 @@ def check_model_folder(path: str | Path) -> Path:
         raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); {EXPECTED}")
     if not any((folder / name).is_file() for name in PREPROCESSOR_FILES):
         raise FileNotFoundError(f"{folder}: no {' or '.join(PREPROCESSOR_FILES)}; {EXPECTED}")
+    return folder
+
+
+def require_safetensors(folder: Path) -> None:
+    """Weights load from safetensors only: a folder holding only pickled weights (.bin, .pt) is refused
+    with a message that says so (unpickling a downloaded file can run code)."""
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = f" (found {', '.join(pickled)}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights{hint}; {EXPECTED}")
-    return folder
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights{hint}; {_expected()}")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -93,6 +98,7 @@ def load_model_and_processor(
     checkpoint says, so tiny and real models batch the same way.
     """
     folder = check_model_folder(path)
+    require_safetensors(folder)
     adapter = adapter_for_folder(folder)
     model, processor = adapter.load(
         folder, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, device=device

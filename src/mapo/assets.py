@@ -58,6 +58,11 @@ def ensure_model(model: ModelConfig, data: DataConfig) -> None:
     write_tiny(TinyModelConfig(out_dir=model.path, corpus=str(manifest_path(data, data.train))))
 
 
+def load_split(data: DataConfig, name: str) -> list[Record]:
+    """Records of one manifest, checked as `data` says (bad rows stop unless data.skip_bad)."""
+    return check_split(data, name).records
+
+
 def check_split(data: DataConfig, name: str, window_seconds: float | None = None, *, is_main: bool = True,
                 share: Callable[[list[int]], list[int]] | None = None) -> ManifestResult:
     """One manifest checked as `data` says (audio decoded in parallel on rank 0, with a progress bar).

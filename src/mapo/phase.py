@@ -78,9 +78,13 @@ class Phase:
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if should_step is None or should_step(norm):
+        stepped = should_step is None or should_step(norm)
+        if stepped:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # torch warns when the very first optimizer step was the skipped one
+            if not stepped:
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

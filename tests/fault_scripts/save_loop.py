@@ -60,10 +60,12 @@ if __name__ == "__main__":
             sys.exit(0)  # the full disk went unnoticed: the caller's test fails on this status
 
 
-def two_rank_worker(rank: int, world: int, run_dir: str, port: str, fail_rank: int) -> None:
-    """One of two gloo ranks saving steps 1 and 2; on step 2 rank `fail_rank` cannot write its small
-    files (its RNG state; on rank 0 also the marker) as on a full disk. Writes rank<r>.txt with the outcome."""
+def two_rank_worker(rank: int, world: int, run_dir: str, port: str) -> None:
+    """One of two gloo ranks saving steps 1, 2 and 3; at step 2 rank 1, at step 3 rank 0, cannot write its
+    small files (its RNG state; on rank 0 also the scheduler, trainer state and marker), as on a full disk.
+    Writes rank<r>.json: step -> outcome ("saved" or the error)."""
     import errno
+    import json
     import os
 
     import torch.distributed as dist
@@ -74,21 +76,22 @@ def two_rank_worker(rank: int, world: int, run_dir: str, port: str, fail_rank: i
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ctx = dist_utils.DistContext(rank=rank, world_size=world)
     phase, model = build_phase()
-    outcome = "no error"
+    outcomes = {}
     real_save, real_write = checkpoint._save_synced, checkpoint._write_synced
 
     def full_disk(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    for step in (1, 2):
+    for step, failing_rank in ((1, None), (2, 1), (3, 0)):
         set_step(phase, model, step)
-        if step == 2 and rank == fail_rank:
+        if rank == failing_rank:
             checkpoint._save_synced, checkpoint._write_synced = full_disk, full_disk
         try:
-            phase.save(Path(run_dir), ctx, keep_last=2)
+            phase.save(Path(run_dir), ctx, keep_last=3)
+            outcomes[step] = "saved"
         except OSError as err:
-            outcome = f"{type(err).__name__} errno={err.errno}: {err}"
+            outcomes[step] = f"{type(err).__name__} errno={err.errno}: {err}"
         finally:
             checkpoint._save_synced, checkpoint._write_synced = real_save, real_write
-    Path(run_dir, f"rank{rank}.txt").write_text(outcome)
+    Path(run_dir, f"rank{rank}.json").write_text(json.dumps(outcomes))
     dist.destroy_process_group()

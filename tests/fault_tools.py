@@ -89,3 +89,28 @@ def manifest_row(row_id: str, audio: str | None, answer: str = "higher", **extra
     row = {"id": row_id, "audio": audio, "question": "Is the second tone higher or lower than the first?",
            "choices": ["higher", "lower"], "answer": answer, "task": "pitch_compare", "split": "train", **extra}
     return json.dumps(row)
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def spawn_two_ranks(worker, *args, timeout: float = 120) -> None:
+    """Run `worker(rank, 2, port, *args)` in 2 spawned processes (gloo needs the port); fail the test
+    when they have not all finished after `timeout` seconds: a rank waiting forever is the fault."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(2, free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"a rank was still waiting after {timeout} s")

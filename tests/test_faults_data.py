@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from fault_tools import compose_config, manifest_row, tiny_overrides, write_clip
+from fault_tools import compose_config, manifest_row, spawn_two_ranks, tiny_overrides, write_clip
 
 from mapo.data import validate
 from mapo.data.audio import AudioError, load_audio
@@ -245,18 +245,10 @@ def test_audio_gone_bad_mid_run_is_skipped_the_same_way_on_both_ranks(tmp_path):
     half of the batch) and another truncated to 0 bytes (in rank 1's half). Each rank sees only its own
     failure; both must return the same batch with both rows replaced, and neither may wait forever (the
     test fails after 120 s)."""
-    import torch.multiprocessing as mp
-
     clips = [str(write_clip(tmp_path / f"c{i}.wav", 0.5)) for i in range(8)]
     os.remove(clips[5])
     Path(clips[6]).write_bytes(b"")
-    context = mp.start_processes(_guard_worker, args=(2, str(tmp_path), clips), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("a rank waited forever")
+    spawn_two_ranks(_guard_worker, str(tmp_path), clips)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got[0] == got[1]
     ids = got[0]["ids"]
@@ -264,7 +256,7 @@ def test_audio_gone_bad_mid_run_is_skipped_the_same_way_on_both_ranks(tmp_path):
     assert got[0]["loaded"] and got[1]["loaded"]
 
 
-def _guard_worker(rank: int, world: int, folder: str, clips: list[str]) -> None:
+def _guard_worker(rank: int, world: int, port: str, folder: str, clips: list[str]) -> None:
     import torch.distributed as dist
 
     from mapo.data.audio import load_audio
@@ -272,7 +264,7 @@ def _guard_worker(rank: int, world: int, folder: str, clips: list[str]) -> None:
     from mapo.data.sampler import EpochSampler
     from mapo.data.schema import Record
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FAULT_TEST_PORT", "29517"))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     records = [Record(f"c{i}", c, "q?", ["a", "b"], "a") for i, c in enumerate(clips)]
 

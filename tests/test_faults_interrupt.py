@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_tools import (compose_config, copy_data, metrics_rows, run_training, subprocess_env, tiny_overrides,
-                         train_command, train_rows)
+from fault_tools import (compose_config, copy_data, metrics_rows, run_training, spawn_two_ranks, subprocess_env,
+                         tiny_overrides, train_command, train_rows)
 
 import mapo.train
 from mapo import distributed as dist_utils
@@ -350,21 +350,11 @@ def test_a_full_disk_on_one_of_two_ranks_stops_both_without_waiting(tmp_path):
     and step 1 stays the newest complete checkpoint."""
     import json
 
-    import torch.multiprocessing as mp
-
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(SCRIPTS))  # the spawned ranks import the worker from there
     try:
         from save_loop import two_rank_worker
 
-        port = str(29600 + os.getpid() % 300)
-        context = mp.start_processes(two_rank_worker, args=(2, str(tmp_path), port), nprocs=2, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + 120
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                pytest.fail("a rank waited forever")
+        spawn_two_ranks(two_rank_worker, str(tmp_path))
     finally:
         sys.path.remove(str(SCRIPTS))
     outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -60,7 +60,7 @@ if __name__ == "__main__":
             sys.exit(0)  # the full disk went unnoticed: the caller's test fails on this status
 
 
-def two_rank_worker(rank: int, world: int, run_dir: str, port: str) -> None:
+def two_rank_worker(rank: int, world: int, port: str, run_dir: str) -> None:
     """One of two gloo ranks saving steps 1, 2 and 3; at step 2 rank 1, at step 3 rank 0, cannot write its
     small files (its RNG state; on rank 0 also the scheduler, trainer state and marker), as on a full disk.
     Writes rank<r>.json: step -> outcome ("saved" or the error)."""

@@ -413,11 +413,12 @@ def test_relevance_all_masked_is_zero_with_finite_grad(kind):
         assert torch.isfinite(delta_h.grad).all()
 
 
-def loop_capped_softmax(scores, valid, tau_base, cap):
+def loop_capped_softmax(scores, valid, tau_base, cap, tau_counts=None):
+    """n·softmax over the valid entries of each row, τ from tau_counts[i] (default n), capped."""
     rows = []
-    for score_row, valid_row in zip(scores, valid):
+    for i, (score_row, valid_row) in enumerate(zip(scores, valid)):
         n = sum(valid_row)
-        tau = tau_base * math.log(max(n, 2))
+        tau = tau_base * math.log(max(n if tau_counts is None else tau_counts[i], 2))
         exps = [math.exp(s / tau) if v else 0.0 for s, v in zip(score_row, valid_row)]
         z = sum(exps)
         rows.append([min(n * e / z, cap) if v else 0.0 for e, v in zip(exps, valid_row)])
@@ -465,21 +466,36 @@ def test_relevance_matches_loop(seed, kind):
 
 
 def test_targeting_hand_values_and_cap():
-    ln2, ln3 = math.log(2), math.log(3)
-    delta_h = torch.tensor([[0.0, ln2 * ln3, 5.0], [2.0, 2.0, 2.0]])
-    gate = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
-    # row 0: N = 2, τ = log 2 → softmax(−[0, ln 3]) = [3/4, 1/4] → ×2 → [1.5, 0.5]; ungated → 0
-    # row 1: nothing gated → zeros
-    close(targeting_weights(delta_h, gate), [[1.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
-    # cap: N = 8, Δh = [0, 10 × 7], τ = log 8: e^{−4.809} = 0.008157 → 8/(1 + 7·0.008157) = 7.568 → C_mask 5
-    far = math.exp(-10 / math.log(8))
-    delta_h = torch.tensor([[0.0] + [-10.0] * 7])
-    close(targeting_weights(delta_h, torch.ones(1, 8)), [[5.0] + [8 * far / (1 + 7 * far)] * 7], atol=1e-5)
+    ln2, ln3, ln4 = math.log(2), math.log(3), math.log(4)
+    delta_h = torch.tensor([[0.0, ln4 * ln3, 5.0, 5.0], [7.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    gate = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    # row 0: T = 4 valid → τ = log 4; N = 2 gated: −|Δh|/τ = [0, −ln 3] → softmax [3/4, 1/4] → ×N=2 → [1.5, 0.5]
+    # row 1: T = 1 → τ = log max(1, 2) = log 2; one gated token → softmax of one = 1 → ×1 → 1
+    # row 2: nothing gated → zeros (τ = log 3 is irrelevant)
+    close(targeting_weights(delta_h, gate, mask), [[1.5, 0.5, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    # without mask τ comes from N = 2 (log 2): row 0 −[0, ln4·ln3/ln2] = −[0, 2 ln 3] → softmax [9/10, 1/10]
+    # → ×2 → [1.8, 0.2]: the old (wrong for a partial gate) temperature gives a different answer
+    close(targeting_weights(delta_h, gate)[0], [1.8, 0.2, 0, 0])
+    # the gate never selects padding: a gated column outside the mask gets 0 and does not count in N
+    close(targeting_weights(delta_h, torch.ones(3, 4), mask)[1], [1, 0, 0, 0])
+    # cap: T = 16 valid, 8 gated with Δh = [0, 10 × 7], τ = log 16 = 2.7726: e^{−10/2.7726} = e^{−3.6067} = 0.027140
+    # gated token 0: 8/(1 + 7·0.027140) = 8/1.18998 = 6.723 > C_mask 5 → 5; the others 8·0.027140/1.18998 = 0.18246
+    far = math.exp(-10 / math.log(16))
+    delta_h = torch.tensor([[0.0] + [-10.0] * 7 + [3.0] * 8])
+    gate = torch.tensor([[1] * 8 + [0] * 8], dtype=torch.bool)
+    nu = targeting_weights(delta_h, gate, torch.ones(1, 16))
+    close(nu, [[5.0] + [8 * far / (1 + 7 * far)] * 7 + [0.0] * 8], atol=1e-5)
+    assert nu[0, 1] == pytest.approx(0.18246, abs=1e-5)
+    # tau_base scales τ: τ = 2·log 16 → e^{−10/5.5452} = e^{−1.8034} = 0.16474 → 8/(1 + 7·0.16474) = 3.7154 (cap not binding)
+    mild = math.exp(-10 / (2 * math.log(16)))
+    close(targeting_weights(delta_h, gate, torch.ones(1, 16), tau_base=2.0)[0, 0], 8 / (1 + 7 * mild), atol=1e-5)
+    assert 8 / (1 + 7 * mild) == pytest.approx(3.7154, abs=1e-4)
 
 
 def test_targeting_all_ungated_zero_with_finite_grad():
     delta_h = torch.randn(2, 3, requires_grad=True)
-    nu = targeting_weights(delta_h, torch.zeros(2, 3))
+    nu = targeting_weights(delta_h, torch.zeros(2, 3), torch.ones(2, 3))
     (nu * torch.randn(2, 3)).sum().backward()
     assert torch.equal(nu, torch.zeros(2, 3)) and torch.isfinite(delta_h.grad).all()
 
@@ -488,9 +504,11 @@ def test_targeting_all_ungated_zero_with_finite_grad():
 def test_targeting_matches_loop(seed):
     g = torch.Generator().manual_seed(seed)
     delta_h = torch.randn(5, 8, generator=g, dtype=torch.float64)
-    gate = random_mask(g, 5, 8) & (torch.rand(5, 8, generator=g) < 0.7)  # content tokens among valid
-    expected = loop_capped_softmax([[-abs(x) for x in row] for row in delta_h.tolist()], gate.tolist(), 1.3, 1.8)
-    close(targeting_weights(delta_h, gate, tau_base=1.3, cap=1.8), expected, atol=1e-12)
+    mask = random_mask(g, 5, 8)
+    gate = mask & (torch.rand(5, 8, generator=g) < 0.7)  # content tokens among valid
+    scores = [[-abs(x) for x in row] for row in delta_h.tolist()]
+    expected = loop_capped_softmax(scores, gate.tolist(), 1.3, 1.8, tau_counts=[sum(m) for m in mask.tolist()])
+    close(targeting_weights(delta_h, gate, mask, tau_base=1.3, cap=1.8), expected, atol=1e-12)
 
 
 # ---------------------------------------------------------------- temporal weights
@@ -620,7 +638,7 @@ def test_attention_loss_matches_loop_and_micro_batches_sum(seed):
     gate = torch.rand(batch, width, generator=g) < 0.6
     audio_mass = torch.rand(batch, width, generator=g, dtype=torch.float64).requires_grad_(True)
     delta_h = torch.randn(batch, width, generator=g, dtype=torch.float64)
-    nu = targeting_weights(delta_h, gate & mask)
+    nu = targeting_weights(delta_h, gate, mask)
     w = temporal_weights(mask).double()
     gates = sequence_gate(torch.rand(batch, generator=g) < 0.5, torch.randn(batch, generator=g, dtype=torch.float64))
     loss = attention_loss(audio_mass, mask, nu, w, gate, gates)

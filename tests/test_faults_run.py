@@ -19,7 +19,7 @@ import pytest
 import torch
 from fault_tools import compose_config, copy_data, manifest_row, tiny_overrides, train_rows, write_clip
 
-import mapo.rl
+import mapo.step
 import mapo.train
 from mapo.checkpoint import resolve_resume
 from mapo.data.sampler import EpochSampler
@@ -85,7 +85,7 @@ def faulty_run(tiny_env, tmp_path_factory):
     mp.setattr(mapo.train, "load_run_data", load_then_delete)
 
     # NaN gradients on the second call of mapo_step (step 2: one micro-batch per step)
-    real_step = mapo.rl.mapo_step
+    real_step = mapo.step.mapo_step
     step_calls = {"n": 0}
 
     def nan_grad_on_second(model, *args, **kwargs):
@@ -97,7 +97,7 @@ def faulty_run(tiny_env, tmp_path_factory):
                     p.grad.fill_(float("nan"))
         return out
 
-    mp.setattr(mapo.rl, "mapo_step", nan_grad_on_second)
+    mp.setattr(mapo.step, "mapo_step", nan_grad_on_second)
 
     import wandb
 
@@ -185,7 +185,7 @@ def test_wandb_gets_no_audio_and_no_api_key(faulty_run):
 
 
 def test_consecutive_non_finite_losses_stop_with_the_last_good_checkpoint(tiny_env, tmp_path, monkeypatch):
-    real_step = mapo.rl.mapo_step
+    real_step = mapo.step.mapo_step
     calls = {"n": 0}
 
     def nan_loss_from_step_3(model, *args, **kwargs):
@@ -196,7 +196,7 @@ def test_consecutive_non_finite_losses_stop_with_the_last_good_checkpoint(tiny_e
             return loss * float("nan"), metrics
         return loss, metrics
 
-    monkeypatch.setattr(mapo.rl, "mapo_step", nan_loss_from_step_3)
+    monkeypatch.setattr(mapo.step, "mapo_step", nan_loss_from_step_3)
     run_dir = tmp_path / "run"
     cfg = compose_config(tiny_overrides(tiny_env, run_dir, "trainer.steps=6", "trainer.checkpoint_every=1",
                                         "trainer.keep_last=5", "trainer.max_nonfinite_steps=2"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,7 +14,22 @@ from mapo.data.collate import Collator
 from mapo.data.validate import read_manifest
 from mapo.models.loader import generation_suppressed_token_ids, load_model_and_processor
 from mapo.rollout import generate_rollout
-from mapo.step import Normalisers, mapo_step, plain_call, prepare_batch
+from mapo.algos.losses import clip_token_counts
+from mapo.algos.mapo import relevance_weights
+from mapo.rollout import completion_mask_from_ids
+from mapo.scoring import reference_pass, score_tokens
+from mapo.step import (
+    MetricSums,
+    Normalisers,
+    local_counts,
+    mapo_step,
+    mini_batch_rows,
+    normalisers_from_counts,
+    plain_call,
+    prepare_batch,
+    truncated_rows,
+    update_on_rollout,
+)
 
 G = 4
 
@@ -55,16 +71,19 @@ def prepared_for(model, rollout, algo, content, old_pass=True, advantages=None):
     )
 
 
-def norms_for(rollout) -> Normalisers:
-    return Normalisers(num_tokens=rollout.completion_mask.sum().float(), num_seqs=rollout.completion_ids.shape[0], max_len=10)
+def norms_for(prepared, rollout, rows=None) -> Normalisers:
+    """The normalisers of one optimizer step on `rows` (default all), as the loop computes them."""
+    rows = torch.arange(rollout.completion_ids.shape[0]) if rows is None else rows
+    return normalisers_from_counts(local_counts(prepared, rollout, rows), max_len=10)
 
 
 def total_loss(model, rollout, prepared, algo, micro=None):
     rows = torch.arange(rollout.completion_ids.shape[0])
     chunks = [rows] if micro is None else list(rows.split(micro))
     total, metrics = 0.0, []
+    norms = norms_for(prepared, rollout)
     for chunk in chunks:
-        loss, m = mapo_step(model, rollout, chunk, prepared, algo, norms_for(rollout), temperature=1.0)
+        loss, m = mapo_step(model, rollout, chunk, prepared, algo, norms, temperature=1.0)
         total = total + loss
         metrics.append(m)
     return total, metrics
@@ -182,3 +201,284 @@ def test_every_option_gives_a_finite_loss_and_gradient(setup, options):
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
     assert torch.isfinite(grad_norm) and grad_norm > 0
+
+
+# ----------------------------------------------------------------------------- a prompt with several clips
+def two_clip_rollout():
+    """Toy model, 2 prompts: prompt 0 holds clips 0 and 1 (25 + 15 audio tokens), prompt 1 clip 2 (15)."""
+    from toy_model import AUDIO, EOS, PAD, make_batch, tiny_model
+
+    clips = make_batch((0, 2))  # clip 0: 100 valid frames (25 audio tokens), clip 1: 60 (15)
+    features, frames = clips["input_features"], clips["feature_attention_mask"]
+    prompts = [
+        [10, 2] + [AUDIO] * 25 + [3, 11, 2] + [AUDIO] * 15 + [3, 12, 13],
+        [10, 20, 2] + [AUDIO] * 15 + [3, 15],
+    ]
+    width = max(map(len, prompts))
+    input_ids = torch.full((2, width), PAD)
+    attention_mask = torch.zeros(2, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(p)
+        attention_mask[row, width - len(p):] = 1
+    batch = {
+        "input_ids": input_ids, "attention_mask": attention_mask,
+        "input_features": torch.cat([features, features[1:] * -0.7]), "feature_attention_mask": torch.cat([frames, frames[1:]]),
+    }
+    model = tiny_model(0, projector_gain=50.0)  # an audible audio path (random init is nearly silent)
+    rollout = generate_rollout(model, batch, group_size=2, max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, seeds=[0, 1])
+    return model, rollout
+
+
+def test_a_prompt_with_two_clips_keeps_its_audio_in_every_pass():
+    from transformers import WhisperFeatureExtractor
+
+    from mapo.scoring import score_tokens
+    from mapo.step import prompt_clips, select_rows
+
+    model, rollout = two_clip_rollout()
+    extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=1)
+    assert prompt_clips(rollout) == [[0, 1], [2]]
+    rows = torch.tensor([3, 0, 1])  # prompt 1, then prompt 0 twice (out of order on purpose)
+    sub = select_rows(rollout, rows)
+    assert sub.input_features.shape[0] == 1 + 2 + 2  # every row brings all of its prompt's clips
+    cached = score_tokens(model, sub, audio="cached")
+    for audio in ("recompute", "silence", "noise"):
+        whole = score_tokens(model, rollout, audio=audio, feature_extractor=extractor)
+        part = score_tokens(model, sub, audio=audio, feature_extractor=extractor)
+        torch.testing.assert_close(part.logprobs, whole.logprobs[rows], atol=1e-5, rtol=0, msg=audio)
+        torch.testing.assert_close(part.entropy, whole.entropy[rows], atol=1e-5, rtol=0, msg=audio)
+    # re-encoding the clips gives the rollout's cached audio; bare placeholders would be far from it
+    recomputed = score_tokens(model, sub, audio="recompute")
+    torch.testing.assert_close(recomputed.logprobs, cached.logprobs, atol=1e-5, rtol=0)
+    bare = score_tokens(model, sub, audio="drop_features")
+    assert (bare.logprobs - cached.logprobs).abs().max() > 0.1
+    # a micro-batched MAPO step that re-encodes the audio (trained tower, silence reference) equals the whole batch
+    algo = mapo_algo(token_gate="all")
+    algo.reference.ablation = "silence"
+    n = rollout.completion_ids.shape[0]
+    prepared = prepare_batch(
+        plain_call(model), rollout, torch.tensor([1.0, -1.0, 0.5, -0.5]), (torch.arange(n) % 2).float(), algo,
+        frozen_reference=plain_call(copy.deepcopy(model)), feature_extractor=extractor, content_vocab_mask=None,
+        temperature=1.0, audio_input="recompute", old_pass=True,
+    )
+    norms = Normalisers(num_tokens=rollout.completion_mask.sum().float(), num_seqs=n, max_len=6)
+    losses = {}
+    for micro in (n, 1):
+        losses[micro] = sum(
+            mapo_step(model, rollout, chunk, prepared, algo, norms, temperature=1.0, audio_input="recompute")[0]
+            for chunk in torch.arange(n).split(micro)
+        )
+    assert float(losses[n].detach()) != 0.0
+    assert float(losses[1].detach()) == pytest.approx(float(losses[n].detach()), abs=1e-6)
+
+
+def test_unsupported_clip_layouts_fail_clearly():
+    import dataclasses
+
+    from mapo.scoring import score_tokens
+    from mapo.step import select_rows
+
+    model, rollout = two_clip_rollout()
+    short = dataclasses.replace(rollout, input_features=rollout.input_features[:2], feature_attention_mask=rollout.feature_attention_mask[:2])
+    with pytest.raises(ValueError, match=r"2 audio clips but its prompts have 3 runs of audio placeholders \(per prompt: \[2, 1\]\)"):
+        select_rows(short, torch.tensor([0]))
+    featureless = dataclasses.replace(rollout, input_features=None, feature_attention_mask=None)
+    with pytest.raises(ValueError, match="'recompute' re-encodes the clips"):
+        score_tokens(model, featureless, audio="recompute")
+
+
+# ----------------------------------------------------------------------------- token_mean normaliser Σ ω̃
+def test_token_mean_normalises_by_the_global_sum_of_omega(setup):
+    model, _, rollout, content = setup
+    mask = rollout.completion_mask.bool()
+    # Δh computed independently: H(frozen copy, audio dropped) − H(policy, audio)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    delta_h = (reference_pass(reference, rollout, "drop_features").entropy - score_tokens(model, rollout).entropy) * mask
+    algo = mapo_algo()
+    algo.loss_agg, algo.beta, algo.attn.eta = "token_mean", 0.0, 0.0
+    # threshold ω̃ (1 above the median |Δh|, 0.1 below): Σ ω̃ is far from the token count
+    algo.mask.kind, algo.mask.threshold, algo.mask.floor = "threshold", float(delta_h[mask].abs().median()), 0.1
+    n = rollout.completion_ids.shape[0]
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    prepared = prepare_batch(
+        plain_call(model), rollout, adv, torch.zeros(n), algo, frozen_reference=plain_call(reference),
+        feature_extractor=None, content_vocab_mask=content, temperature=1.0,
+    )
+    assert prepared.old_logprobs is not None  # token_mean with the mask runs the π_old pass by itself
+    omega = relevance_weights(delta_h, mask, "threshold", threshold=algo.mask.threshold, floor=0.1)
+    torch.testing.assert_close(prepared.omega, omega, atol=1e-6, rtol=0)
+    counts = local_counts(prepared, rollout, torch.arange(n))
+    assert float(counts[0]) == float((prepared.omega.double() * mask).sum())  # the normaliser is Σ ω̃, exactly
+    assert float(counts[0]) < float(mask.sum()) - 5  # ... and not the token count
+    # at ratio 1 every token's loss is −Â_i, so L_PG = Σ_i Σ_t ω̃_it·(−Â_i) / Σ ω̃
+    expected = float((omega * -adv[:, None]).sum() / omega.sum())
+    whole, metrics = total_loss(model, rollout, prepared, algo)
+    assert float(metrics[0]["loss/pg"][0]) == pytest.approx(expected, abs=1e-5)
+    micro, _ = total_loss(model, rollout, prepared, algo, micro=5)
+    assert float(micro.detach()) == pytest.approx(float(whole.detach()), abs=1e-6)
+    with pytest.raises(ValueError, match="needs the π_old pass"):
+        prepare_batch(
+            plain_call(model), rollout, adv, torch.zeros(n), algo, frozen_reference=plain_call(reference),
+            feature_extractor=None, content_vocab_mask=content, temperature=1.0, old_pass=False,
+        )
+
+
+# ----------------------------------------------------------------------------- overlong filter
+def with_eos_at(rollout, eos: int, token: int, positions: list[int | None], width: int = 10):
+    """The rollout with completions rewritten: row i is `token` repeated, with EOS at positions[i] (None: cut)."""
+    ids = torch.full((len(positions), width), token)
+    for row, pos in enumerate(positions):
+        if pos is not None:
+            ids[row, pos] = eos
+    mask = completion_mask_from_ids(ids, [eos])
+    prompt_mask = rollout.attention_mask[:, : rollout.prompt_len]
+    return dataclasses.replace(
+        rollout, completion_ids=ids, completion_mask=mask, attention_mask=torch.cat([prompt_mask, mask], 1),
+        audio_mask=torch.cat([rollout.audio_mask[:, : rollout.prompt_len], torch.zeros_like(mask, dtype=torch.bool)], 1),
+    )
+
+
+def test_overlong_filter_hand_values(setup):
+    model, collator, rollout, content = setup
+    eos = collator.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    token = int(content.nonzero()[10])
+    # rows 0, 1 never end (cut at 10 tokens); row 2 ends at token 3, row 3 at token 5, rows 4..11 at token 1
+    cut = with_eos_at(rollout, eos, token, [None, None, 2, 4] + [0] * 8)
+    truncated = truncated_rows(cut.completion_ids, eos)
+    assert truncated.tolist() == [True, True] + [False] * 10
+    assert truncated_rows(cut.completion_ids, [eos, token]).sum() == 0  # any listed EOS ends a row
+    adv = torch.tensor([1.0, -2.0, 0.5, 1.5] + [0.0] * 8)
+    algo = AlgoConfig(name="grpo", beta=0.0)
+    algo.mask.enabled, algo.attn.eta = False, 0.0
+    expected = {
+        # filter on: rows 2 and 3 carry the signal; 10 rows and 3 + 5 + 8·1 = 16 tokens stay
+        (True, "seq_mean_token_mean"): -(0.5 + 1.5) / 10,  # −0.2
+        (True, "token_mean"): -(3 * 0.5 + 5 * 1.5) / 16,  # −0.5625
+        # filter off: 12 rows, 10 + 10 + 16 = 36 tokens
+        (False, "seq_mean_token_mean"): -(1 - 2 + 0.5 + 1.5) / 12,  # −0.0833
+        (False, "token_mean"): -(10 * 1 - 10 * 2 + 3 * 0.5 + 5 * 1.5) / 36,  # +0.0278
+    }
+    for (on, agg), value in expected.items():
+        algo.overlong_filter, algo.loss_agg = on, agg
+        prepared = prepare_batch(
+            plain_call(model), cut, adv, torch.zeros(12), algo, frozen_reference=None, feature_extractor=None,
+            content_vocab_mask=content, temperature=1.0, old_pass=False, truncated=truncated,
+        )
+        counts = local_counts(prepared, cut, torch.arange(12))
+        assert counts.tolist() == ([16.0, 10.0, 12.0] if on else [36.0, 12.0, 12.0])
+        norms = normalisers_from_counts(counts, max_len=10)
+        loss, _ = mapo_step(model, cut, torch.arange(12), prepared, algo, norms, temperature=1.0)  # ratio ≡ 1
+        assert float(loss.detach()) == pytest.approx(value, abs=1e-6), (on, agg)
+
+
+def test_overlong_filter_drops_attention_rows_and_keeps_kl(setup):
+    model, collator, rollout, content = setup
+    eos = collator.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut = with_eos_at(rollout, eos, int(content.nonzero()[10]), [None, 3, None, 5, 2, 7, 1, 4, None, 6, 3, 2])
+    truncated = truncated_rows(cut.completion_ids, eos)
+    kept = (~truncated).nonzero().flatten()
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        reference.lm_head.weight.add_(0.05 * torch.randn_like(reference.lm_head.weight))  # KL ≠ 0
+    adv = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    acc = (torch.arange(12) % 3 == 0).float()
+
+    def step(filter_on, rows):
+        algo = mapo_algo(eta=1.0)
+        algo.beta, algo.overlong_filter = 0.5, filter_on
+        prepared = prepare_batch(
+            plain_call(model), cut, adv, acc, algo, frozen_reference=plain_call(reference), feature_extractor=None,
+            content_vocab_mask=content, temperature=1.0, old_pass=False, truncated=truncated,
+        )
+        norms = normalisers_from_counts(local_counts(prepared, cut, rows), max_len=10)
+        return {k: float(v[0]) for k, v in mapo_step(model, cut, rows, prepared, algo, norms, temperature=1.0)[1].items()}
+
+    filtered, unfiltered, kept_only = step(True, torch.arange(12)), step(False, torch.arange(12)), step(False, kept)
+    assert truncated.sum() == 3 and filtered["loss/kl"] > 0 and filtered["loss/attn"] > 0
+    # L_PG and L_attn: the filter is the step on the kept rows alone; the KL is the unfiltered one
+    assert filtered["loss/pg"] == pytest.approx(kept_only["loss/pg"], abs=1e-6)
+    assert filtered["loss/attn"] == pytest.approx(kept_only["loss/attn"], abs=1e-6)
+    assert filtered["loss/kl"] == pytest.approx(unfiltered["loss/kl"], abs=1e-7)
+    assert abs(filtered["loss/attn"] - unfiltered["loss/attn"]) > 1e-4  # the filter took effect
+
+
+# ----------------------------------------------------------------------------- PPO mini-batches
+def test_mini_batch_rows_partition_and_seed():
+    assert [r.tolist() for r in mini_batch_rows(6, 1, seed=3)] == [[0, 1, 2, 3, 4, 5]]
+    parts = mini_batch_rows(12, 3, seed=3)
+    assert [len(p) for p in parts] == [4, 4, 4] and sorted(torch.cat(parts).tolist()) == list(range(12))
+    assert torch.equal(torch.cat(parts), torch.cat(mini_batch_rows(12, 3, seed=3)))  # reproducible
+    assert not torch.equal(torch.cat(parts), torch.cat(mini_batch_rows(12, 3, seed=4)))  # the seed matters
+    assert not torch.equal(torch.cat(parts), torch.arange(12))  # shuffled
+    with pytest.raises(ValueError, match="algo.mini_batches=5 must divide the 12 rows"):
+        mini_batch_rows(12, 5, seed=0)
+
+
+def test_mini_batches_ratio_is_one_on_the_first_step_only(setup):
+    model, _, rollout, content = setup
+    model = copy.deepcopy(model).train()
+    algo = mapo_algo()
+    algo.mini_batches, algo.updates_per_rollout = 2, 2
+    algo.eps_low, algo.eps_high = 0.02, 0.05  # asymmetric and small, so the later steps clip
+    n = rollout.completion_ids.shape[0]
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    prepared = prepare_batch(
+        plain_call(model), rollout, adv, (torch.arange(n) % 3 == 0).float(), algo,
+        frozen_reference=plain_call(copy.deepcopy(model).requires_grad_(False)), feature_extractor=None,
+        content_vocab_mask=content, temperature=1.0,
+    )
+    assert prepared.old_logprobs is not None
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
+    policy_after = []  # log-probs of the policy each later step sees
+
+    def optimizer_step():
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        policy_after.append(score_tokens(model, rollout).logprobs)
+        return norm
+
+    sums, norms = update_on_rollout(
+        model, rollout, prepared, algo, micro_batch_size=4, optimizer_step=optimizer_step, seed=11,
+        temperature=1.0, max_len=10,
+    )
+    assert len(norms) == 4 and all(float(x) > 0 for x in norms)
+    v = sums.values
+    assert float(v["ratio/dev_u1_max"][0]) <= 1e-6  # first step: exp(logp − old) = 1 to 1e-6
+    assert float(v["clip/high_u1"][0]) == float(v["clip/low_u1"][0]) == 0
+    mask = rollout.completion_mask.bool()
+    rows_of_step = [*mini_batch_rows(n, 2, 11), *mini_batch_rows(n, 2, 12)]
+    for j in (2, 3, 4):
+        rows = rows_of_step[j - 1]
+        logp = policy_after[j - 2][rows]  # the policy after step j − 1
+        ratio_dev = ((logp - prepared.old_logprobs[rows]).exp() - 1).abs()[mask[rows]].max()
+        assert float(v[f"ratio/dev_u{j}_max"][0]) == pytest.approx(float(ratio_dev), abs=1e-5) and ratio_dev > 1e-3
+        expected = clip_token_counts(logp, prepared.old_logprobs[rows], adv[rows], mask[rows], 0.02, 0.05)
+        assert float(v[f"clip/high_u{j}"][0]) == float(expected["clipped_high"])
+        assert float(v[f"clip/low_u{j}"][0]) == float(expected["clipped_low"])
+        assert float(v[f"clip/high_u{j}"][1]) == float(mask[rows].sum())
+    clipped = sum(float(v[f"clip/{side}_u{j}"][0]) for side in ("high", "low") for j in (2, 3, 4))
+    assert clipped > 0
+    # loss/* are the mean over the 4 optimizer steps of each step's loss
+    assert set(MetricSums.finalize({k: float(x) for k, x in sums.flat().items()})) >= {"loss/pg", "clip/high_u4"}
+
+
+def test_schedule_counts_optimizer_steps():
+    from mapo import config as C
+    from mapo.optim import lr_multiplier
+    from mapo.phase import Phase
+
+    layer = torch.nn.Linear(2, 2)
+    cfg = C.MapoConfig(
+        model=C.ModelConfig(), data=C.DataConfig(), rollout=C.RolloutConfig(), algo=C.AlgoConfig(),
+        reward=C.RewardConfig(), trainer=C.TrainerConfig(), logger=C.LoggerConfig(),
+    )
+    phase = Phase("rl", None, layer, 1.0, 4, 1, "linear", cfg, [0, 1], optimizer_steps_per_step=3)
+    seen = []
+    for _ in range(12):  # 4 RL steps × 3 optimizer steps
+        seen.append(phase.scheduler.get_last_lr()[0])
+        layer(torch.ones(1, 2)).sum().backward()
+        phase.clip_and_step(0.0)
+    # warm-up 1 RL step = 3 optimizer steps, then linear decay to 0 over the other 9
+    assert seen == pytest.approx([lr_multiplier(s, 3, 12, "linear") for s in range(12)])
+    assert seen[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0]) and seen[-1] == pytest.approx(1 - 8 / 9)

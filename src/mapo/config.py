@@ -110,7 +110,9 @@ class AlgoConfig:
     loss_agg: str = "seq_mean_token_mean"  # seq_mean_token_mean | token_mean | seq_mean_token_sum | dr_grpo
     beta: float = 0.02  # β: weight of the KL penalty to the frozen reference (0 = no reference KL)
     kl_kind: str = "k3"  # k1 | k2 | k3
-    updates_per_rollout: int = 1  # optimizer passes over each rollout (>1 makes the ratio ≠ 1)
+    updates_per_rollout: int = 1  # full passes over each rollout (>1 makes the ratio ≠ 1); each pass = mini_batches steps
+    mini_batches: int = 1  # k: optimizer steps per pass, each on 1/k of the rows (shuffled per pass; π_old from one pass before the first)
+    overlong_filter: bool = False  # completions cut at max_new_tokens (no EOS) leave L_PG and L_attn (and their normalisers); KL keeps them
     mask: MaskConfig = field(default_factory=MaskConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     attn: AttnConfig = field(default_factory=AttnConfig)
@@ -135,11 +137,11 @@ class WarmStartConfig:
 @dataclass
 class TrainerConfig:
     seed: int = 0  # seeds python, numpy, torch and the per-prompt sampling
-    steps: int = 100  # optimizer steps of the main phase (RL steps, or SFT steps for algo=sft)
+    steps: int = 100  # steps of the main phase: RL steps = rollouts (each makes updates_per_rollout·mini_batches optimizer steps), or SFT steps
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
-    warmup_steps: int = 5  # linear warm-up steps
+    warmup_steps: int = 5  # linear warm-up, in the same steps as `steps` (the schedule itself advances per optimizer step)
     schedule: str = "constant"  # lr after warm-up: constant | cosine | linear
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     micro_batch_size: int = 16  # rows per forward/backward; the global normaliser keeps the loss exact

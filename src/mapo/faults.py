@@ -52,11 +52,15 @@ class RunFaults:
             data_counts=dict(data_counts or {}),
         )
 
-    def step_decider(self, step: int, loss: torch.Tensor | float, rows: list[str]):
-        """`norm -> bool` for `Phase.clip_and_step`: False (skip the optimizer step) when `loss` or the
-        gradient norm is non-finite on any rank. step: the step being taken (1-based); rows: this
-        rank's row ids, for the log."""
-        return lambda norm: self.nonfinite.step_is_finite(step, torch.as_tensor(loss), norm, rows)
+    def step_decider(self, step: int, loss, rows: list[str]):
+        """`norm -> bool` for `Phase.clip_and_step`: False (skip the optimizer step) when the loss or the
+        gradient norm is non-finite on any rank. loss: a 0-d tensor, or a function returning the loss of
+        the optimizer step being taken; step: the RL/SFT step (1-based); rows: this rank's row ids, for the log."""
+        def decide(norm: torch.Tensor) -> bool:
+            value = loss() if callable(loss) else loss
+            return self.nonfinite.step_is_finite(step, torch.as_tensor(value), norm, rows)
+
+        return decide
 
     def add_reward_errors(self, names: list[str], local_errors: dict[str, int]) -> dict[str, float]:
         """Sum this step's reward-function failures over ranks (every rank calls it); returns the

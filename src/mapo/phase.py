@@ -59,10 +59,13 @@ def prepare_policy(model: torch.nn.Module, cfg: MapoConfig, precision: Precision
 class Phase:
     """One optimisation phase (warm start or RL): the model behind its runner, optimizer, schedule, data order."""
 
-    def __init__(self, name: str, runner, model, lr: float, steps: int, warmup: int, schedule: str, cfg: MapoConfig, items):
+    def __init__(self, name: str, runner, model, lr: float, steps: int, warmup: int, schedule: str, cfg: MapoConfig, items,
+                 optimizer_steps_per_step: int = 1):
+        # `steps` and `warmup` count phase steps (RL steps = rollouts); the schedule advances once per
+        # optimizer step, `optimizer_steps_per_step` of them per phase step (PPO mini-batches, passes).
         self.name, self.runner, self.model, self.steps = name, runner, model, steps
         self.optimizer = build_optimizer(model, lr, cfg.trainer.weight_decay, tuple(cfg.trainer.betas))
-        self.scheduler = build_scheduler(self.optimizer, warmup, steps, schedule)
+        self.scheduler = build_scheduler(self.optimizer, warmup * optimizer_steps_per_step, steps * optimizer_steps_per_step, schedule)
         self.sampler = EpochSampler(items, seed=cfg.trainer.seed)
         self.step = 0
         # Frozen weights are not saved: resume and export rebuild them from the run config kept here,

@@ -139,6 +139,25 @@ def check_algo(cfg, ctx: CheckContext) -> list[str]:
 
 
 @config_check
+def check_mini_batches(cfg, ctx: CheckContext) -> list[str]:
+    """algo.mini_batches = k must split every rank's rows of a rollout into k equal optimizer steps."""
+    a, r = cfg.algo, cfg.rollout
+    if not is_rl(cfg):
+        return []
+    out = _at_least("algo.mini_batches", a.mini_batches, 1)
+    if out or r.prompts_per_step < 1 or r.prompts_per_step % ctx.world_size:
+        return out  # the prompt split is check_rollout's
+    rows = r.prompts_per_step // ctx.world_size * r.group_size
+    if rows % a.mini_batches:
+        out.append(problem(
+            "algo.mini_batches", a.mini_batches,
+            f"each optimizer step takes 1/k of the {rows} rows a rank gets per step (rollout.prompts_per_step="
+            f"{r.prompts_per_step} / {ctx.world_size} ranks × rollout.group_size={r.group_size})",
+            f"a divisor of {rows}"))
+    return out
+
+
+@config_check
 def check_attention_loss(cfg, ctx: CheckContext) -> list[str]:
     from mapo.algos.mapo import TEMPORAL_SCHEDULES
     from mapo.capture.attention import HEAD_REDUCTIONS, LAYER_REDUCTIONS, MASS_METHODS, SUPPORTED_IMPLEMENTATIONS

@@ -1,6 +1,10 @@
 """One RL step: data → rollout → rewards → advantages → no-grad scoring → MAPO update(s) on
-micro-batches → optimizer step → metrics (DESIGN §2). The pieces are pure functions and the model
+micro-batches → optimizer step(s) → metrics (DESIGN §2). The pieces are pure functions and the model
 adapter; this module only composes them for one step of a `Phase`.
+
+Counting: `Phase.step` and `trainer.steps` count RL steps (rollouts); each makes
+`algo.updates_per_rollout × algo.mini_batches` optimizer steps, and the learning-rate schedule advances
+once per optimizer step (the loop builds it over steps × that many). Checkpoints fall between rollouts.
 """
 
 from __future__ import annotations
@@ -14,15 +18,22 @@ from mapo.data.sampler import without_some_audio
 from mapo.phase import Phase
 from mapo.rewards import compute_rewards
 from mapo.rollout import generate_rollout
-from mapo.step import MetricSums, Normalisers, mapo_step, prepare_batch
+from mapo.step import MetricSums, prepare_batch, truncated_rows, update_on_rollout
+
+
+def mini_batch_seed(seed: int, step_index: int) -> int:
+    """Seed of the mini-batch shuffle of RL step `step_index` (pass p adds p): a function of the config and
+    the step alone, so a resumed run splits its rollouts exactly as an uninterrupted one."""
+    return seed * 1_000_003 + step_index * 10_007 + 7_777_777
 
 
 def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input,
             faults=None) -> tuple[dict, list]:
-    """One RL optimizer step on `rollout.prompts_per_step` prompts (global). Returns (metrics, sample rows).
+    """One RL step on `rollout.prompts_per_step` prompts (global): one rollout, then
+    `updates_per_rollout × mini_batches` optimizer steps on it. Returns (metrics, sample rows).
 
     faults: the run's `mapo.faults.RunFaults` (rows with bad audio replaced on every rank, non-finite
-    steps skipped, reward failures counted), or None for none of that.
+    optimizer steps skipped, reward failures counted), or None for none of that.
     """
     algo, G = cfg.algo, cfg.rollout.group_size
     n_global = cfg.rollout.prompts_per_step
@@ -53,39 +64,38 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     n_local = len(rewards.total)
     adv = group_advantages(all_rewards, G, scale=algo.adv_scale, eps=algo.adv_eps)[ctx.rank * n_local : (ctx.rank + 1) * n_local]
 
-    # no-grad scoring: reference log-probs, ablated reference, (old policy when several passes)
+    # no-grad scoring: reference log-probs, ablated reference, π_old (and Δh, ω̃) when the config needs them
+    truncated = truncated_rows(rollout.completion_ids, gen_kwargs["eos_token_id"])
     prepared = prepare_batch(
         phase.runner, rollout, adv, rewards.accuracy, algo,
         frozen_reference=ref_runner, feature_extractor=collator.feature_extractor,
         content_vocab_mask=content_mask, temperature=cfg.rollout.temperature, audio_input=audio_input,
-        old_pass=algo.updates_per_rollout > 1,
+        truncated=truncated,
     )
-    num_tokens = dist_utils.global_sum(rollout.completion_mask.sum().float(), ctx)
-    norms = Normalisers(num_tokens=num_tokens, num_seqs=n_global * G, max_len=cfg.rollout.max_new_tokens)
 
-    # update(s) on micro-batches; FSDP averages gradients over ranks, so scale by world size
-    sums = MetricSums()
-    rows = torch.arange(n_local, device=rollout.completion_ids.device)
-    for _ in range(algo.updates_per_rollout):
-        pass_loss = torch.zeros((), device=rollout.completion_ids.device)
-        for chunk in rows.split(max(1, cfg.trainer.micro_batch_size)):
-            loss, m = mapo_step(
-                phase.model, rollout, chunk, prepared, algo, norms, temperature=cfg.rollout.temperature,
-                audio_input=audio_input, backward_scale=float(ctx.world_size), call=phase.runner,
-            )
-            pass_loss = pass_loss + loss.detach()
-            sums.add(m)
-        decide = faults.step_decider(step_index + 1, pass_loss, [r.id for r in records]) if faults else None
-        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip, should_step=decide)
+    # updates_per_rollout passes × mini_batches optimizer steps, each on micro-batches; FSDP averages
+    # gradients over ranks, so scale by world size. The non-finite guard sees each step's loss and norm.
+    step_loss: dict[str, torch.Tensor] = {}
+    decide = faults.step_decider(step_index + 1, lambda: step_loss["loss"], [r.id for r in records]) if faults else None
+    sums, grad_norms = update_on_rollout(
+        phase.model, rollout, prepared, algo, micro_batch_size=cfg.trainer.micro_batch_size,
+        optimizer_step=lambda: phase.clip_and_step(cfg.trainer.grad_clip, should_step=decide),
+        seed=mini_batch_seed(cfg.trainer.seed, step_index), temperature=cfg.rollout.temperature,
+        max_len=cfg.rollout.max_new_tokens, audio_input=audio_input, backward_scale=float(ctx.world_size),
+        call=phase.runner, global_sum=lambda x: dist_utils.global_sum(x, ctx),
+        on_step_loss=lambda loss: step_loss.update(loss=loss),
+    )
     phase.step += 1
 
     lengths = rollout.completion_mask.sum(-1).float()
     extra = {
         "reward/mean": torch.stack([rewards.total.sum(), torch.tensor(float(n_local))]),
         "completion/length": torch.stack([lengths.sum().cpu(), torch.tensor(float(n_local))]),
+        "completion/length_max": torch.stack([lengths.max().cpu(), torch.tensor(1.0)]),
         # rows that hit max_new_tokens without emitting EOS (they score 0 accuracy)
-        "completion/truncated": torch.stack([(rollout.completion_ids == gen_kwargs["eos_token_id"]).any(-1).logical_not().sum().float().cpu(),
-                                             torch.tensor(float(n_local))]),
+        "completion/truncated": torch.stack([truncated.sum().float().cpu(), torch.tensor(float(n_local))]),
+        # rows the overlong filter took out of L_PG and L_attn (0 when the filter is off)
+        "completion/overlong_filtered": torch.stack([(~prepared.pg_rows).sum().float().cpu(), torch.tensor(float(n_local))]),
     }
     groups = rewards.total.view(-1, G)
     informative = (groups.amax(-1) > groups.amin(-1)).float()  # groups with a non-zero advantage somewhere
@@ -100,7 +110,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
             metrics["faults/step_skipped"] = 1.0
         if faults.batches.skipped > replaced_before:
             metrics["faults/audio_rows_replaced"] = float(faults.batches.skipped - replaced_before)
-    metrics["grad_norm"] = float(grad_norm)
+    metrics["grad_norm"] = sum(float(g) for g in grad_norms) / len(grad_norms)  # mean over the rollout's optimizer steps
     metrics["lr"] = phase.scheduler.get_last_lr()[0]
     samples = [{"id": r.id, "task": r.task, "answer": r.answer, "completion": t, "reward": float(v)}
                for r, t, v in list(zip(row_records, texts, rewards.total.tolist()))[:: G][:8]]

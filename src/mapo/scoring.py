@@ -154,6 +154,11 @@ def sequence_inputs(
             )
         rows = _encoded_rows(model, rollout, features, mask)
     else:
+        if audio in ("recompute", "silence", "noise") and bool(rollout.has_audio.any()):
+            raise ValueError(
+                f"audio input {audio!r} re-encodes the clips, but this rollout has audio placeholders and no "
+                "input_features (bare placeholders would silently stand in for the audio)"
+            )
         # drop_features / mask_audio_keys (or a text-only rollout): placeholders keep bare embeddings.
         rows = None
     if audio == "mask_audio_keys":

@@ -53,7 +53,7 @@ from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
 from mapo.run_logging import make_logger, write_json_atomic
-from mapo.step import uses_ablated_reference, uses_kl_reference
+from mapo.step import optimizer_steps_per_rollout, uses_ablated_reference, uses_kl_reference
 from mapo.warm_start import run_warm_start, sft_phase
 
 
@@ -210,7 +210,8 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model, precision), ctx)
     if needs_ref and use_lora:  # the same model with its adapters off: no second copy
         ref_runner = adapters_off(runner)
-    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items)
+    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items,
+                  optimizer_steps_per_step=1 if is_sft else optimizer_steps_per_rollout(cfg.algo))
     resume = resolve_resume(run_dir, cfg.trainer.resume)
     if resume is not None:
         phase.resume(resume, ctx)

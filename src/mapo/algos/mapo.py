@@ -7,7 +7,8 @@ computed in float32 or wider (half-precision inputs are upcast), and the weights
 
 Definitions (T_i = number of valid tokens of row i, t = 1..T_i their positions):
   relevance ω̃ ("soft", paper default): min(T_i·softmax_t(|Δh_t| / τ), C_mask), τ = τ_base·log(max(T_i, 2))
-  targeting ν̃:   min(N_i·softmax_t(−|Δh_t| / τ), C_mask) over the N_i gated tokens, τ from N_i
+  targeting ν̃:   min(N_i·softmax_t(−|Δh_t| / τ), C_mask) over the N_i gated tokens, τ from T_i (the
+                 same τ_T as ω̃; the paper's release does the same)
   temporal w_t:  (t/T_i)^κ and other schedules, see `temporal_weights`
   sequence g_i:  min(clamp(f_i, f_floor, 1)·s_i, C_pref), see `sequence_gate`
   L_attn = mean_i Σ_t g_i·w_t·ν̃_t·p_t·(−log(a_t + 1e−6)) / Σ_t p_t
@@ -46,7 +47,7 @@ def _check_pair(name: str, tensor: torch.Tensor, other_name: str, other: torch.T
 
 
 def softmax_temperature(num_valid: torch.Tensor, tau_base: float) -> torch.Tensor:
-    """τ = τ_base · log(max(n, 2)); n = valid (or gated) tokens per row. max(·, 2) keeps τ > 0 for n ≤ 1.
+    """τ = τ_base · log(max(n, 2)); n = valid completion tokens per row. max(·, 2) keeps τ > 0 for n ≤ 1.
 
     num_valid: [B] counts (any dtype). returns: [B] float.
     """
@@ -54,15 +55,22 @@ def softmax_temperature(num_valid: torch.Tensor, tau_base: float) -> torch.Tenso
 
 
 def _capped_length_softmax(
-    scores: torch.Tensor, valid: torch.Tensor, tau_base: float, cap: float | None
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    tau_base: float,
+    cap: float | None,
+    tau_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """min(n_i · softmax over row i's valid columns of (scores / τ(n_i)), cap); 0 at invalid columns.
+    """min(n_i · softmax over row i's valid columns of (scores / τ_i), cap); 0 at invalid columns.
 
-    scores: [B, T] float; valid: [B, T] bool. returns: [B, T]. Mean weight over a row's valid tokens is
-    1 unless the cap binds. A row with no valid column is all 0 (finite everywhere, also in backward).
+    scores: [B, T] float; valid: [B, T] bool; n_i = row i's valid count.
+    tau_count: [B] the count τ_i = τ(tau_count_i) comes from (default n_i).
+    returns: [B, T]. Mean weight over a row's valid tokens is 1 unless the cap binds. A row with no
+    valid column is all 0 (finite everywhere, also in backward).
     """
     count = valid.sum(dim=-1).to(scores.dtype)  # [B]
-    tau = softmax_temperature(count, tau_base).to(scores.dtype)  # [B]
+    tau_from = count if tau_count is None else tau_count.to(scores.dtype)  # float64 stays float64
+    tau = softmax_temperature(tau_from, tau_base).to(scores.dtype)  # [B]
     # finfo.min rather than −inf: an all-invalid row then softmaxes to a finite uniform row (zeroed
     # below) instead of 0/0 = NaN, so no NaN exists even in intermediates (anomaly checks stay quiet).
     logits = torch.where(valid, scores / tau.unsqueeze(-1), torch.finfo(scores.dtype).min)
@@ -135,19 +143,33 @@ def relevance_weights(
 
 
 def targeting_weights(
-    delta_h: torch.Tensor, gate: torch.Tensor, tau_base: float = 1.0, cap: float | None = 5.0
+    delta_h: torch.Tensor,
+    gate: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    tau_base: float = 1.0,
+    cap: float | None = 5.0,
 ) -> torch.Tensor:
     """Targeting weight ν̃ of the attention loss: favours gated tokens whose |Δh| is *small*.
 
-    ν̃_t = min(N_i·softmax_t(−|Δh_t| / τ_N), cap) over row i's gated tokens (N_i of them),
-    τ_N = tau_base·log(max(N_i, 2)); `cap` = C_mask.
-    delta_h: [B, T]; gate: [B, T] bool or 0/1, the token gate p_t (already including the completion mask).
+    ν̃_t = min(N_i·softmax_t(−|Δh_t| / τ_T), cap) over row i's gated tokens (N_i of them), with
+    τ_T = tau_base·log(max(T_i, 2)) and T_i the row's valid completion tokens (DESIGN §3: the same
+    temperature as ω̃); `cap` = C_mask.
+    delta_h: [B, T]; gate: [B, T] bool or 0/1, the token gate p_t: it selects the tokens of the softmax
+             and gives N_i (intersected with `mask` when that is given).
+    mask:    [B, T] bool or 0/1 valid completion tokens, whose count T_i sets τ. None: τ from N_i
+             (only right when every valid token is gated).
     returns: [B, T] float; 0 where not gated; a row with no gated token is all 0.
     """
     _check_pair("delta_h", delta_h, "gate", gate)
     if tau_base <= 0:
         raise ValueError(f"targeting_weights: tau_base must be > 0, got {tau_base}")
-    return _capped_length_softmax(-_float(delta_h).abs(), gate.bool(), tau_base, cap)
+    gated = gate.bool()
+    tau_count = None
+    if mask is not None:
+        _check_pair("delta_h", delta_h, "mask", mask)
+        gated = gated & mask.bool()  # a gated padding column would be a caller's bug; never weight it
+        tau_count = mask.bool().sum(dim=-1)
+    return _capped_length_softmax(-_float(delta_h).abs(), gated, tau_base, cap, tau_count)
 
 
 def temporal_weights(

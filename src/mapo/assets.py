@@ -54,8 +54,8 @@ def ensure_model(model: ModelConfig, data: DataConfig) -> None:
         return
     from mapo.models.tiny import TinyModelConfig, write_tiny
 
-    print(f"[mapo] building the tiny model in {model.path}")
-    write_tiny(TinyModelConfig(out_dir=model.path, corpus=str(manifest_path(data, data.train))))
+    print(f"[mapo] building the tiny {model.tiny_family} model in {model.path}")
+    write_tiny(TinyModelConfig(family=model.tiny_family, out_dir=model.path, corpus=str(manifest_path(data, data.train))))
 
 
 def load_split(data: DataConfig, name: str) -> list[Record]:
@@ -100,9 +100,17 @@ class RunData:
 
 def audio_window_seconds(model_path: str | Path) -> float | None:
     """The audio window of the model's feature extractor (`chunk_length`, seconds), read from its folder
-    before any model loads; None when the folder does not say (the collator still counts cut clips)."""
+    before any model loads; None when the folder does not say, or when the family's encoder takes clips
+    of any length (the Omni thinkers: nothing is cut). The collator still counts what it cuts."""
+    from mapo.models.adapter import adapter_for_folder
+
+    folder = Path(model_path)
+    if (folder / "config.json").is_file():
+        dims = adapter_for_folder(folder).dims(json.loads((folder / "config.json").read_text()))
+        if not dims.audio_window_fixed:
+            return None
     for name in ("preprocessor_config.json", "processor_config.json"):
-        file = Path(model_path) / name
+        file = folder / name
         if file.is_file():
             settings = json.loads(file.read_text())
             settings = settings.get("feature_extractor", settings)  # the combined processor file nests it

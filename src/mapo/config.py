@@ -26,9 +26,10 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a Qwen2-Audio checkpoint (never downloaded)
+    path: str = "artifacts/models/tiny-qwen2-audio"  # local folder of a checkpoint (Qwen2-Audio, Qwen2.5-Omni, Qwen3-Omni; never downloaded)
     name: str = ""  # checkpoint label; with `path` empty, `make plan` reads the bundled config.json of this name (src/mapo/models/configs/)
     build_tiny_if_missing: bool = False  # build the tiny model (and its data) at `path` when absent
+    tiny_family: str = "qwen2_audio"  # architecture of that tiny model: qwen2_audio | qwen2_5_omni | qwen3_omni_moe
     master_dtype: str = "float32"  # trainable weights and optimizer state (float32: bf16 rounds small updates away)
     compute_dtype: str = "auto"  # matmuls: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     frozen_dtype: str = "auto"  # frozen weights (reference copy, frozen audio tower): auto (= compute) | float32 | bfloat16

@@ -245,7 +245,7 @@ def check_audio_window(cfg, ctx: CheckContext) -> list[str]:
                 f"the text model's {d.max_position} positions (config.json max_position_embeddings)",
                 f"≤ {d.max_position - d.audio_tokens_per_window} minus the prompt's text"))
     pre = ctx.preprocessor_config
-    if d is not None and pre:
+    if d is not None and pre and d.audio_window_fixed:  # the Omni towers take any number of frames
         frames = pre.get("nb_max_frames") or (pre.get("chunk_length", 0) * pre.get("sampling_rate", 0) // max(1, pre.get("hop_length", 1)))
         if frames and frames != d.audio_frames:
             out.append(problem(

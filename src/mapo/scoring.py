@@ -106,8 +106,11 @@ def ablation_features(
             waves.append(np.zeros(n, dtype=np.float32))
         else:
             waves.append((np.random.default_rng(noise_seed).standard_normal(n) * noise_std).astype(np.float32))
+    # Padded to the rollout's own width F (the window for families that pad every clip to it, the longest
+    # clip of the batch for Qwen3-Omni), so the ablated features line up with the real ones.
     out = feature_extractor(
-        waves, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True, return_tensors="pt"
+        waves, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True, return_tensors="pt",
+        padding="max_length", max_length=int(feature_attention_mask.shape[-1]) * hop,
     )
     features, mask = out["input_features"], out["attention_mask"]
     if features.shape[-1] != feature_attention_mask.shape[-1] or mask.sum(-1).tolist() != frame_counts:

@@ -1,16 +1,22 @@
 """Batches for the model: prompts for generation and prompt + reference completion for supervised training.
 
-Each record becomes the chat text of `mapo.data.prompt.messages` (chat template, generation prompt), its
-<|AUDIO|> placeholder is expanded to the clip's number of audio positions, and the batch is tokenised
-with left padding. The audio features are computed per clip (never per batch) and may be cached by path,
-and padding is masked, so an item's outputs do not depend on what else is in its batch (tested to 1e-4).
+Each record becomes the chat text of `mapo.data.prompt.messages` (the processor's own chat template,
+generation prompt), its audio placeholder (`processor.audio_token`: <|AUDIO|>, or <|audio_pad|> for
+Qwen3-Omni) is expanded to the clip's number of audio positions, and the batch is tokenised with left
+padding. The count and the feature extractor's settings for one clip are the family's
+(`ModelAdapter.num_audio_tokens` / `clip_feature_kwargs`, found from the processor's class), so one
+collator serves every family. The audio features are computed per clip (never per batch) and may be
+cached by path, and padding is masked, so an item's outputs do not depend on what else is in its batch
+(tested to 1e-4). Clips of different lengths (Qwen3-Omni does not pad to a window) are zero-padded to
+the longest clip of the batch, with the padding masked out of `feature_attention_mask`.
 `position_ids_from_mask` gives the positions `generate` uses (real tokens counted from 0); rotary
 attention only sees position differences, so the plain 0..S-1 default differs by rounding only, but
 passing them keeps a scoring forward identical to generation's prefill and within max_position.
 
-This does what `Qwen2AudioProcessor.__call__(text=..., audio=...)` does (the tests check equality), split
-in two so the features of a clip can be computed once: feature extraction for thousands of clips takes
-tens of seconds.
+This does what the processor's `__call__(text=..., audio=...)` does for one clip (the tests check
+equality), split in two so the features of a clip can be computed once: feature extraction for thousands
+of clips takes tens of seconds. (Qwen3-Omni's processor pads a batch's clips to the longest, which changes
+the last frame or two of the shorter ones; ours are always the clip's features alone.)
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers import BatchEncoding, Qwen2AudioProcessor
+from transformers import BatchEncoding
 
 from mapo.data import prompt
 from mapo.data.audio import AudioError, load_audio
 from mapo.data.schema import Record
+from mapo.models.adapter import adapter_for_processor
 from mapo.models.embed import audio_span_mask, position_ids_from_mask  # noqa: F401  (part of the batching API)
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -33,9 +40,10 @@ TURN_END = "<|im_end|>"  # ends the assistant turn; the model must learn to emit
 
 
 def num_audio_tokens(n_frames: int) -> int:
-    """Audio positions the encoder yields for `n_frames` valid mel frames: conv stride 2, then pool 2.
+    """Audio positions Qwen2-Audio's encoder yields for `n_frames` valid mel frames: conv stride 2, then pool 2.
 
     ((n - 1) // 2 + 1 - 2) // 2 + 1, e.g. 100 frames (1 s) → 50 → 25; 300 frames (3 s) → 150 → 75.
+    Other families count differently: the collator asks the processor's adapter (`Collator.num_audio_tokens`).
     """
     return ((n_frames - 1) // 2 + 1 - 2) // 2 + 1
 
@@ -100,14 +108,15 @@ class FeatureCache:
 class Collator:
     """Turns Records into model batches (prompts for generation, supervised batches for the warm start).
 
-    processor:     a Qwen2AudioProcessor (tokenizer + Whisper feature extractor + chat template).
+    processor:     the family's processor (Qwen2AudioProcessor, Qwen2_5OmniProcessor, Qwen3OmniMoeProcessor:
+                   tokenizer + Whisper feature extractor + chat template).
     audio_loader:  path → float32 mono samples at the feature extractor's rate (default: mapo's loader).
     feature_cache: optional FeatureCache shared across batches/epochs; None computes features every time.
     """
 
     def __init__(
         self,
-        processor: Qwen2AudioProcessor,
+        processor,
         audio_loader: Callable[[str], np.ndarray] = load_audio,
         feature_cache: FeatureCache | None = None,
     ) -> None:
@@ -118,8 +127,14 @@ class Collator:
         self.feature_cache = feature_cache
         self.audio_token = processor.audio_token
         self.audio_token_id = processor.audio_token_id
+        self.adapter = adapter_for_processor(processor)
+        self.feature_kwargs = self.adapter.clip_feature_kwargs(processor)
         #: Clips longer than the window, cut to it (counted per distinct path; the loop reports the count).
         self.cut_clips: set[str] = set()
+
+    def num_audio_tokens(self, n_frames: int) -> int:
+        """Audio placeholder positions of a clip with `n_frames` valid mel frames, for this family."""
+        return self.adapter.num_audio_tokens(self.processor, n_frames)
 
     # -------------------------------------------------------------------------------- one record
 
@@ -141,7 +156,8 @@ class Collator:
             return cached
         samples = self.audio_loader(path)
         extractor = self.feature_extractor
-        if len(samples) > extractor.n_samples and path not in self.cut_clips:
+        truncates = self.feature_kwargs.get("truncation", True)
+        if truncates and len(samples) > extractor.n_samples and path not in self.cut_clips:
             self.cut_clips.add(path)
             if len(self.cut_clips) == 1:  # one warning; the rest are counted (data/clips_cut), not repeated
                 warnings.warn(
@@ -153,12 +169,12 @@ class Collator:
         out = extractor(
             samples,
             sampling_rate=extractor.sampling_rate,
-            padding="max_length",
             return_attention_mask=True,
             return_tensors="pt",
+            **self.feature_kwargs,
         )
         n_valid = int(out["attention_mask"][0].sum())
-        if num_audio_tokens(n_valid) < 1:
+        if self.num_audio_tokens(n_valid) < 1:
             raise AudioError(path, "too_short", f"clip too short ({len(samples)} samples) to give one audio position")
         clip = ClipFeatures.compress(out["input_features"][0].to(torch.float32), n_valid)
         if self.feature_cache is not None:
@@ -173,19 +189,25 @@ class Collator:
             if record.audio is not None:
                 clip = self.clip_features(record.audio)
                 clips.append(clip)
-                text = text.replace(self.audio_token, self.audio_token * num_audio_tokens(clip.n_valid))
+                text = text.replace(self.audio_token, self.audio_token * self.num_audio_tokens(clip.n_valid))
             ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return ids, clips
 
     # -------------------------------------------------------------------------------- batches
 
     def _audio_tensors(self, clips: list[ClipFeatures]) -> dict[str, torch.Tensor]:
-        """input_features [A, n_mels, frames] and feature_attention_mask [A, frames] for the A clips, or {}."""
+        """input_features [A, n_mels, frames] and feature_attention_mask [A, frames] for the A clips, or {}.
+
+        frames = the longest clip's frame count (the window for families that pad every clip to it); a
+        shorter clip is zero-padded and its padding masked.
+        """
         if not clips:
             return {}
-        features = torch.stack([clip.features() for clip in clips])  # same window for all: one extractor
-        mask = torch.zeros(len(clips), features.shape[-1], dtype=torch.long)
+        width = max(clip.n_frames_total for clip in clips)
+        features = torch.zeros(len(clips), clips[0].head.shape[0], width)
+        mask = torch.zeros(len(clips), width, dtype=torch.long)
         for row, clip in enumerate(clips):
+            features[row, :, : clip.n_frames_total] = clip.features()
             mask[row, : clip.n_valid] = 1
         return {"input_features": features, "feature_attention_mask": mask}
 

@@ -6,13 +6,16 @@ few operations whose details differ between families (encoding audio, placing it
 a KV cache). They never test a model's type. An adapter is stateless: every method takes the model.
 
 `get_adapter(model)` finds the adapter by the model config's `model_type`; `adapter_for_folder(path)`
-by the `model_type` in a folder's config.json (the loader uses it before any weights are read).
+by the `model_type` in a folder's config.json (the loader uses it before any weights are read);
+`adapter_for_processor(processor)` by the processor's class (the collator has no model).
 
 `adapter.dims(config_dict)` turns a folder's config.json into `ModelDims`, the few numbers the memory
 plan (`mapo.plan`) needs: parameter counts by part (counted on a weightless meta-device model, so they are
 exact for any family the adapter can build) and the shapes that size the KV cache and activations.
 
 Adding a family = one subclass registered with `register_adapter`, plus a tiny builder for the tests.
+The Qwen Omni thinkers live in `mapo.models.omni` (imported at the end of this module, so importing
+the adapter registry always knows every family).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "LinearGroup", "ModelAdapter", "ModelDims", "Qwen2AudioAdapter", "adapter_for_config", "adapter_for_folder", "get_adapter", "has_adapter", "register_adapter",
-    "registered_model_types",
+    "LinearGroup", "ModelAdapter", "ModelDims", "Qwen2AudioAdapter", "adapter_for_config", "adapter_for_folder",
+    "adapter_for_processor", "get_adapter", "has_adapter", "register_adapter", "registered_model_types",
 ]
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class ModelDims:
       audio_tokens_per_window  audio positions one full-window clip gives the text model (750 for 30 s).
     linears: the model's linear layers by part and name (LoRA sizing).
     num_experts, experts_per_token: 0 for a dense model (reported only).
+    audio_window_fixed: the encoder takes exactly `audio_frames` frames (Qwen2-Audio); False when it takes
+                      any length (the Omni towers: `audio_frames` is then the released processor's window).
     """
 
     family: str
@@ -98,6 +103,7 @@ class ModelDims:
     linears: tuple[LinearGroup, ...] = ()
     num_experts: int = 0
     experts_per_token: int = 0
+    audio_window_fixed: bool = True
 
     @property
     def text_params(self) -> int:
@@ -141,8 +147,10 @@ class ModelAdapter:
 
     #: Short name used in messages and configs (e.g. "qwen2_audio").
     family: str = ""
-    #: `model_type` values of config.json this adapter loads.
+    #: `model_type` values of config.json this adapter loads (and of the built model's config).
     model_types: tuple[str, ...] = ()
+    #: Class names of the processors of this family (how the collator finds the adapter).
+    processor_types: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ loading
     def load(self, folder: Path, *, dtype: torch.dtype, attn_implementation: str | dict, device) -> tuple[nn.Module, Any]:
@@ -160,6 +168,43 @@ class ModelAdapter:
     def dims(self, config_dict: dict) -> ModelDims:
         """`ModelDims` of a checkpoint from its config.json dict (parameter counts from `meta_model`)."""
         raise NotImplementedError
+
+    def dims_of(self, model: nn.Module, *, mlp_width: int, audio_frames: int, audio_tokens_per_window: int, **extra) -> ModelDims:
+        """`ModelDims` counted on a (meta-device) model through this adapter's parts; the family gives what
+        the parts cannot tell (MLP activation width, the audio window) and any further field in `extra`."""
+        text, audio = model.config.text_config, model.config.audio_config
+        text_model, layers, tower = self.text_model(model), self.decoder_layers(model), self.audio_tower(model)
+        projector, lm_head, embed = self.audio_projector(model), self.lm_head(model), self.embed_tokens(model)
+        lm_head_params = 0 if lm_head.weight is embed.weight else lm_head.weight.numel()
+        counted = count_parameters(text_model) + lm_head_params + count_parameters(tower) + count_parameters(projector)
+        return ModelDims(
+            family=self.family,
+            embed_params=embed.weight.numel(),
+            layer_params=max(count_parameters(layer) for layer in layers),  # the largest FSDP unit
+            num_layers=len(layers),
+            text_other_params=count_parameters(text_model) - embed.weight.numel() - sum(map(count_parameters, layers)),
+            lm_head_params=lm_head_params,
+            audio_params=count_parameters(tower),
+            audio_layer_params=count_parameters(tower.layers[0]),
+            audio_layers=len(tower.layers),
+            projector_params=count_parameters(projector),
+            other_params=count_parameters(model) - counted,
+            hidden_size=text.hidden_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            mlp_width=mlp_width,
+            vocab_size=lm_head.out_features,
+            max_position=text.max_position_embeddings,
+            audio_hidden=audio.d_model,
+            num_mel_bins=audio.num_mel_bins,
+            audio_heads=audio.encoder_attention_heads,
+            audio_ffn=audio.encoder_ffn_dim,
+            audio_frames=audio_frames,
+            audio_tokens_per_window=audio_tokens_per_window,
+            linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower, "projector": projector}),
+            **extra,
+        )
 
     # ------------------------------------------------------------------ parts
     def text_model(self, model: nn.Module) -> nn.Module:
@@ -208,6 +253,17 @@ class ModelAdapter:
                 return int(value)
         raise ValueError(f"{self.family}: the model config has no audio_token_id / audio_token_index")
 
+    # ------------------------------------------------------------------ prompts (processor side, no model)
+    def num_audio_tokens(self, processor, n_frames: int) -> int:
+        """Audio placeholder positions the family's encoder yields for one clip of `n_frames` valid mel frames
+        (the count the processor expands the placeholder to)."""
+        raise NotImplementedError
+
+    def clip_feature_kwargs(self, processor) -> dict[str, Any]:
+        """Keyword arguments of the feature extractor for one clip alone, as the family's processor calls it
+        (padding and truncation; `sampling_rate` and `return_attention_mask` are added by the caller)."""
+        return {"padding": "max_length"}
+
     # ------------------------------------------------------------------ operations
     def encode_audio(self, model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """C clips' features [C, n_mels, F] and mask [C, F] → C tensors [n_c, H] in the text hidden size."""
@@ -250,6 +306,7 @@ class Qwen2AudioAdapter(ModelAdapter):
 
     family = "qwen2_audio"
     model_types = ("qwen2_audio",)
+    processor_types = ("Qwen2AudioProcessor",)
 
     def load(self, folder, *, dtype, attn_implementation, device):
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
@@ -287,37 +344,9 @@ class Qwen2AudioAdapter(ModelAdapter):
 
         model = self.meta_model(config_dict)
         text, audio = model.config.text_config, model.config.audio_config
-        text_model, layers, tower = self.text_model(model), self.decoder_layers(model), self.audio_tower(model)
-        projector, lm_head, embed = self.audio_projector(model), self.lm_head(model), self.embed_tokens(model)
-        lm_head_params = 0 if lm_head.weight is embed.weight else lm_head.weight.numel()
-        counted = count_parameters(text_model) + lm_head_params + count_parameters(tower) + count_parameters(projector)
         frames = 2 * audio.max_source_positions  # the encoder's required input length (mel frames)
-        return ModelDims(
-            family=self.family,
-            embed_params=embed.weight.numel(),
-            layer_params=count_parameters(layers[0]),
-            num_layers=len(layers),
-            text_other_params=count_parameters(text_model) - embed.weight.numel() - sum(map(count_parameters, layers)),
-            lm_head_params=lm_head_params,
-            audio_params=count_parameters(tower),
-            audio_layer_params=count_parameters(tower.layers[0]),
-            audio_layers=len(tower.layers),
-            projector_params=count_parameters(projector),
-            other_params=count_parameters(model) - counted,
-            hidden_size=text.hidden_size,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            mlp_width=text.intermediate_size,
-            vocab_size=lm_head.out_features,
-            max_position=text.max_position_embeddings,
-            audio_hidden=audio.d_model,
-            num_mel_bins=audio.num_mel_bins,
-            audio_heads=audio.encoder_attention_heads,
-            audio_ffn=audio.encoder_ffn_dim,
-            audio_frames=frames,
-            audio_tokens_per_window=num_audio_tokens(frames),
-            linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower, "projector": projector}),
+        return self.dims_of(
+            model, mlp_width=text.intermediate_size, audio_frames=frames, audio_tokens_per_window=num_audio_tokens(frames),
         )
 
     def text_model(self, model):
@@ -331,6 +360,10 @@ class Qwen2AudioAdapter(ModelAdapter):
 
     def fixed_parameters(self, model):
         return list(self.audio_tower(model).embed_positions.parameters())
+
+    def num_audio_tokens(self, processor, n_frames):
+        """Conv stride 2 then pool 2 over the padded window: ((n - 1) // 2 + 1 - 2) // 2 + 1 (25 per second)."""
+        return ((n_frames - 1) // 2 + 1 - 2) // 2 + 1
 
     def encode_audio(self, model, input_features, feature_attention_mask):
         """Audio tower + projector exactly as `Qwen2AudioModel.forward` runs them (the features are padded
@@ -388,6 +421,16 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return _lookup(getattr(config, "model_type", None), type(model).__name__)
 
 
+def adapter_for_processor(processor) -> ModelAdapter:
+    """The adapter of the family a processor belongs to (by its class name)."""
+    name = type(processor).__name__
+    for adapter in dict.fromkeys(_ADAPTERS.values()):
+        if name in adapter.processor_types:
+            return adapter
+    known = sorted({t for a in _ADAPTERS.values() for t in a.processor_types})
+    raise ValueError(f"processor {name} belongs to no mapo model family; supported: {', '.join(known)}")
+
+
 def has_adapter(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in _ADAPTERS
 
@@ -405,3 +448,7 @@ def adapter_for_folder(folder: str | Path) -> ModelAdapter:
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
     return _lookup(model_type, str(config_file))
+
+
+# The Qwen Omni thinkers register themselves (after the registry above exists).
+from mapo.models import omni as _omni  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""Initialisation of the audio path of a randomly built Qwen2-Audio, so that training can use the audio.
+"""Initialisation of the audio path of a randomly built audio LM, so that training can use the audio.
 
 Why: transformers initialises every Linear/Conv1d with N(0, 0.02²) and the encoder's frozen position
 table (`embed_positions`, `requires_grad=False`) with N(0, 0.02²) too. The residual stream entering the
@@ -12,10 +12,13 @@ Note: at init the stock tower's *outputs* do differ between clips (its final Lay
 small stream); the failure is in how trainable that path is, not in a zero signal.
 
 What this does, deterministically from `seed` (own generator; the global RNG is untouched):
-- conv1 / conv2: Kaiming-normal weights (std = sqrt(2 / fan_in), fan_in = in_channels · kernel), zero
-  bias, so the log-mel input (~0.5 rms) reaches the encoder layers at ~0.4 rms instead of ~0.02;
-- embed_positions: the standard sinusoidal table (sin on the first half of the channels, cos on the
-  second, timescales from 1 to 10 000), amplitude ~0.7 rms, smooth in position.
+- every convolution of the audio tower, in module order (Qwen2-Audio / Qwen2.5-Omni: conv1, conv2 over
+  time; Qwen3-Omni: conv2d1..3 over mel × time): Kaiming-normal weights (std = sqrt(2 / fan_in), fan_in =
+  in_channels · kernel size), zero bias, so the log-mel input (~0.5 rms) reaches the encoder layers at
+  ~0.4 rms instead of ~0.02;
+- a learned position table (Qwen2-Audio's `embed_positions`): the standard sinusoidal table (sin on the
+  first half of the channels, cos on the second, timescales from 1 to 10 000), amplitude ~0.7 rms,
+  smooth in position. The Omni towers already compute that table as a fixed buffer.
 The encoder layers keep their small init, so at init each layer changes the stream by a few percent and
 the tower passes conv features plus an ordered position code through to the projector.
 """
@@ -45,9 +48,9 @@ def sinusoidal_positions(length: int, channels: int, max_timescale: float = MAX_
     return torch.cat([angles.sin(), angles.cos()], dim=1).to(torch.float32)  # [L, C]
 
 
-def _kaiming_conv_(conv: nn.Conv1d, generator: torch.Generator) -> None:
-    """Kaiming-normal (fan_in, gain sqrt(2)) weight [out, in, k] and zero bias, in place."""
-    fan_in = conv.in_channels * conv.kernel_size[0]
+def _kaiming_conv_(conv: nn.Conv1d | nn.Conv2d, generator: torch.Generator) -> None:
+    """Kaiming-normal (fan_in, gain sqrt(2)) weight [out, in, *kernel] and zero bias, in place."""
+    fan_in = conv.in_channels * math.prod(conv.kernel_size)
     std = math.sqrt(2.0 / fan_in)
     weight = torch.randn(conv.weight.shape, generator=generator, dtype=torch.float32) * std
     conv.weight.copy_(weight.to(conv.weight.dtype))
@@ -57,18 +60,26 @@ def _kaiming_conv_(conv: nn.Conv1d, generator: torch.Generator) -> None:
 
 @torch.no_grad()
 def init_audio_path(model: nn.Module, seed: int) -> None:
-    """Re-initialise the audio tower's convolutions and position table of a Qwen2-Audio model, in place.
+    """Re-initialise the audio tower's convolutions (and learned position table) in place.
 
-    model: a `Qwen2AudioForConditionalGeneration` (or `Qwen2AudioModel`); the tower is found at
-           `.model.audio_tower` or `.audio_tower`. Same seed, same weights.
+    model: a model of a supported family (its adapter names the tower), or a bare model with the tower at
+           `.model.audio_tower` / `.audio_tower`. Same seed, same weights.
     """
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "audio_tower", None)
+    from mapo.models.adapter import get_adapter, has_adapter
+
+    if has_adapter(model):
+        tower = get_adapter(model).audio_tower(model)
+    else:
+        tower = getattr(getattr(model, "model", model), "audio_tower", None)
     if tower is None:
-        raise TypeError(f"{type(model).__name__} has no audio_tower; expected a Qwen2-Audio model")
+        raise TypeError(f"{type(model).__name__} has no audio_tower; expected an audio LM")
+    convs = [m for m in tower.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    if not convs:
+        raise TypeError(f"{type(tower).__name__} has no convolution to initialise")
     generator = torch.Generator().manual_seed(seed)
-    _kaiming_conv_(tower.conv1, generator)
-    _kaiming_conv_(tower.conv2, generator)
-    length, channels = tower.embed_positions.weight.shape
-    table = sinusoidal_positions(length, channels)
-    tower.embed_positions.weight.copy_(table.to(tower.embed_positions.weight.dtype))
+    for conv in convs:
+        _kaiming_conv_(conv, generator)
+    positions = getattr(tower, "embed_positions", None)
+    if isinstance(positions, nn.Embedding):
+        length, channels = positions.weight.shape
+        positions.weight.copy_(sinusoidal_positions(length, channels).to(positions.weight.dtype))

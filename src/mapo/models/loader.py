@@ -19,7 +19,8 @@ from mapo.models.adapter import adapter_for_folder, get_adapter, registered_mode
 
 EXPECTED = (
     "expected a local folder with config.json of a supported audio LM (model_type one of {types}), its "
-    "weights, tokenizer and preprocessor files (e.g. a downloaded Qwen2-Audio-7B-Instruct, or the tiny "
+    "weights, tokenizer and preprocessor files (e.g. a downloaded Qwen2-Audio-7B-Instruct, Qwen2.5-Omni-7B or "
+    "Qwen3-Omni-30B-A3B-Instruct/Thinking, or the tiny "
     "model from `make tiny`)"
 )
 #: Tokenizer files: either the fast tokenizer's single file or the BPE pair.

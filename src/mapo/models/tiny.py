@@ -1,9 +1,11 @@
-"""Build the tiny Qwen2-Audio offline: tokenizer, processor and a randomly initialised model.
+"""Build a tiny model of a supported family offline: tokenizer, processor and a randomly initialised model.
 
 `python -m mapo.models.tiny key=value ...` writes a folder that the common loader
-(`mapo.models.loader.load_model_and_processor`) reads exactly like a real Qwen2-Audio checkpoint:
+(`mapo.models.loader.load_model_and_processor`) reads exactly like a real checkpoint of the family:
 config.json + model.safetensors + generation_config.json, the tokenizer files (a `Qwen2Tokenizer`, as in
-the real checkpoint), the feature extractor's config and the chat template.
+the real checkpoints), the feature extractor's config and the chat template. `family=` picks the
+architecture: `qwen2_audio` (default, this module), `qwen2_5_omni` or `qwen3_omni_moe` (the thinkers,
+`mapo.models.tiny_omni`); the tokenizer builder and the audio-path init are shared.
 
 - Tokenizer: byte-level BPE trained locally with the Qwen2 pre-tokenizer on the benchmark's chat text
   (system line, question, options, instruction, trace, answer tag), plus the ChatML and audio special
@@ -84,8 +86,13 @@ CHAT_TEMPLATE = (
 )
 
 
+#: Families the builder knows (the Omni ones live in mapo.models.tiny_omni).
+FAMILIES = ("qwen2_audio", "qwen2_5_omni", "qwen3_omni_moe")
+
+
 @dataclass
 class TinyModelConfig:
+    family: str = "qwen2_audio"  # qwen2_audio | qwen2_5_omni | qwen3_omni_moe (the thinkers)
     seed: int = 0  # seeds the model's random init and the audio-path init
     out_dir: str = str(paths.TINY_MODEL_DIR)  # folder written with save_pretrained
     corpus: str = str(paths.SYNTHETIC_DATA_DIR / "train.jsonl")  # JSONL of Records whose text trains the tokenizer
@@ -101,6 +108,9 @@ class TinyModelConfig:
     text_kv_heads: int = 2  # text decoder key/value heads (fewer than query heads: exercises GQA)
     text_intermediate: int = 128  # text decoder MLP width
     max_position: int = 1024  # longest sequence (prompt + audio positions + completion)
+    text_experts: int = 4  # qwen3_omni_moe only: experts per decoder layer
+    text_experts_per_token: int = 2  # qwen3_omni_moe only: experts routed per token
+    text_moe_intermediate: int = 64  # qwen3_omni_moe only: each expert's MLP width
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -127,12 +137,12 @@ def read_corpus(path: str | Path) -> list[Record]:
     return records
 
 
-def chat_texts(records: list[Record]) -> list[str]:
+def chat_texts(records: list[Record], chat_template: str = CHAT_TEMPLATE) -> list[str]:
     """Each record's whole conversation as the model sees it: system turn, user turn, assistant completion.
 
-    Rendered with CHAT_TEMPLATE, so the tokenizer is trained on exactly the strings it will encode.
+    Rendered with the family's chat template, so the tokenizer is trained on exactly the strings it will encode.
     """
-    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    template = jinja2.Environment().from_string(chat_template)
     texts = []
     for record in records:
         conversation = prompt.messages(record) + [
@@ -142,22 +152,32 @@ def chat_texts(records: list[Record]) -> list[str]:
     return texts
 
 
-_SPECIALS_PATTERN = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
-
-
-def build_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> Qwen2Tokenizer:
+def build_tokenizer(
+    texts: list[str],
+    vocab_size: int,
+    seed: int = 0,
+    *,
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+    named_tokens: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> Qwen2Tokenizer:
     """Train a byte-level BPE on `texts` and wrap it as a `Qwen2Tokenizer` (left padding).
 
-    Special tokens in `texts` are cut out before training (they are added whole, ids 0..5).
+    special_tokens: added whole with ids 0..n-1 in this order (cut out of `texts` before training); they
+        must include <|endoftext|>, <|im_start|> and <|im_end|>. Default: Qwen2-Audio's six.
+    named_tokens: model-specific token attributes the family's processor reads (e.g. {"audio_token":
+        "<|audio_pad|>"} gives `tokenizer.audio_token` / `tokenizer.audio_token_id`); None for Qwen2-Audio,
+        whose processor knows its tokens itself.
     eos = <|im_end|> (ends the assistant turn), pad = <|endoftext|>, no bos, no unk (byte-level).
     `seed` is accepted for symmetry with the other builders; BPE training is deterministic (ties are
     broken by the pair itself), so the same texts always give the same tokenizer.
     """
     del seed  # nothing random to seed
-    min_size = 256 + len(SPECIAL_TOKENS)
+    min_size = 256 + len(special_tokens)
     if vocab_size <= min_size:
-        raise ValueError(f"vocab_size must exceed {min_size} (256 byte tokens + {len(SPECIAL_TOKENS)} specials), got {vocab_size}")
-    pieces = [piece for text in texts for piece in _SPECIALS_PATTERN.split(text) if piece]
+        raise ValueError(f"vocab_size must exceed {min_size} (256 byte tokens + {len(special_tokens)} specials), got {vocab_size}")
+    specials_pattern = re.compile("|".join(re.escape(token) for token in special_tokens))
+    pieces = [piece for text in texts for piece in specials_pattern.split(text) if piece]
     if not pieces:
         raise ValueError("no text to train the tokenizer on")
 
@@ -174,13 +194,14 @@ def build_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> Qwen2To
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
         show_progress=False,
     )
     bpe.train_from_iterator(pieces, trainer=trainer)
     model_json = json.loads(bpe.to_str())["model"]
 
+    extra = [token for token in special_tokens if token not in (ENDOFTEXT, IM_END)]
     tokenizer = Qwen2Tokenizer(
         vocab=model_json["vocab"],
         merges=[tuple(pair) for pair in model_json["merges"]],
@@ -188,14 +209,15 @@ def build_tokenizer(texts: list[str], vocab_size: int, seed: int = 0) -> Qwen2To
         bos_token=None,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        extra_special_tokens=[token for token in SPECIAL_TOKENS if token not in (ENDOFTEXT, IM_END)],
+        extra_special_tokens=extra,
         padding_side="left",  # batched generation appends on the right
         clean_up_tokenization_spaces=False,  # decode(encode(text)) == text
+        **(named_tokens or {}),
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-    if ids != list(range(len(SPECIAL_TOKENS))):
-        raise RuntimeError(f"special tokens got ids {ids}, expected 0..{len(SPECIAL_TOKENS) - 1}")
+    tokenizer.chat_template = chat_template
+    ids = tokenizer.convert_tokens_to_ids(list(special_tokens))
+    if ids != list(range(len(special_tokens))):
+        raise RuntimeError(f"special tokens got ids {ids}, expected 0..{len(special_tokens) - 1}")
     return tokenizer
 
 
@@ -208,9 +230,14 @@ def build_processor(tokenizer: Qwen2Tokenizer, window_seconds: int) -> Qwen2Audi
     input_features: [B, 128, 100 · window_seconds]; a clip of s seconds expands <|AUDIO|> into
     ~25 · s audio tokens (exactly ((L - 1) // 2 + 1 - 2) // 2 + 1 for L = 100 · s valid frames).
     """
+    return Qwen2AudioProcessor(feature_extractor=whisper_features(window_seconds), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def whisper_features(window_seconds: int) -> WhisperFeatureExtractor:
+    """The Whisper feature extractor of every family (128 mel bins, 16 kHz, 100 frames/s), `window_seconds` long."""
     if window_seconds < 1:
         raise ValueError(f"window_seconds must be >= 1, got {window_seconds}")
-    feature_extractor = WhisperFeatureExtractor(
+    return WhisperFeatureExtractor(
         feature_size=N_MELS,
         sampling_rate=SAMPLING_RATE,
         hop_length=HOP_LENGTH,
@@ -219,7 +246,6 @@ def build_processor(tokenizer: Qwen2Tokenizer, window_seconds: int) -> Qwen2Audi
         padding_value=0.0,
         return_attention_mask=True,
     )
-    return Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -266,16 +292,30 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: Qwen2Tokenizer) -> Qwen2Au
     return model.eval()
 
 
-def write_tiny(cfg: TinyModelConfig, texts: list[str] | None = None) -> Path:
-    """Build tokenizer, processor and model and save them to `cfg.out_dir` (safetensors); returns the folder.
+def family_builder(family: str):
+    """(chat template, tokenizer, processor and model builders) of a family: the functions above for
+    Qwen2-Audio, `mapo.models.tiny_omni`'s for the Omni thinkers."""
+    if family == "qwen2_audio":
+        return CHAT_TEMPLATE, build_tokenizer, build_processor, build_tiny_model
+    if family in FAMILIES:
+        from mapo.models import tiny_omni
 
-    texts: tokenizer training text; None reads the records of `cfg.corpus` and uses `chat_texts` of them.
+        return tiny_omni.builder(family)
+    raise ValueError(f"unknown tiny model family {family!r}; valid: {', '.join(FAMILIES)}")
+
+
+def write_tiny(cfg: TinyModelConfig, texts: list[str] | None = None) -> Path:
+    """Build tokenizer, processor and model of `cfg.family` and save them to `cfg.out_dir` (safetensors).
+
+    texts: tokenizer training text; None reads the records of `cfg.corpus` and renders them with the
+    family's chat template (`chat_texts`). Returns the folder.
     """
+    template, make_tokenizer, make_processor, make_model = family_builder(cfg.family)
     if texts is None:
-        texts = chat_texts(read_corpus(cfg.corpus))
-    tokenizer = build_tokenizer(texts, cfg.vocab_size, cfg.seed)
-    processor = build_processor(tokenizer, cfg.window_seconds)
-    model = build_tiny_model(cfg, tokenizer)
+        texts = chat_texts(read_corpus(cfg.corpus), template)
+    tokenizer = make_tokenizer(texts, cfg.vocab_size, cfg.seed)
+    processor = make_processor(tokenizer, cfg.window_seconds)
+    model = make_model(cfg, tokenizer)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)  # safetensors is the default
@@ -293,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_overrides(TinyModelConfig, argv)
     start = time.perf_counter()
     try:
-        texts = chat_texts(read_corpus(cfg.corpus))
+        texts = chat_texts(read_corpus(cfg.corpus), family_builder(cfg.family)[0])
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     out_dir = write_tiny(cfg, texts)
@@ -303,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load_model_and_processor(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"[tiny] wrote {out_dir}: {n_params / 1e6:.3f} M parameters, vocab {len(processor.tokenizer)}, "
+        f"[tiny] wrote {out_dir} ({cfg.family}): {n_params / 1e6:.3f} M parameters, vocab {len(processor.tokenizer)}, "
         f"window {cfg.window_seconds} s, {folder_size_bytes(out_dir) / 1e6:.2f} MB on disk, {elapsed:.1f} s"
     )
 

@@ -286,3 +286,15 @@ def _guard_worker(rank: int, world: int, port: str, folder: str, clips: list[str
     out = {"ids": [r.id for r in batch], "skipped": guard.skipped, "loaded": bool(loaded)}
     Path(folder, f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
+
+
+def test_clips_are_counted_as_cut_only_where_the_encoder_has_a_fixed_window(tiny_env, tmp_path):
+    """Qwen2-Audio's encoder takes exactly one window (the tiny one: 3 s), so longer clips are cut; the Omni
+    thinkers' towers take any length, so nothing is cut and no clip is counted as such."""
+    from mapo.assets import audio_window_seconds
+    from mapo.models.tiny import TinyModelConfig, write_tiny
+
+    assert audio_window_seconds(tiny_env["model"]) == 3.0
+    omni = write_tiny(TinyModelConfig(family="qwen2_5_omni", out_dir=str(tmp_path / "omni"),
+                                      corpus=str(tiny_env["data"] / "train.jsonl")))
+    assert audio_window_seconds(omni) is None

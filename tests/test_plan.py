@@ -73,7 +73,8 @@ def test_lora_counts_from_dims_and_targets():
     per_layer = 4 * (4096 + 4096) + 3 * (4096 + 11008)
     assert lora_parameters(DIMS, 4, "all-linear", text_only) == 32 * 4 * per_layer  # never the LM head
     with_projector = text_only | {"projector"}
-    assert lora_parameters(DIMS, 4, "all-linear", with_projector) == 32 * 4 * per_layer + 4 * (1280 + 4096)
+    # adapters go on the language model only (mapo.models.lora): a trainable projector gets none
+    assert lora_parameters(DIMS, 4, "all-linear", with_projector) == 32 * 4 * per_layer
     assert trainable_parts(q_inputs(1)) == {"text", "lm_head", "projector"}  # the tower is frozen by default
 
 

@@ -8,13 +8,11 @@ time and peak memory per phase next to the memory plan's numbers (mapo.plan).
 The model has Qwen2-Audio-7B-Instruct's config.json (bundled: 32 text layers of 4096, vocabulary 156,032,
 32 encoder layers of 1280, 30 s window = 750 audio tokens) and is built on the device directly (no host
 copy, no weights read). Precision follows the run config's names: trainable masters fp32, compute bf16
-(autocast on one card), frozen parts bf16. `--lora-rank auto` (default) asks the plan: full fine-tuning
-when it fits the card, else LoRA rank 64 on every linear layer of the text model and projector; the
-reference is then the same model with the adapters off.
-
-LoRA here is this script's own minimal adapter (a frozen base linear + trainable fp32 A, B; `adapters_off`
-switches them off), standing in for `mapo.models.lora` until that lands; the memory it holds is the
-same (A, B and their optimizer state, plus one r-wide activation per adapted linear).
+(autocast on one card), frozen parts bf16 — the training program's own pieces: `mapo.precision`
+(`ModelRunner` enters autocast, `frozen_copy` makes the bf16 reference) and `mapo.models.lora`.
+`--lora-rank auto` (default) asks the plan: full fine-tuning when it fits the card, else LoRA rank 64
+on every linear layer of the text model (peft, as `model.lora.targets=all-linear`); the reference is then
+the same model with the adapters off (`adapters_off`), never a copy.
 
 Phases, each timed and with its own peak (`torch.cuda.max_memory_allocated` after a reset):
 rollout (our decode loop, every row at its longest: random weights rarely emit EOS), scoring (the
@@ -28,72 +26,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mapo.config import LoraConfig  # noqa: E402
+from mapo.distributed import ModelRunner  # noqa: E402
 from mapo.models.loader import enable_activation_checkpointing  # noqa: E402
+from mapo.models.lora import adapter_parameters, add_lora, adapters_off  # noqa: E402
+from mapo.precision import Precision, frozen_copy  # noqa: E402
 from mapo.plan import BUNDLED_CONFIGS, GIB, PlanInputs, format_plan, memory_plan  # noqa: E402
 from mapo.rollout import generate_rollout  # noqa: E402
-from mapo.step import Normalisers, mapo_step, plain_call, prepare_batch  # noqa: E402
+from mapo.step import Normalisers, mapo_step, prepare_batch  # noqa: E402
 
 AUDIO_TOKEN, PAD, IM_START, IM_END = 151646, 151643, 151644, 151645
 TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128}
 TINY_AUDIO = {"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear")
-
-
-# ------------------------------------------------------------------------------------------ LoRA (stand-in)
-class LoraLinear(nn.Module):
-    """base(x) + (α/r)·B(A(x)); the base is frozen, A and B train (fp32 masters). B starts at 0."""
-
-    enabled = True
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        device = base.weight.device
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, device=device) / math.sqrt(base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        self.scale = alpha / rank
-
-    def forward(self, x):
-        out = self.base(x)
-        if LoraLinear.enabled:
-            out = out + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b) * self.scale
-        return out
-
-
-def add_lora(model: nn.Module, rank: int, alpha: float) -> int:
-    """Wrap every targeted linear of the text model and projector; returns the adapter parameter count."""
-    from mapo.models.adapter import get_adapter
-
-    adapter = get_adapter(model)
-    count = 0
-    for part in (adapter.text_model(model), adapter.audio_projector(model)):
-        for parent in list(part.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and name in LORA_TARGETS:
-                    wrapped = LoraLinear(child, rank, alpha)
-                    setattr(parent, name, wrapped)
-                    count += wrapped.lora_a.numel() + wrapped.lora_b.numel()
-    return count
-
-
-@contextlib.contextmanager
-def adapters_off():
-    LoraLinear.enabled = False
-    try:
-        yield
-    finally:
-        LoraLinear.enabled = True
+LORA_TARGETS = "all-linear"
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -105,8 +59,10 @@ def model_config(tiny: bool) -> dict:
     return config
 
 
-def build_model(config: dict, device: torch.device, lora_rank: int, compute: torch.dtype):
-    """The random model on `device`: frozen parts in the compute dtype, trainable masters fp32."""
+def build_model(config: dict, device: torch.device, lora_rank: int, precision: Precision):
+    """The random model on `device` as the training program holds it: the trainable text model in the
+    master dtype (fp32), the frozen audio tower in the frozen dtype; with LoRA every base weight is frozen
+    (frozen dtype) and only the peft adapters train (fp32)."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     # the Hub file says torch_dtype bfloat16 (top level and text_config); the dtypes here are ours
@@ -114,7 +70,7 @@ def build_model(config: dict, device: torch.device, lora_rank: int, compute: tor
     plain["text_config"] = {k: v for k, v in config["text_config"].items() if k != "torch_dtype"}
     hf_config = Qwen2AudioConfig(**plain)
     hf_config._attn_implementation = "sdpa"
-    base_dtype = compute if lora_rank > 0 else torch.float32  # full fine-tuning: every text weight is a master
+    base_dtype = precision.frozen if lora_rank > 0 else precision.master
     previous = torch.get_default_dtype()
     torch.set_default_dtype(base_dtype)
     try:
@@ -122,10 +78,13 @@ def build_model(config: dict, device: torch.device, lora_rank: int, compute: tor
             model = Qwen2AudioForConditionalGeneration(hf_config)
     finally:
         torch.set_default_dtype(previous)
-    model.model.audio_tower.to(compute).requires_grad_(False)  # frozen tower in the frozen (= compute) dtype
+    model.model.audio_tower.to(precision.frozen).requires_grad_(False)  # frozen tower in the frozen dtype
     if lora_rank > 0:
         model.requires_grad_(False)
-        add_lora(model, lora_rank, alpha=2.0 * lora_rank)
+        add_lora(model, LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, targets=LORA_TARGETS))
+        for p in adapter_parameters(model):  # adapters are trainable masters
+            p.data = p.data.to(precision.master)
+            p.requires_grad_(True)
     return model
 
 
@@ -214,20 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
         probe = PeakTracker()
         probe.__enter__()
     t0 = time.perf_counter()
-    model = build_model(config, device, rank, compute)
-    reference = None
-    if rank == 0:
-        reference = build_model(config, device, 0, compute).to(compute).eval().requires_grad_(False)
-        reference.load_state_dict(model.state_dict())
+    precision = Precision(master=torch.float32, compute=compute, frozen=compute)
+    model = build_model(config, device, rank, precision)
+    runner = ModelRunner(model, precision)  # the one place autocast is entered, as in training
+    frozen = adapters_off(runner) if rank else ModelRunner(frozen_copy(model, precision.frozen), precision)
     build_s = time.perf_counter() - t0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    policy = plain_call(model)
-    if rank:
-        def frozen(fn, *a, **k):
-            with adapters_off():
-                return fn(model, *a, **k)
-    else:
-        frozen = plain_call(reference)
     from mapo.config import AlgoConfig
 
     algo = AlgoConfig()
@@ -244,23 +194,22 @@ def main(argv: list[str] | None = None) -> dict:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with phases("rollout"), autocast:
-        rollout = generate_rollout(model, batch, group_size=args.group, max_new_tokens=args.new_tokens,
-                                   seeds=list(range(args.prompts)), **gen)
+    with phases("rollout"):
+        rollout = runner.decode(generate_rollout, batch, group_size=args.group, max_new_tokens=args.new_tokens,
+                                seeds=list(range(args.prompts)), **gen)
     n = rollout.completion_ids.shape[0]
     adv = torch.randn(n, device=device)
     accuracy = (torch.rand(n, device=device) > 0.5).float()
     content = torch.ones(dims.vocab_size, dtype=torch.bool, device=device)
-    with phases("scoring"), autocast:
-        prepared = prepare_batch(policy, rollout, adv, accuracy, algo, frozen_reference=frozen, feature_extractor=None,
+    with phases("scoring"):
+        prepared = prepare_batch(runner, rollout, adv, accuracy, algo, frozen_reference=frozen, feature_extractor=None,
                                  content_vocab_mask=content, temperature=1.0)
     norms = Normalisers(num_tokens=rollout.completion_mask.sum().float(), num_seqs=n, max_len=args.new_tokens)
     model.train()
     enable_activation_checkpointing(model)
     with phases("update"):
         for rows in torch.arange(n, device=device).split(args.micro):
-            with autocast:
-                mapo_step(model, rollout, rows, prepared, algo, norms, temperature=1.0, backward_scale=1.0)
+            mapo_step(model, rollout, rows, prepared, algo, norms, temperature=1.0, backward_scale=1.0, call=runner)
     with phases("optimizer step"):
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -268,8 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     del rollout, prepared
     model.eval()
     eval_batch = prompt_batch(args.eval_batch, text_head, dims.audio_tokens_per_window, dims.audio_frames, device, seed=1)
-    with phases("evaluation"), autocast:
-        generate_rollout(model, eval_batch, group_size=1, max_new_tokens=args.new_tokens, do_sample=False, **gen)
+    with phases("evaluation"):
+        runner.decode(generate_rollout, eval_batch, group_size=1, max_new_tokens=args.new_tokens, do_sample=False, **gen)
 
     if probe is not None:
         probe.__exit__(None, None, None)

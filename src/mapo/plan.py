@@ -147,14 +147,15 @@ def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: in
 def lora_parameters(dims: ModelDims, rank: int, targets: tuple[str, ...] | str, trainable_parts: set[str]) -> int:
     """Σ count·rank·(in + out) over the targeted linear layers of the trainable parts.
 
-    "all-linear" targets every linear layer but the LM head (as peft's shorthand does); a list names
-    modules by their attribute name (q_proj, …). A frozen part (e.g. the audio tower) gets no adapters.
+    Adapters go on the language model only (`mapo.models.lora`): "all-linear" targets every linear layer
+    of the text decoder (never the LM head, the audio tower or the projector); a list names modules by
+    their attribute name (q_proj, …).
     """
-    if rank <= 0:
+    if rank <= 0 or "text" not in trainable_parts:
         return 0
     total = 0
     for group in dims.linears:
-        if group.part not in trainable_parts or group.part == "lm_head":
+        if group.part != "text":
             continue
         if targets == "all-linear" or group.name in targets:
             total += group.count * rank * (group.in_features + group.out_features)

@@ -38,9 +38,15 @@ from mapo.data.prompt import INSTRUCTION
 from mapo.data.validate import ManifestError
 from mapo.eval.benchmark import Benchmark, load_benchmark
 from mapo.eval.checkpoints import run_checkpoints, write_step_outputs
-from mapo.eval.collapse import COLLAPSE_CONDITIONS, batch_diagnostics, item_means, pooled_curves
+from mapo.eval.collapse import (
+    COLLAPSE_CONDITIONS,
+    batch_diagnostics,
+    item_means,
+    pooled_curves,
+)
 from mapo.eval.results import score_rows, summarize, write_evaluation
 from mapo.evaluate import CONDITIONS, answer_sharded, generation_tokens
+from mapo.models.adapter import get_adapter
 from mapo.models.loader import check_model_folder, load_model_and_processor
 
 
@@ -111,7 +117,7 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
         runner = dist_utils.apply_fsdp(runner, ctx)
     collator = Collator(processor, feature_cache=FeatureCache())  # clips are encoded once for all conditions
     generation: dict[str, Any] = dict(
-        generation_tokens(processor), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        generation_tokens(processor, get_adapter(model).vocab_size(model)), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
     )
     if ctx.enabled:

@@ -54,7 +54,7 @@ else
   LAUNCH := $(PY)
 endif
 
-.PHONY: install test tiny data check train plan sweep bench eval score prep export clean help
+.PHONY: install test tiny data check train plan sweep bench eval score prep export study clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
@@ -70,6 +70,7 @@ help:
 	@echo "make score PRED=predictions DATA=manifest [OUT=dir]        rescore predictions without a model"
 	@echo "make prep BENCH=avqa|mmsu SRC=release OUT=dir              benchmark release -> manifest + audio files"
 	@echo "make bench                                                 speed/memory ratios of the fast paths"
+	@echo "make study [ARGS='--settings prior90 --seeds 0']              the collapse study (experiments/collapse_study)"
 	@echo "make export CKPT=<run>/checkpoints/step_000100 OUT=<dir>    a training checkpoint as a Hugging Face folder"
 
 install: $(STAMP)
@@ -136,6 +137,11 @@ bench: install
 export: install
 	@if [ -z "$(CKPT)" ] || [ -z "$(OUT)" ]; then echo "usage: make export CKPT=<run_dir>/checkpoints/step_XXXXXX OUT=<folder>"; exit 2; fi
 	$(PY) -m mapo.export checkpoint=$(CKPT) out=$(OUT)
+
+# every setting x algorithm x seed from one warm start per setting (two settings side by side, one
+# thread each); tables and plots land in experiments/collapse_study
+study: install
+	$(PY) -m mapo.study --jobs 2 --publish experiments/collapse_study $(ARGS)
 
 clean:
 	rm -rf artifacts outputs multirun wandb

@@ -27,12 +27,14 @@ from mapo.data.baselines import (
 from mapo.data.schema import Record
 from mapo.data.synthetic import (
     ALL_TASKS,
+    FILLER_SENTENCES,
     SPLITS,
     TASKS,
     SyntheticConfig,
     generate,
     main,
     render,
+    with_filler,
     write_benchmark,
 )
 
@@ -337,7 +339,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         write_benchmark(SyntheticConfig(out_dir=str(tmp_path / name), seed=seed, **TINY))
     a, b, c = (_files(tmp_path / n) for n in "abc")
-    assert len(a) == 3 + 6 * 8  # three manifests, 6 tasks * (4 + 2 + 2) clips
+    assert len(a) == 4 + 6 * 8  # three manifests, benchmark.json, 6 tasks * (4 + 2 + 2) clips
+    assert json.loads(a["benchmark.json"]) == {k: v for k, v in SyntheticConfig(seed=3, **TINY).__dict__.items() if k != "out_dir"}
     assert a == b
     assert a.keys() == c.keys()
     assert a["train.jsonl"] != c["train.jsonl"]
@@ -359,10 +362,62 @@ def test_rewriting_smaller_removes_stale_clips(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_with_filler_places_the_sentences_hand_worked():
+    trace = "first tone: low. second tone: high. the second is higher."
+    filler = ["i check what i heard.", "now i can decide."]
+    assert with_filler(trace, filler, "middle") == (
+        "first tone: low. second tone: high. i check what i heard. now i can decide. the second is higher."
+    )
+    assert with_filler(trace, filler, "start") == (
+        "i check what i heard. now i can decide. first tone: low. second tone: high. the second is higher."
+    )
+    assert with_filler("tone 1: mid. one tone.", filler[:1], "middle") == "tone 1: mid. i check what i heard. one tone."
+    assert with_filler(trace, [], "middle") == trace
+    with pytest.raises(ValueError, match="no fact sentence"):
+        with_filler("one tone.", filler, "middle")
+
+
+@pytest.mark.parametrize("position", ["middle", "start"])
+def test_filler_lengthens_traces_and_changes_nothing_else(position):
+    plain = generate(SyntheticConfig(**TINY))
+    longer = generate(SyntheticConfig(filler_sentences=3, filler_position=position, **TINY))
+    def words(text: str) -> set[str]:
+        return {w.strip(".:?,") for w in text.lower().split()}
+
+    # cue words: what tells one wording of a task from the others, the options, and the fact words
+    cues = {"tone", "tones", "low", "mid", "high", "quiet", "loud", "short", "long", "noise", "sound", "start", "end"}
+    for spec in TASKS.values():
+        cues |= {w for c in spec.choices for w in words(c)}
+        for wording in spec.wordings:
+            cues |= words(wording) - set.intersection(*(words(o) for o in spec.wordings if o != wording))
+    for split in SPLITS:
+        for a, b in zip(plain[split], longer[split]):
+            # same scene, audio, question and answer: only the trace grows
+            assert {**a.to_json(), "trace": None} == {**b.to_json(), "trace": None}
+            added = [s for s in FILLER_SENTENCES if s in b.trace]
+            assert len(added) == 3, b.trace
+            stripped = b.trace
+            for sentence in added:
+                stripped = stripped.replace(sentence + " ", "")
+            assert stripped == a.trace
+            facts_end = a.trace.rpartition(". ")[0] + "."
+            if position == "middle":  # the facts open the trace, the filler sits before the conclusion
+                assert b.trace.startswith(facts_end + " ") and b.trace.endswith(a.trace[len(facts_end):])
+                assert all(b.trace.index(s) > len(facts_end) for s in added)
+            else:  # the filler opens the trace, the original trace follows whole
+                assert b.trace.endswith(" " + a.trace)
+                assert all(b.trace.index(s) < len(b.trace) - len(a.trace) for s in added)
+    # a filler sentence names no fact, option or wording cue
+    assert "climb" in cues and "hiss" in cues and "the" not in cues
+    assert not set.union(*(words(s) for s in FILLER_SENTENCES)) & cues
+    # the choice of sentences varies between items
+    assert len({tuple(s for s in FILLER_SENTENCES if s in r.trace) for r in longer["train"]}) > 3
+
+
 @pytest.mark.parametrize(
     "override, field",
     [({"tasks": ["beeps"]}, "tasks"), ({"clip_seconds": 2.0}, "clip_seconds"), ({"prior_strength": 1.5}, "prior_strength"),
-     ({"n_test": 0}, "n_test")],
+     ({"n_test": 0}, "n_test"), ({"filler_sentences": 9}, "filler_sentences"), ({"filler_position": "end"}, "filler_position")],
 )
 def test_bad_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=field):

@@ -256,6 +256,11 @@ def test_resumed_run_reproduces_uninterrupted_metrics(tiny_env, tmp_path):
     for step in (1, 2, 3, 4):
         assert want[step]["lr"] == pytest.approx(lr * lr_multiplier(2 * step, 2, 8, "cosine"), rel=1e-9)
     assert all(want[s]["completion/overlong_filtered"] == 0 and want[s]["ratio/dev_u1_max"] <= 1e-6 for s in want)
+    # another number of mini-batches would misplace the schedule: refused, naming the setting
+    other = [a.replace("algo.mini_batches=2", "algo.mini_batches=1") for a in common]
+    proc = subprocess.run(train_cmd(tiny_env, part, "tiny_mapo", *other, "trainer.steps=6", "trainer.resume=auto"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "optimizer_steps_per_step=2" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_torchrun_two_processes_match_one_process(tiny_env, tmp_path):

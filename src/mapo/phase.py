@@ -69,9 +69,11 @@ class Phase:
         self.sampler = EpochSampler(items, seed=cfg.trainer.seed)
         self.step = 0
         # Frozen weights are not saved: resume and export rebuild them from the run config kept here,
-        # and refuse a resume whose phase or LoRA settings differ (the saved keys would not fit).
+        # and refuse a resume whose phase or LoRA settings differ (the saved keys would not fit), or whose
+        # optimizer steps per phase step differ (the schedule's position would be misplaced).
         self.run_config = dataclasses.asdict(cfg)
-        self.must_match = {"phase": name, "lora": self.run_config["model"].get("lora")}
+        self.must_match = {"phase": name, "lora": self.run_config["model"].get("lora"),
+                           "optimizer_steps_per_step": optimizer_steps_per_step}
 
     def clip_and_step(self, grad_clip: float, should_step=None) -> torch.Tensor:
         """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the norm.
@@ -95,7 +97,7 @@ class Phase:
         """Checkpoint this phase (every rank: each writes its own shards; see `mapo.checkpoint`)."""
         precision = getattr(self.runner, "precision", None)
         trainer_state = {
-            "step": self.step, "phase": self.name, "sampler": self.sampler.state_dict(), "lora": self.must_match["lora"],
+            "step": self.step, "sampler": self.sampler.state_dict(), **self.must_match,
             "precision": precision.names() if precision is not None else None,
             "config": redact_secrets(self.run_config),  # the checkpoint is a file like any log: no API key in it
         }

@@ -27,14 +27,43 @@ from mapo.run_logging import make_logger
 from mapo.step import MetricSums, sft_nll
 
 
+#: Bytes read from each end of a weights file for its fingerprint (a whole file when it is smaller).
+FINGERPRINT_BYTES = 1 << 20
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size and a hash of the first and last MiB of a file: cheap for 15 GB of shards, and it changes when
+    a model or manifest at the same path is rebuilt differently (a rebuilt file keeps its name)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if size > 2 * FINGERPRINT_BYTES:
+            f.seek(size - FINGERPRINT_BYTES)
+        digest.update(f.read(FINGERPRINT_BYTES))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def inputs_fingerprint(cfg: MapoConfig) -> dict[str, str]:
+    """Fingerprints of the model folder's config and weights and of the training manifest (what the cache
+    key must follow besides the settings)."""
+    from mapo.assets import manifest_path
+
+    folder = Path(cfg.model.path)
+    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json", manifest_path(cfg.data, cfg.data.train)]
+    return {p.name: file_fingerprint(p) for p in files if p.is_file()}
+
+
 def warm_start_key(cfg: MapoConfig) -> str:
-    """Hash of everything the warm-started weights depend on (not where the cache lives)."""
+    """Hash of everything the warm-started weights depend on (not where the cache lives): the settings, and
+    the contents of the model folder and training manifest they start from."""
     settings = dataclasses.asdict(cfg.trainer.warm_start)
     settings.pop("cache_dir")
     model = dataclasses.asdict(cfg.model)
     model.pop("frozen_dtype")  # the warm start trains every weight: nothing is stored frozen
     model.pop("lora")  # LoRA layers are added after the warm start
-    parts = {"model": model, "data": [cfg.data.dir, cfg.data.train], "warm_start": settings, "seed": cfg.trainer.seed}
+    parts = {"model": model, "data": [cfg.data.dir, cfg.data.train], "warm_start": settings, "seed": cfg.trainer.seed,
+             "files": inputs_fingerprint(cfg)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -4,6 +4,7 @@
 
     audio/<split>/<task>_<index>.wav     PCM_16 mono, every clip exactly `clip_seconds` long
     train.jsonl, test.jsonl, counter_prior.jsonl   one `Record.to_json()` per line
+    benchmark.json                       the generator settings used (SyntheticConfig without out_dir)
 
 and prints counts, disk size and the blind baselines. Audio paths in the manifests are relative to
 the manifest folder (e.g. "audio/train/pitch_compare_00012.wav").
@@ -33,12 +34,20 @@ content starts at a random offset. For tone_count the onset-to-offset span is dr
 the count (more tones means shorter tones); the seconds of sound still correlate with the count (a
 single tone has no gaps), which the optional "content duration" baseline in the summary measures.
 
+Longer traces (`filler_sentences`, `filler_position`; off by default): every trace gets that many
+neutral sentences ("i listen to the whole clip.", …, drawn per item without repeats from
+FILLER_SENTENCES, none naming a fact, an option or a wording cue), either between the facts and the
+conclusion ("middle": the answer sits further from the tokens that carry what was heard) or before
+the facts ("start": what must be heard is said late in the completion, where modality collapse lives).
+The audio, answers and wordings stay exactly those of the same config without filler.
+
 Determinism: every item draws from its own generator seeded by (seed, split, task, index), so the same
 config gives byte-identical files, and a task's items do not change when other tasks are added.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -88,6 +97,20 @@ COUNT_GAP_S = (0.10, 0.20)
 MAX_CONTENT_S = COUNT_SPAN_S[1]
 
 NUMBER_WORDS = ("one", "two", "three", "four")
+
+#: Neutral reasoning for longer traces: no band, option, event or wording word of any task, so a
+#: filler sentence tells nothing about the answer and nothing about the question.
+FILLER_SENTENCES = (
+    "i listen to the whole clip.",
+    "let me go over that again.",
+    "i keep both parts in mind.",
+    "nothing else happens in the clip.",
+    "i check what i heard.",
+    "the recording is clean.",
+    "i think step by step.",
+    "now i can decide.",
+)
+FILLER_POSITIONS = ("middle", "start")
 
 
 @dataclass(frozen=True)
@@ -160,6 +183,8 @@ class SyntheticConfig:
     n_counter_prior: int = 50  # items per task in counter_prior.jsonl (wording independent of answer)
     prior_strength: float = 0.75  # P(wording leans toward the right answer) in train and test
     noise_db: float = -50.0  # background noise RMS in dBFS: low, so silences are not digital zeros
+    filler_sentences: int = 0  # neutral sentences added to every trace (0 = the short traces; at most 8)
+    filler_position: str = "middle"  # middle: between the facts and the conclusion | start: before the facts
 
 
 def _validate(cfg: SyntheticConfig) -> None:
@@ -182,6 +207,10 @@ def _validate(cfg: SyntheticConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.prior_strength <= 1.0:
         raise ValueError(f"prior_strength must be in [0, 1], got {cfg.prior_strength}")
+    if not 0 <= cfg.filler_sentences <= len(FILLER_SENTENCES):
+        raise ValueError(f"filler_sentences must be in [0, {len(FILLER_SENTENCES)}], got {cfg.filler_sentences}")
+    if cfg.filler_position not in FILLER_POSITIONS:
+        raise ValueError(f"filler_position must be one of {list(FILLER_POSITIONS)}, got {cfg.filler_position!r}")
 
 
 def split_size(cfg: SyntheticConfig, split: str) -> int:
@@ -340,6 +369,19 @@ def _round_event(event: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in event.items()}
 
 
+def with_filler(trace: str, filler: list[str], position: str) -> str:
+    """`trace` ("<facts> <conclusion>", the conclusion being its last sentence) with `filler` sentences
+    inserted between the facts and the conclusion ("middle") or before the facts ("start")."""
+    if not filler:
+        return trace
+    facts, sep, conclusion = trace.rpartition(". ")
+    if not sep:
+        raise ValueError(f"trace {trace!r} has no fact sentence before its conclusion")
+    if position == "start":
+        return " ".join([*filler, trace])
+    return " ".join([facts + ".", *filler, conclusion])
+
+
 def _item(cfg: SyntheticConfig, split: str, task: str, index: int, answer: int, wording: int) -> Record:
     spec = TASKS[task]
     # One generator per item (tag 1 = item; tag 0 is the split/task plan), independent of cfg.tasks.
@@ -348,6 +390,10 @@ def _item(cfg: SyntheticConfig, split: str, task: str, index: int, answer: int, 
     span = max(e["start"] + e["dur"] for e in events)
     offset = _uniform(rng, (EDGE_MARGIN_S, cfg.clip_seconds - EDGE_MARGIN_S - span))
     events = [_round_event({**e, "start": e["start"] + offset}) for e in events]
+    noise_seed = int(rng.integers(2**31))
+    if cfg.filler_sentences:  # drawn last, so the scene and its audio equal those without filler
+        picks = rng.choice(len(FILLER_SENTENCES), size=cfg.filler_sentences, replace=False)
+        trace = with_filler(trace, [FILLER_SENTENCES[int(i)] for i in picks], cfg.filler_position)
     name = f"{task}_{index:05d}"
     return Record(
         id=f"{split}_{name}",
@@ -364,7 +410,7 @@ def _item(cfg: SyntheticConfig, split: str, task: str, index: int, answer: int, 
             "sample_rate": cfg.sample_rate,
             "n_samples": int(round(cfg.clip_seconds * cfg.sample_rate)),
             "noise_rms": round(10.0 ** (cfg.noise_db / 20.0), 8),
-            "noise_seed": int(rng.integers(2**31)),
+            "noise_seed": noise_seed,
             "events": events,
         },
     )
@@ -522,6 +568,11 @@ def write_benchmark(cfg: SyntheticConfig) -> Summary:
         manifest = root / f"{split}.jsonl"
         _write_jsonl(manifest, records)
         total_bytes += manifest.stat().st_size
+    settings = root / "benchmark.json"  # so a later user can tell which options made this folder
+    tmp = settings.with_name(settings.name + ".tmp")
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}  # same bytes wherever written
+    tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, settings)
     durations = {r.id: content_seconds(r) for records in splits.values() for r in records}
     table = baseline_table(splits, lengths, durations)
     counts = {s: dict(Counter(r.task for r in recs)) for s, recs in splits.items()}

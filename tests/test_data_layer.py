@@ -280,16 +280,27 @@ def test_audio_check_reads_headers_only_and_once_per_clip(clips, monkeypatch):
     manifest.write_text("\n".join(_ours(f"s{i}", audio="clips/a.wav" if i % 2 else "clips/b.wav") for i in range(6)))
 
     def no_full_reads(*args, **kwargs):
-        raise AssertionError("the manifest check must not decode whole clips")
+        raise AssertionError("the header check must not decode whole clips")
 
     monkeypatch.setattr(sf, "read", no_full_reads)
+    monkeypatch.setattr(sf.SoundFile, "read", no_full_reads)
     probed: list[str] = []
-    real_probe = validate.probe_audio
-    monkeypatch.setattr(validate, "probe_audio", lambda path: probed.append(path) or real_probe(path))
-    result = read_manifest(manifest)
+    real_info = validate.audio_info
+    monkeypatch.setattr(validate, "audio_info", lambda path: probed.append(path) or real_info(path))
+    result = read_manifest(manifest, audio_check="header")
     assert len(result.records) == 6
-    # 6 rows over 2 distinct clips: b.wav first (row s0), then a.wav (row s1).
-    assert probed == [str(clips / "clips" / "b.wav"), str(clips / "clips" / "a.wav")]
+    # 6 rows over 2 distinct clips: each header read once.
+    assert sorted(probed) == [str(clips / "clips" / "a.wav"), str(clips / "clips" / "b.wav")]
+
+
+def test_decode_check_decodes_each_clip_once(clips, monkeypatch):
+    manifest = clips / "shared.jsonl"
+    manifest.write_text("\n".join(_ours(f"s{i}", audio="clips/a.wav" if i % 2 else "clips/b.wav") for i in range(6)))
+    decoded: list[str] = []
+    real_verify = validate.verify_audio
+    monkeypatch.setattr(validate, "verify_audio", lambda path: decoded.append(path) or real_verify(path))
+    assert len(read_manifest(manifest).records) == 6  # "decode" is the default
+    assert sorted(decoded) == [str(clips / "clips" / "a.wav"), str(clips / "clips" / "b.wav")]
 
 
 def test_mmau_bad_rows_report_the_line_where_the_object_starts(clips):
@@ -353,7 +364,7 @@ def test_unreadable_manifests(tmp_path):
     with pytest.raises(ManifestFormatError, match="holds no rows"):
         read_manifest(tmp_path / "blank.jsonl")
     (tmp_path / "latin1.jsonl").write_bytes('{"id": "é"}'.encode("latin-1"))
-    with pytest.raises(ManifestFormatError, match="not UTF-8"):
+    with pytest.raises(ManifestFormatError, match=r"no row is a JSON object.*\n.*latin1.jsonl:1: not valid UTF-8: byte 0xe9"):
         read_manifest(tmp_path / "latin1.jsonl")
 
 

@@ -273,11 +273,13 @@ def test_register_reward_adds_and_rejects_duplicates():
         REWARDS.pop(name, None)
 
 
-def test_non_finite_reward_is_reported():
+def test_non_finite_reward_scores_zero_and_is_counted(caplog):
     name = "_test_nan"
     try:
-        register_reward(name)(lambda completion, record: float("nan"))
-        with pytest.raises(ValueError, match=r"_test_nan.*record 'p1'"):
-            compute_rewards(["x"], [PITCH], [name])
+        register_reward(name)(lambda completion, record: float("nan") if completion == "x" else 0.5)
+        with caplog.at_level("WARNING", logger="mapo.rewards"):
+            result = compute_rewards(["x", "y"], [PITCH, PITCH], [name])
+        assert result.per_function[name].tolist() == [0.0, 0.5] and result.errors == {name: 1}
+        assert f"reward '{name}' returned nan on record 'p1'" in caplog.text
     finally:
         REWARDS.pop(name, None)

@@ -7,10 +7,13 @@ on that benchmark's text). Nothing is ever downloaded. Only rank 0 builds; the o
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from mapo.config import DataConfig, ModelConfig
-from mapo.data.validate import read_manifest
+from mapo.data.validate import ManifestResult, read_manifest
 from mapo.data.schema import Record
 from mapo.models.loader import check_model_folder
 
@@ -56,8 +59,78 @@ def ensure_model(model: ModelConfig, data: DataConfig) -> None:
 
 
 def load_split(data: DataConfig, name: str) -> list[Record]:
-    """Records of one manifest, validated (bad rows stop the run unless data.skip_bad)."""
-    result = read_manifest(manifest_path(data, name), layout=data.layout, skip_bad=data.skip_bad)
-    if result.skipped:
-        print(f"[mapo] {result.path}: skipped {result.skipped} bad row(s) of {result.n_rows} (data.skip_bad=true)")
-    return result.records
+    """Records of one manifest, checked as `data` says (bad rows stop unless data.skip_bad)."""
+    return check_split(data, name).records
+
+
+def check_split(data: DataConfig, name: str, window_seconds: float | None = None, *, is_main: bool = True,
+                share: Callable[[list[int]], list[int]] | None = None) -> ManifestResult:
+    """One manifest checked as `data` says (audio decoded in parallel on rank 0, with a progress bar).
+
+    Bad rows stop the run unless data.skip_bad; skips and conversions are printed (rank 0).
+    share: with several processes, returns rank 0's list on every rank (see `read_manifest`).
+    """
+    result = read_manifest(
+        manifest_path(data, name), layout=data.layout, skip_bad=data.skip_bad, check_audio=is_main,
+        share=share, report=is_main, audio_check=data.audio_check, window_seconds=window_seconds,
+        allow_outside_paths=data.allow_outside_paths, workers=data.check_workers, progress=is_main,
+    )
+    if is_main:
+        if result.skipped:
+            print(f"[mapo] {result.path}: skipped {result.skipped} bad row(s) of {result.n_rows} (data.skip_bad=true)")
+        for note in result.notes(window_seconds):
+            print(f"[mapo] {result.path}: {note}")
+    return result
+
+
+@dataclass
+class RunData:
+    """The checked records of a run and what the check counted (reported in the run summary).
+
+    train:     the training records; eval_sets: split name -> records (before any cap on their size).
+    counts:    "data/skipped_rows" (bad rows dropped with data.skip_bad, all manifests),
+               "data/clips_over_window" (rows whose clip will be cut), "data/clips_resampled",
+               "data/clips_downmixed" (distinct clips converted).
+    """
+
+    train: list[Record]
+    eval_sets: dict[str, list[Record]]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def audio_window_seconds(model_path: str | Path) -> float | None:
+    """The audio window of the model's feature extractor (`chunk_length`, seconds), read from its folder
+    before any model loads; None when the folder does not say, or when the family's encoder takes clips
+    of any length (the Omni thinkers: nothing is cut). The collator still counts what it cuts."""
+    from mapo.models.adapter import adapter_for_folder
+
+    folder = Path(model_path)
+    if (folder / "config.json").is_file():
+        dims = adapter_for_folder(folder).dims(json.loads((folder / "config.json").read_text()))
+        if not dims.audio_window_fixed:
+            return None
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        file = folder / name
+        if file.is_file():
+            settings = json.loads(file.read_text())
+            settings = settings.get("feature_extractor", settings)  # the combined processor file nests it
+            if isinstance(settings.get("chunk_length"), (int, float)):
+                return float(settings["chunk_length"])
+    return None
+
+
+def load_run_data(data: DataConfig, model_path: str | Path, *, is_main: bool = True,
+                  share: Callable[[list[int]], list[int]] | None = None) -> RunData:
+    """Check every manifest of the run (train and eval splits) before any model loads."""
+    window = audio_window_seconds(model_path)
+    results = {"train": check_split(data, data.train, window, is_main=is_main, share=share)}
+    for split, name in data.eval_splits.items():
+        results[f"eval/{split}"] = check_split(data, name, window, is_main=is_main, share=share)
+    counts = {
+        "data/skipped_rows": sum(r.skipped for r in results.values()),
+        "data/clips_over_window": sum(len(r.cut) for r in results.values()),
+        "data/clips_resampled": sum(r.converted["resampled"] for r in results.values()),
+        "data/clips_downmixed": sum(r.converted["downmixed"] for r in results.values()),
+    }
+    eval_sets = {split: results[f"eval/{split}"].records for split in data.eval_splits}
+    return RunData(results["train"].records, eval_sets, counts)

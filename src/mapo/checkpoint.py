@@ -16,8 +16,10 @@ parameters with requires_grad (e.g. the LoRA adapters, or everything but a froze
 frozen rest is rebuilt at resume exactly as at the start (same model folder, same cached warm start).
 
 Atomicity: every rank writes into `checkpoints/.tmp-step_000123/` (rank 0 makes it, after deleting
-leftovers of saves that died); after a barrier, rank 0 fsyncs, writes the marker last and renames the
-folder into place with `os.replace` (one atomic rename on POSIX). A save that dies midway leaves a
+leftovers of saves that died); once every rank reports its files written (an all-reduce, not a barrier,
+so a rank whose disk filled up does not leave the others waiting), rank 0 fsyncs, writes the marker last
+and renames the folder into place with `os.replace` (one atomic rename on POSIX). A failed save raises
+`CheckpointWriteError` (an OSError carrying the cause's errno, e.g. ENOSPC) on every rank. A save that dies midway leaves a
 `.tmp-*` folder that `latest_checkpoint` never looks at and the next save deletes; a save that raises
 on rank 0 deletes its temporary folder. One job per run directory is assumed.
 
@@ -88,6 +90,61 @@ def _single_process_quietly():
 def _barrier(world_size: int) -> None:
     if world_size > 1:
         dist.barrier()
+
+
+def _all_ok(ok: bool, world_size: int) -> bool:
+    """True when `ok` on every rank: an all-reduce used where a barrier would leave the other ranks
+    waiting forever for a rank whose write failed (every rank then raises together)."""
+    if world_size == 1:
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(failed)
+    return float(failed.item()) == 0.0
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file too large, …); the previous one is untouched.
+    errno is the underlying OSError's when one is found (e.g. ENOSPC, EFBIG), else None."""
+
+
+def _os_error_in(err: BaseException | None, seen: set[int] | None = None) -> OSError | None:
+    """The first OSError in `err`, its causes, or (DCP's CheckpointException) the ranks' failures."""
+    seen = set() if seen is None else seen
+    if err is None or id(err) in seen:
+        return None
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno is not None:
+        return err
+    nested = []
+    if isinstance(getattr(err, "failures", None), dict):  # rank -> exception, or (exception, traceback)
+        for value in err.failures.values():
+            nested += [v for v in (value if isinstance(value, (tuple, list)) else [value]) if isinstance(v, BaseException)]
+    for inner in [err.__cause__, err.__context__, *nested]:
+        found = _os_error_in(inner, seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _write_error(err: BaseException, step: int, root: Path) -> CheckpointWriteError:
+    """A clear error for a save that failed: what, why, what is still there, what to do."""
+    cause = _os_error_in(err)
+    previous = latest_checkpoint(root.parent)
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MB free there now"
+    except OSError:
+        free = "free space unknown"
+    if cause is not None:
+        why = f"{os.strerror(cause.errno)}: {cause}"
+    else:  # DCP wraps the ranks' errors in a CheckpointException whose text is a traceback: name the first
+        inner = [v for value in getattr(err, "failures", {}).values()
+                 for v in (value if isinstance(value, (tuple, list)) else [value]) if isinstance(v, BaseException)]
+        first = inner[0] if inner else err
+        why = f"{type(first).__name__}: {(str(first).strip().splitlines() or [''])[-1][:200]}"
+    message = (f"checkpoint of step {step} could not be written in {root} ({why}; {free}). The previous "
+               f"checkpoint {previous or '(none)'} is intact: make room and resume with trainer.resume=auto")
+    return CheckpointWriteError(cause.errno if cause else None, message)
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -300,32 +357,44 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier(world)
     try:
-        with _single_process_quietly():
+        with _single_process_quietly():  # a collective: a write failing on any rank raises on every rank
             dcp.save({"training": state}, storage_writer=dcp.FileSystemWriter(str(tmp / STATE_DIR), sync_files=True), no_dist=world == 1)
-        _save_synced(rng, tmp / rng_file(rank))
+        failure = None
+        try:
+            _save_synced(rng, tmp / rng_file(rank))
+            if rank == 0:
+                _save_synced(scheduler_state, tmp / SCHEDULER_FILE)
+                _write_synced(tmp / TRAINER_STATE_FILE, trainer_json)
+        except Exception as err:  # noqa: BLE001 — re-raised below, on every rank
+            failure = err
+        if not _all_ok(failure is None, world):  # every rank's files are on disk, or all raise
+            raise failure or RuntimeError("another rank could not write its checkpoint files")
         if rank == 0:
-            _save_synced(scheduler_state, tmp / SCHEDULER_FILE)
-            _write_synced(tmp / TRAINER_STATE_FILE, trainer_json)
-        _barrier(world)  # every rank's files are on disk
-        if rank == 0:
-            files = [DCP_METADATA, SCHEDULER_FILE, TRAINER_STATE_FILE, *(rng_file(r) for r in range(world))]
-            missing = [f for f in files if not (tmp / f).is_file()]
-            if missing:
-                raise RuntimeError(f"checkpoint {tmp}: {missing} missing after every rank saved")
-            _fsync_dir(tmp / STATE_DIR)
-            # The marker goes last: a folder without it was never finished.
-            _write_synced(tmp / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world, "files": files}))
-            _fsync_dir(tmp)
-            _move_into_place(tmp, root / name)
-            _fsync_dir(root)
-    except BaseException:
+            try:
+                files = [DCP_METADATA, SCHEDULER_FILE, TRAINER_STATE_FILE, *(rng_file(r) for r in range(world))]
+                missing = [f for f in files if not (tmp / f).is_file()]
+                if missing:
+                    raise RuntimeError(f"checkpoint {tmp}: {missing} missing after every rank saved")
+                _fsync_dir(tmp / STATE_DIR)
+                # The marker goes last: a folder without it was never finished.
+                _write_synced(tmp / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world, "files": files}))
+                _fsync_dir(tmp)
+                _move_into_place(tmp, root / name)
+                _fsync_dir(root)
+            except Exception as err:  # noqa: BLE001 — re-raised below, on every rank
+                failure = err
+        if not _all_ok(failure is None, world):  # nobody reads or saves again before the folder is in place
+            raise failure or RuntimeError("rank 0 could not finish the checkpoint")
+    except BaseException as err:
         # Also on KeyboardInterrupt: the half-written folder is useless; the previous checkpoint stays.
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _write_error(err, step, root) from err  # DCP's CheckpointException is a BaseException
     if rank == 0 and keep_last is not None:
         prune_checkpoints(run_dir, keep_last)
-    _barrier(world)  # nobody reads or saves again before the folder is in place
+    _barrier(world)
     return root / name
 
 

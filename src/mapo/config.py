@@ -48,6 +48,9 @@ class DataConfig:
     eval_splits: dict[str, str] = field(default_factory=dict)  # split name -> manifest evaluated periodically and in the final table (a data config's own list replaces, not extends, this)
     layout: str = "auto"  # manifest layout: auto | jsonl | mmau | avqa
     skip_bad: bool = False  # drop bad manifest rows (counted and reported) instead of stopping
+    audio_check: str = "decode"  # pre-run check of every clip: decode (whole body) | header (fast, blind to corrupt bodies)
+    allow_outside_paths: bool = False  # follow relative audio paths that leave the manifest's folder ("../x.wav")
+    check_workers: int = 0  # threads of the pre-run audio check (0 = one per CPU core, at most 16)
     generate_if_missing: bool = False  # run the synthetic generator when `dir` has no manifests
     eval_max_items: int = 240  # cap on items per eval split (0 = all), taken evenly over tasks
     text_only_fraction: float = 0.0  # fraction of training prompts shown without their audio (mixed batches)
@@ -156,6 +159,7 @@ class TrainerConfig:
     export_final: bool = True  # save the final policy as a Hugging Face folder (run_dir/final_model) the loader reads
     export_every: int = 0  # also export run_dir/exports/step_XXXXXX every N RL steps, for evaluation as training goes (0 = off)
     stop_after: int = 0  # end this invocation after N steps with a checkpoint, to resume later (0 = run to `steps`)
+    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)
     run_dir: Optional[str] = None  # where metrics, plots and checkpoints go (default: Hydra's output folder)
     memory_check: str = "refuse"  # memory plan at start: refuse (stop when it does not fit; CUDA only, CPU warns) | warn | off
     device_memory_gib: float = 0.0  # memory per device the plan is checked against (0 = the device's own; host RAM on CPU)

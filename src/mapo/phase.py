@@ -20,6 +20,7 @@ from mapo.models import lora as lora_utils
 from mapo.models.adapter import get_adapter
 from mapo.optim import build_optimizer, build_scheduler
 from mapo.precision import Precision, store_frozen
+from mapo.run_logging import redact_secrets
 
 
 def set_trainable(model: torch.nn.Module, cfg: MapoConfig, everything: bool) -> None:
@@ -74,11 +75,21 @@ class Phase:
         self.must_match = {"phase": name, "lora": self.run_config["model"].get("lora"),
                            "optimizer_steps_per_step": optimizer_steps_per_step}
 
-    def clip_and_step(self, grad_clip: float) -> torch.Tensor:
+    def clip_and_step(self, grad_clip: float, should_step=None) -> torch.Tensor:
+        """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the norm.
+
+        should_step: optional `norm -> bool` (e.g. the non-finite guard); False skips the optimizer step
+        (the schedule still advances, so the learning rate stays tied to the step count).
+        """
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        stepped = should_step is None or should_step(norm)
+        if stepped:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # torch warns when the very first optimizer step was the skipped one
+            if not stepped:
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -87,7 +98,8 @@ class Phase:
         precision = getattr(self.runner, "precision", None)
         trainer_state = {
             "step": self.step, "sampler": self.sampler.state_dict(), **self.must_match,
-            "precision": precision.names() if precision is not None else None, "config": self.run_config,
+            "precision": precision.names() if precision is not None else None,
+            "config": redact_secrets(self.run_config),  # the checkpoint is a file like any log: no API key in it
         }
         return save_checkpoint(
             run_dir, self.step, TrainingState(self.runner, self.optimizer), self.scheduler.state_dict(), trainer_state,

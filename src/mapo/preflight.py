@@ -318,6 +318,18 @@ def check_data(cfg, ctx: CheckContext) -> list[str]:
 
 
 @config_check
+def check_fault_options(cfg, ctx: CheckContext) -> list[str]:
+    """The fault-handling options (mapo.faults, the manifest check)."""
+    from mapo.data.validate import AUDIO_CHECKS
+
+    out = _one_of("data.audio_check", cfg.data.audio_check, AUDIO_CHECKS)
+    out += _at_least("data.check_workers", cfg.data.check_workers, 0, "a thread count (0 = one per core)")
+    out += _at_least("trainer.max_nonfinite_steps", cfg.trainer.max_nonfinite_steps, 1,
+                     "the K-th non-finite step in a row stops the run, so K = 0 could never train")
+    return out
+
+
+@config_check
 def check_rewards(cfg, ctx: CheckContext) -> list[str]:
     from mapo.rewards import REWARDS
 

@@ -28,15 +28,21 @@ j*G … j*G+G-1, the layout the advantage functions expect.
 
 MAPO's failed-completion gate reads `RewardResult.accuracy` (f_i = 1[accuracy ≤ 0]); list
 "accuracy" among the names even when it should not shape the reward (give it weight 0).
+
+A reward function that raises (or returns NaN/inf) on one completion must not end a multi-day run:
+that completion gets 0 from that function, the failure is counted in `RewardResult.errors`, and the
+first failure of each function is logged once per process with the completion and the error.
+KeyboardInterrupt and other non-`Exception`s still propagate.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +50,8 @@ from mapo.data.prompt import ANSWER_CLOSE, ANSWER_OPEN
 from mapo.data.schema import Record
 
 RewardFn = Callable[[str, Record], float]
+
+log = logging.getLogger(__name__)
 
 #: name -> reward function; fill it with `register_reward`.
 REWARDS: dict[str, RewardFn] = {}
@@ -180,11 +188,14 @@ class RewardResult:
     total:        [N] float32, Σ_k weight_k · per_function[k].
     per_function: name -> [N] float32, each function's own values (for logging and gates).
     weights:      name -> weight used in `total`.
+    errors:       name -> how many completions that function failed on (raised or gave NaN/inf; they
+                  scored 0); only functions that failed at least once appear.
     """
 
     total: torch.Tensor
     per_function: dict[str, torch.Tensor]
     weights: dict[str, float]
+    errors: dict[str, int] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> torch.Tensor:
@@ -230,17 +241,45 @@ def compute_rewards(
     weight_of = _weights_by_name(names, weights)
 
     per_function: dict[str, torch.Tensor] = {}
+    errors: dict[str, int] = {}
     for name, fn in zip(names, fns):
-        values = [float(fn(text, record)) for text, record in zip(completions, records)]
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:
-            raise ValueError(f"reward {name!r} returned {values[bad]} for completion {bad} (record {records[bad].id!r})")
+        values = []
+        for text, record in zip(completions, records):
+            value, failure = _call_reward(fn, text, record)
+            if failure is not None:
+                errors[name] = errors.get(name, 0) + 1
+                _log_first_failure(name, failure, text, record)
+            values.append(value)
         per_function[name] = torch.tensor(values, dtype=torch.float32, device=device)
 
     total = torch.zeros(len(completions), dtype=torch.float32, device=device)
     for name in names:
         total = total + weight_of[name] * per_function[name]
-    return RewardResult(total=total, per_function=per_function, weights=weight_of)
+    return RewardResult(total=total, per_function=per_function, weights=weight_of, errors=errors)
+
+
+def _call_reward(fn: RewardFn, text: str, record: Record) -> tuple[float, str | None]:
+    """(value, None), or (0.0, what went wrong) when `fn` raised or gave something not a finite number."""
+    try:
+        value = float(fn(text, record))
+    except Exception as err:  # noqa: BLE001 — any bug in a user's reward: score 0, log, count, go on
+        return 0.0, f"raised {type(err).__name__}: {err}"
+    if not math.isfinite(value):
+        return 0.0, f"returned {value}"
+    return value, None
+
+
+#: Reward names whose first failure this process has logged (each is logged once, then only counted).
+_LOGGED_FAILURES: set[str] = set()
+
+
+def _log_first_failure(name: str, failure: str, completion: str, record: Record) -> None:
+    if name in _LOGGED_FAILURES:
+        return
+    _LOGGED_FAILURES.add(name)
+    log.warning("reward %r %s on record %r; that completion scores 0 from it (later failures of %r are only "
+                "counted: faults/reward_errors/%s in the run's metrics). The completion was:\n%s", name, failure,
+                record.id, name, name, completion)
 
 
 def _weights_by_name(names: list[str], weights: Sequence[float] | Mapping[str, float] | None) -> dict[str, float]:

@@ -28,15 +28,24 @@ def mini_batch_seed(seed: int, step_index: int) -> int:
     return seed * 1_000_003 + step_index * 10_007 + 7_777_777
 
 
-def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input) -> tuple[dict, list]:
+def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input,
+            faults=None) -> tuple[dict, list]:
     """One RL step on `rollout.prompts_per_step` prompts (global): one rollout, then
-    `updates_per_rollout × mini_batches` optimizer steps on it. Returns (metrics, sample rows)."""
+    `updates_per_rollout × mini_batches` optimizer steps on it. Returns (metrics, sample rows).
+
+    faults: the run's `mapo.faults.RunFaults` (rows with bad audio replaced on every rank, non-finite
+    optimizer steps skipped, reward failures counted), or None for none of that.
+    """
     algo, G = cfg.algo, cfg.rollout.group_size
     n_global = cfg.rollout.prompts_per_step
     step_index = phase.step
-    records = phase.sampler.next_batch(n_global)
-    records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, step_index)
     local = dist_utils.shard_indices(n_global, ctx)
+    replaced_before, skipped_before = (faults.batches.skipped, faults.nonfinite.skipped) if faults else (0, 0)
+    if faults is None:
+        records = phase.sampler.next_batch(n_global)
+    else:
+        records = faults.batches.next_batch(phase.sampler, n_global, local, step_index + 1)
+    records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, step_index)
     records = records[local]
     seeds = [cfg.trainer.seed * 1_000_003 + step_index * 10_007 + i for i in range(local.start, local.stop)]
 
@@ -74,14 +83,17 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     timer.add_tokens("scoring", sequence_tokens * passes)
 
     # updates_per_rollout passes × mini_batches optimizer steps, each on micro-batches; FSDP averages
-    # gradients over ranks, so scale by world size
+    # gradients over ranks, so scale by world size. The non-finite guard sees each step's loss and norm.
+    step_loss: dict[str, torch.Tensor] = {}
+    decide = faults.step_decider(step_index + 1, lambda: step_loss["loss"], [r.id for r in records]) if faults else None
     with timer.phase("update"):
         sums, grad_norms = update_on_rollout(
             phase.model, rollout, prepared, algo, micro_batch_size=cfg.trainer.micro_batch_size,
-            optimizer_step=lambda: phase.clip_and_step(cfg.trainer.grad_clip),
+            optimizer_step=lambda: phase.clip_and_step(cfg.trainer.grad_clip, should_step=decide),
             seed=mini_batch_seed(cfg.trainer.seed, step_index), temperature=cfg.rollout.temperature,
             max_len=cfg.rollout.max_new_tokens, audio_input=audio_input, backward_scale=float(ctx.world_size),
             call=phase.runner, global_sum=lambda x: dist_utils.global_sum(x, ctx),
+            on_step_loss=lambda loss: step_loss.update(loss=loss),
         )
     timer.add_tokens("update", sequence_tokens * algo.updates_per_rollout)
     phase.step += 1
@@ -104,6 +116,12 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     sums.add(extra)
     metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
     metrics.update(timer.metrics())
+    if faults is not None:
+        metrics.update(faults.add_reward_errors(list(cfg.reward.functions), rewards.errors))
+        if faults.nonfinite.skipped > skipped_before:
+            metrics["faults/step_skipped"] = 1.0
+        if faults.batches.skipped > replaced_before:
+            metrics["faults/audio_rows_replaced"] = float(faults.batches.skipped - replaced_before)
     metrics["grad_norm"] = sum(float(g) for g in grad_norms) / len(grad_norms)  # mean over the rollout's optimizer steps
     metrics["lr"] = phase.scheduler.get_last_lr()[0]
     samples = [{"id": r.id, "task": r.task, "answer": r.answer, "completion": t, "reward": float(v)}

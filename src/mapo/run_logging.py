@@ -20,6 +20,11 @@ no bar), so the training loop can call the logger unconditionally.
 
 Metrics arrive already reduced across ranks, once per step, so converting 0-d tensors with `float()`
 (a host sync) here is fine; it must not happen inside the loss.
+
+Secrets: the config is written (config.json, W&B config) with the values of secret-looking keys
+(`api_key`, `token`, `secret`, `password`, …) and any text equal to the W&B API key replaced by
+"<redacted>", and the W&B fallback message is scrubbed the same way, so no log shows a key. Only
+scalars, completion texts and PNG plots are logged: no audio is ever uploaded to W&B.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import math
 import netrc
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -161,6 +167,37 @@ def to_number(key: str, value: Any) -> float | int:
         raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}") from None
 
 
+REDACTED = "<redacted>"
+#: Config keys whose values are credentials: the name ends in one of these words (so `wandb_api_key`,
+#: `hf_token` match, `max_new_tokens` and `eos_token_id` do not).
+SECRET_KEY = re.compile(r"(^|[_\-.])(api[_\-]?key|apikey|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
+
+
+def _secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    env = os.environ if env is None else env
+    return [v for k in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if len(v := env.get(k, "").strip()) >= 8]
+
+
+def redact_text(text: str, env: Mapping[str, str] | None = None) -> str:
+    """`text` with every credential from the environment (W&B / Hugging Face) replaced by <redacted>."""
+    for secret in _secret_values(env):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_secrets(config: Any, env: Mapping[str, str] | None = None) -> Any:
+    """A copy of a plain config (dicts, lists, scalars) with secret-looking keys' values and any
+    credential from the environment replaced by <redacted>."""
+    if isinstance(config, Mapping):
+        return {k: REDACTED if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "")
+                else redact_secrets(v, env) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [redact_secrets(v, env) for v in config]
+    if isinstance(config, str):
+        return redact_text(config, env)
+    return config
+
+
 def _json_default(obj: Any) -> Any:
     """JSON fallback for config values: paths/enums as text, numeric scalars as numbers."""
     if isinstance(obj, Path):
@@ -236,7 +273,7 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", {"config": _plain_config(config), "git": git})
+        write_json_atomic(self.run_dir / "config.json", {"config": redact_secrets(_plain_config(config)), "git": git})
         from tqdm.auto import tqdm
 
         # One bar on stderr; ETA comes from tqdm's rate estimate over the steps done so far.
@@ -374,7 +411,7 @@ def _start_wandb(
     try:
         return start("online")
     except wandb.errors.Error as err:  # CommError (no network, timeout), AuthenticationError (bad key), UsageError
-        print(f"[mapo] W&B online start failed ({type(err).__name__}: {err}); logging offline to "
+        print(f"[mapo] W&B online start failed ({type(err).__name__}: {redact_text(str(err))}); logging offline to "
               f"{run_dir / 'wandb'} (upload later with `wandb sync`)", file=sys.stderr)
         return start("offline")
 
@@ -406,7 +443,7 @@ def make_logger(
     if kind not in LOGGER_KINDS:
         raise ValueError(f"unknown logger {kind!r}; valid: {', '.join(LOGGER_KINDS)}")
     run_dir = Path(run_dir).resolve()
-    plain = _plain_config(config)
+    plain = redact_secrets(_plain_config(config))
     if not enabled:
         return RunLogger(run_dir, plain, enabled=False)
     git = git_commit()

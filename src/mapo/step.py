@@ -538,6 +538,7 @@ def update_on_rollout(
     backward_scale: float = 1.0,
     call: Call | None = None,
     global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    on_step_loss: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple["MetricSums", list[torch.Tensor]]:
     """Every optimizer step one rollout feeds: `updates_per_rollout` passes × `mini_batches` steps.
 
@@ -545,6 +546,8 @@ def update_on_rollout(
     gradients of its micro-batches (`micro_batch_size` rows each; `mapo_step` runs the backward) and
     then calls `optimizer_step()` (clip, step, schedule, zero_grad; returns the grad norm).
     global_sum: sums a tensor over ranks (identity on one process); one call per pass.
+    on_step_loss: called before each `optimizer_step()` with that step's loss (0-d, detached, summed over
+    its micro-batches), e.g. for the loop's non-finite guard.
     Returns (metrics, grad norms [one per optimizer step]). `loss/*` metrics are the mean over the
     optimizer steps of each step's loss; with more than one step per rollout, the clip counts and the
     largest |r − 1| are also kept per step as `clip/high_u{j}`, `clip/low_u{j}`, `ratio/dev_u{j}_max`
@@ -562,8 +565,9 @@ def update_on_rollout(
         for rows, step_counts in zip(batches, counts):
             update += 1
             norms = normalisers_from_counts(step_counts, max_len)
+            step_loss = torch.zeros((), device=device)
             for chunk in rows.split(max(1, micro_batch_size)):
-                _, m = mapo_step(
+                loss, m = mapo_step(
                     model, rollout, chunk, prepared, algo, norms, temperature=temperature, audio_input=audio_input,
                     chunk_size=chunk_size, backward_scale=backward_scale, call=call,
                 )
@@ -574,6 +578,9 @@ def update_on_rollout(
                     m[f"clip/low_u{update}"] = m["clip/low"]
                     m[f"ratio/dev_u{update}_max"] = m["ratio/dev_max"]
                 sums.add(m)
+                step_loss = step_loss + loss.detach()
+            if on_step_loss is not None:
+                on_step_loss(step_loss)
             grad_norms.append(optimizer_step())
     return sums, grad_norms
 

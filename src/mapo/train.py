@@ -11,7 +11,10 @@ Reads top to bottom (DESIGN §2):
 
 Everything distributed goes through `mapo.distributed`; the algorithm pieces are pure functions. The
 phases live in their own modules: `mapo.phase` (optimizer, schedule, data order, checkpoints),
-`mapo.warm_start` (supervised steps, cached warm start), `mapo.rl` (one RL step).
+`mapo.warm_start` (supervised steps, cached warm start), `mapo.rl` (one RL step). Faults are handled
+by `mapo.faults` (bad audio mid-run, non-finite steps, failing rewards, SIGTERM/SIGINT), whose counts
+end up in final_metrics.json; every manifest is checked (`mapo.assets.load_run_data`) before any model
+loads.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from safetensors.torch import load_file
 
 from mapo import distributed as dist_utils
 from mapo.algos.mapo import build_content_vocab_mask
-from mapo.assets import ensure_data, ensure_model, load_split
+from mapo.assets import ensure_data, ensure_model, load_run_data
 from mapo.checkpoint import resolve_resume
 from mapo.cluster import export_job_environment
 from mapo.config import MapoConfig
@@ -38,6 +41,8 @@ from mapo.data.collate import Collator, FeatureCache
 from mapo.distributed import say
 from mapo.evaluate import evaluate_split, evenly_by_task, flip_rate, generation_tokens
 from mapo.export import export_dir, export_policy
+from mapo.faults import RunFaults, Stopped
+from mapo.interrupt import SignalFlag
 from mapo.models.adapter import get_adapter
 from mapo.models.loader import enable_activation_checkpointing, load_model_and_processor
 from mapo.models.lora import adapters_off, check_lora_config, lora_enabled
@@ -135,7 +140,15 @@ def eval_metrics(results: dict, prefix: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ main
 def run(cfg: MapoConfig) -> dict:
-    """Train as configured; returns the final metrics (also written to run_dir/final_metrics.json)."""
+    """Train as configured; returns the final metrics (also written to run_dir/final_metrics.json).
+
+    SIGTERM/SIGINT during training write a checkpoint and raise `mapo.faults.Stopped` (exit 128 + signal).
+    """
+    with SignalFlag().installed() as flag:
+        return _run(cfg, flag)
+
+
+def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     if not isinstance(cfg, MapoConfig):
         cfg = OmegaConf.to_object(cfg)
     export_job_environment()  # a multi-task submitit (SLURM) job: torchrun's variables from the job
@@ -157,8 +170,11 @@ def run(cfg: MapoConfig) -> dict:
         say(ctx, sampling_summary(cfg, cfg.model.path))
     if ctx.enabled:
         torch.distributed.barrier()
-    train_items = load_split(cfg.data, cfg.data.train)
-    eval_sets = {s: evenly_by_task(load_split(cfg.data, f), cfg.data.eval_max_items) for s, f in cfg.data.eval_splits.items()}
+    # every manifest checked before any model loads (rank 0 decodes the audio; all ranks drop the same rows)
+    share = (lambda lines: dist_utils.gather_objects(lines, ctx)[0]) if ctx.enabled else None
+    data = load_run_data(cfg.data, cfg.model.path, is_main=ctx.is_main, share=share)
+    train_items = data.train
+    eval_sets = {s: evenly_by_task(records, cfg.data.eval_max_items) for s, records in data.eval_sets.items()}
 
     precision = resolve_precision(cfg.model, ctx.device)
 
@@ -172,8 +188,10 @@ def run(cfg: MapoConfig) -> dict:
 
     model, processor = load()
     collator = Collator(processor, feature_cache=FeatureCache())
+    faults = RunFaults.for_run(cfg.trainer.max_nonfinite_steps, ctx, collator.clip_features, data.counts, flag)
+    flag.deferring = True  # from here on a signal ends the run after a step, with a checkpoint
     if cfg.trainer.warm_start.enabled and cfg.algo.name != "sft":
-        weights = run_warm_start(cfg, model, collator, train_items, ctx, precision)
+        weights = run_warm_start(cfg, model, collator, train_items, ctx, precision, faults=faults)
         if ctx.enabled:  # FSDP sharded it in place during a fresh warm start
             model, _ = load()
         model.load_state_dict(load_file(str(weights)))
@@ -225,10 +243,11 @@ def run(cfg: MapoConfig) -> dict:
     t_start = time.perf_counter()
     stop_at = min(phase.steps, cfg.trainer.stop_after) if cfg.trainer.stop_after > 0 else phase.steps
     if is_sft:
-        sft_phase(phase, collator, cfg, ctx, logger, run_dir, cfg.trainer.micro_batch_size * ctx.world_size, "", stop_at)
-    while phase.step < stop_at:
+        sft_phase(phase, collator, cfg, ctx, logger, run_dir, cfg.trainer.micro_batch_size * ctx.world_size, "", stop_at,
+                  faults=faults)
+    while phase.step < stop_at and not faults.stop.should_stop():
         t0 = time.perf_counter()
-        metrics, samples = rl_step(phase, ref_runner, collator, cfg, ctx, gen_kwargs, content_mask, audio_input)
+        metrics, samples = rl_step(phase, ref_runner, collator, cfg, ctx, gen_kwargs, content_mask, audio_input, faults=faults)
         metrics["time/step_s"] = time.perf_counter() - t0
         if phase.step % cfg.logger.log_every == 0:
             logger.log(phase.step, metrics)
@@ -245,18 +264,24 @@ def run(cfg: MapoConfig) -> dict:
     train_seconds = time.perf_counter() - t_start
     if phase.step > 0:
         phase.save(run_dir, ctx, cfg.trainer.keep_last)
+    flag.deferring = False
+    fault_counts = faults.summary(clips_cut=int(dist_utils.global_sum(torch.tensor(float(len(collator.cut_clips))), ctx)))
+    say(ctx, "[mapo] data and faults: " + ", ".join(f"{k}={v}" for k, v in fault_counts.items()))
     if phase.step < phase.steps:
-        say(ctx, f"[mapo] stopped after step {phase.step} of {phase.steps} (trainer.stop_after); resume with trainer.run_dir={run_dir} trainer.resume=auto")
+        why = "trainer.stop_after" if faults.stop.stopped_by is None else f"signal {faults.stop.exit_code - 128}"
+        say(ctx, f"[mapo] stopped after step {phase.step} of {phase.steps} ({why}); resume with trainer.run_dir={run_dir} trainer.resume=auto")
         logger.finish()
         dist_utils.shutdown(ctx)
-        return {"step": phase.step}
+        if faults.stop.stopped_by is not None:
+            raise Stopped(faults.stop.exit_code)
+        return {"step": phase.step, **fault_counts}
 
     if cfg.trainer.export_final and phase.step > 0:  # make eval ARGS='model.path=<run_dir>/final_model'
         export_policy(runner, model, processor, run_dir / "final_model", ctx, precision.master)
 
     results, timing = timed_generation("eval", ctx.device, evaluate_all, runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
     after = eval_metrics(results, "")
-    final = {"step": phase.step, "train_seconds": train_seconds, **after}
+    final = {"step": phase.step, "train_seconds": train_seconds, **after, **fault_counts}
     logger.log(phase.step, {**{f"eval/{k}": v for k, v in after.items()}, **timing})
     if ctx.is_main:
         table = final_table(before, after, list(eval_sets), phase_name=phase.name)
@@ -272,6 +297,16 @@ def run(cfg: MapoConfig) -> dict:
     return final
 
 
+def hydra_dir_follows_run_dir(argv: list[str]) -> None:
+    """With `trainer.run_dir=X` on a single run, Hydra's own files (.hydra/, train.log) go to X too,
+    instead of a second folder under ./outputs (append `hydra.run.dir=X` unless one is given)."""
+    if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in argv):
+        return
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("trainer.run_dir=")), "")
+    if run_dir:
+        argv.append(f"hydra.run.dir={run_dir}")
+
+
 def main() -> None:
     import hydra
 
@@ -279,6 +314,7 @@ def main() -> None:
 
     check_override_keys(sys.argv[1:])
     register_configs()
+    hydra_dir_follows_run_dir(sys.argv)
     conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
     hydra.main(config_path=conf_dir, config_name="config", version_base=None)(run)()
 

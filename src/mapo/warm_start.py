@@ -77,27 +77,40 @@ def cached_warm_start(cfg: MapoConfig) -> Path | None:
 
 
 def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, run_dir: Path, batch_size: int,
-              log_prefix: str, stop_at: int | None = None) -> None:
+              log_prefix: str, stop_at: int | None = None, faults=None) -> None:
     """Supervised steps on the reference traces (the warm start, or `algo=sft` as the main phase),
-    up to `stop_at` (default: the phase's last step)."""
+    up to `stop_at` (default: the phase's last step), or until a signal stops the run (`faults.stop`:
+    the caller then saves and exits). faults: the run's `mapo.faults.RunFaults`, or None."""
     micro = max(1, cfg.trainer.micro_batch_size)
     while phase.step < (phase.steps if stop_at is None else stop_at):
+        if faults is not None and faults.stop.should_stop():
+            return
         t0 = time.perf_counter()
-        records = phase.sampler.next_batch(batch_size)
+        local = dist_utils.shard_indices(batch_size, ctx)
+        if faults is None:
+            records = phase.sampler.next_batch(batch_size)
+        else:
+            records = faults.batches.next_batch(phase.sampler, batch_size, local, phase.step + 1)
         records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, phase.step)
-        records = records[dist_utils.shard_indices(batch_size, ctx)]
+        records = records[local]
         batches = [collator.supervised(records[i : i + micro]) for i in range(0, len(records), micro)]
         num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         num_tokens = float(dist_utils.global_sum(torch.tensor(float(num_tokens)), ctx))
         sums = MetricSums()
+        loss = 0.0
         for batch in batches:
             nll, correct, count = phase.runner(sft_nll, batch)
             (nll / num_tokens * ctx.world_size).backward()
+            loss = loss + nll.detach() / num_tokens
             sums.add({"loss/nll": torch.stack([nll.detach() / num_tokens, torch.ones((), device=nll.device)]),
                       "sft/token_accuracy": torch.stack([correct.float(), count.float()])})
-        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip)
+        skipped_before = faults.nonfinite.skipped if faults else 0
+        decide = faults.step_decider(phase.step + 1, loss, [r.id for r in records]) if faults else None
+        grad_norm = phase.clip_and_step(cfg.trainer.grad_clip, should_step=decide)
         phase.step += 1
         metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
+        if faults is not None and faults.nonfinite.skipped > skipped_before:
+            metrics["faults/step_skipped"] = 1.0
         metrics.update({"grad_norm": float(grad_norm), "lr": phase.scheduler.get_last_lr()[0], "time/step_s": time.perf_counter() - t0})
         logger.log(phase.step, {f"{log_prefix}{k}": v for k, v in metrics.items()})
         logger.progress(phase.step, {f"{log_prefix}{k}": v for k, v in metrics.items()})
@@ -105,12 +118,13 @@ def sft_phase(phase: Phase, collator: Collator, cfg: MapoConfig, ctx, logger, ru
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
 
 
-def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx, precision=None) -> Path:
+def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx, precision=None, faults=None) -> Path:
     """The cached warm-start weights (a safetensors file); trains `model` to make them when missing.
 
     Training shards `model` in place under FSDP: the caller reloads it before loading the weights.
     The work folder keeps checkpoints, so an interrupted warm start resumes; it is removed once the
-    weights are in the cache (written to a temporary folder, then renamed).
+    weights are in the cache (written to a temporary folder, then renamed). A signal (`faults.stop`)
+    saves a checkpoint in the work folder and raises `mapo.faults.Stopped`.
     """
     ws = cfg.trainer.warm_start
     cache = Path(ws.cache_dir) / warm_start_key(cfg)
@@ -126,10 +140,17 @@ def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx,
     resume = resolve_resume(work, "auto")
     if resume is not None:
         phase.resume(resume, ctx)
+        say(ctx, f"[mapo] resumed warm start at step {phase.step} from {resume}")
     logger = make_logger("none", work, {}, total_steps=ws.steps, enabled=ctx.is_main,
                          progress_keys={"loss": "warm/loss/nll", "tok_acc": "warm/sft/token_accuracy"})
-    sft_phase(phase, collator, cfg, ctx, logger, work, ws.batch_size, "warm/")
+    sft_phase(phase, collator, cfg, ctx, logger, work, ws.batch_size, "warm/", faults=faults)
     logger.finish()
+    if faults is not None and faults.stop.stopped_by is not None:
+        if phase.step > 0:
+            phase.save(work, ctx, cfg.trainer.keep_last)
+        say(ctx, f"[mapo] warm start stopped at step {phase.step} of {ws.steps} with a checkpoint in {work}; "
+                 "the next run resumes it")
+        faults.exit_if_stopped()
     state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
     if ctx.is_main:
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")

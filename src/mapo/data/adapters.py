@@ -382,12 +382,14 @@ def parse_avqa(row: dict[str, Any], base_dir: Path) -> Record:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A layout: its name, the key holding the row id, the parser and the keys that identify it."""
+    """A layout: its name, the keys holding the row id and the audio path, the parser and the keys that
+    identify it (the reader uses `audio_key` to tell a relative path that leaves the manifest's folder)."""
 
     name: str
     id_key: str
     parse: Callable[[dict[str, Any], Path], Record]
     marker_keys: frozenset[str]  # a row holding all of these is taken to be in this layout
+    audio_key: str
 
     def peek_id(self, row: dict[str, Any]) -> str:
         """The row's id for a report, even when the row is otherwise bad ("?" when it has none)."""
@@ -398,11 +400,11 @@ class Adapter:
 # Detection tries these in order; the first whose marker keys are all present wins. The benchmark layouts
 # come first because their markers (audio_id, audio_path, question_text, choice_a) never appear in ours.
 ADAPTERS: dict[str, Adapter] = {
-    "mmau": Adapter("mmau", "id", parse_mmau, frozenset({"audio_id", "question", "choices"})),
-    "avqa": Adapter("avqa", "id", parse_avqa, frozenset({"question_text", "multi_choice"})),
-    "mmar": Adapter("mmar", "id", parse_mmar, frozenset({"audio_path", "question", "choices"})),
-    "mmsu": Adapter("mmsu", "id", parse_mmsu, frozenset({"question", "choice_a", "answer_gt"})),
-    "ours": Adapter("ours", "id", parse_ours, frozenset({"question", "choices", "answer"})),
+    "mmau": Adapter("mmau", "id", parse_mmau, frozenset({"audio_id", "question", "choices"}), "audio_id"),
+    "avqa": Adapter("avqa", "id", parse_avqa, frozenset({"question_text", "multi_choice"}), "audio_path"),
+    "mmar": Adapter("mmar", "id", parse_mmar, frozenset({"audio_path", "question", "choices"}), "audio_path"),
+    "mmsu": Adapter("mmsu", "id", parse_mmsu, frozenset({"question", "choice_a", "answer_gt"}), "audio_path"),
+    "ours": Adapter("ours", "id", parse_ours, frozenset({"question", "choices", "answer"}), "audio"),
 }
 LAYOUTS = tuple(ADAPTERS)
 

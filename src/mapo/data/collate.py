@@ -30,7 +30,7 @@ import torch
 from transformers import BatchEncoding
 
 from mapo.data import prompt
-from mapo.data.audio import load_audio
+from mapo.data.audio import AudioError, load_audio
 from mapo.data.schema import Record
 from mapo.models.adapter import adapter_for_processor
 from mapo.models.embed import audio_span_mask, position_ids_from_mask  # noqa: F401  (part of the batching API)
@@ -129,7 +129,8 @@ class Collator:
         self.audio_token_id = processor.audio_token_id
         self.adapter = adapter_for_processor(processor)
         self.feature_kwargs = self.adapter.clip_feature_kwargs(processor)
-        self._warned_truncated: set[str] = set()
+        #: Clips longer than the window, cut to it (counted per distinct path; the loop reports the count).
+        self.cut_clips: set[str] = set()
 
     def num_audio_tokens(self, n_frames: int) -> int:
         """Audio placeholder positions of a clip with `n_frames` valid mel frames, for this family."""
@@ -156,13 +157,15 @@ class Collator:
         samples = self.audio_loader(path)
         extractor = self.feature_extractor
         truncates = self.feature_kwargs.get("truncation", True)
-        if truncates and len(samples) > extractor.n_samples and path not in self._warned_truncated:
-            self._warned_truncated.add(path)
-            warnings.warn(
-                f"{path}: {len(samples) / extractor.sampling_rate:.2f} s is longer than the "
-                f"{extractor.chunk_length} s audio window; the model sees only the first {extractor.chunk_length} s",
-                stacklevel=3,
-            )
+        if truncates and len(samples) > extractor.n_samples and path not in self.cut_clips:
+            self.cut_clips.add(path)
+            if len(self.cut_clips) == 1:  # one warning; the rest are counted (data/clips_cut), not repeated
+                warnings.warn(
+                    f"{path}: {len(samples) / extractor.sampling_rate:.2f} s is longer than the "
+                    f"{extractor.chunk_length} s audio window; the model sees only the first {extractor.chunk_length} s "
+                    "(further clips cut to the window are counted in data/clips_cut)",
+                    stacklevel=3,
+                )
         out = extractor(
             samples,
             sampling_rate=extractor.sampling_rate,
@@ -172,7 +175,7 @@ class Collator:
         )
         n_valid = int(out["attention_mask"][0].sum())
         if self.num_audio_tokens(n_valid) < 1:
-            raise ValueError(f"{path}: clip too short ({len(samples)} samples) to give one audio position")
+            raise AudioError(path, "too_short", f"clip too short ({len(samples)} samples) to give one audio position")
         clip = ClipFeatures.compress(out["input_features"][0].to(torch.float32), n_valid)
         if self.feature_cache is not None:
             self.feature_cache.put(path, clip)

@@ -332,7 +332,8 @@ class Qwen2AudioAdapter(ModelAdapter):
         if not isinstance(processor, Qwen2AudioProcessor):
             raise ValueError(f"{folder}: processor is {type(processor).__name__}, not Qwen2AudioProcessor")
         model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+            folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
+            use_safetensors=True,  # weights never come from a pickle (.bin): loading one can run code
         )
         # The encoder defines its position table as frozen (requires_grad=False), but from_pretrained
         # (transformers 5.24) hands it back trainable; restore the architecture's intent.

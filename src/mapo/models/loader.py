@@ -3,7 +3,9 @@
 Both are local folders written by `save_pretrained`; both go through the same calls, so whatever works
 on the tiny model on a laptop runs unchanged on the real one. The folder's config.json names the family
 (`model_type`), whose adapter (`mapo.models.adapter`) does the loading. The network is never touched
-(`local_files_only=True`): a missing file is an error that says what the folder must hold.
+(`local_files_only=True`): a missing file is an error that says what the folder must hold. Weights load
+from safetensors only (a folder with only pickled .bin weights is refused); remote code is never
+trusted (`trust_remote_code` stays at its default, off).
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def check_model_folder(path: str | Path) -> Path:
     return folder
 
 
+def require_safetensors(folder: Path) -> None:
+    """Weights load from safetensors only: a folder holding only pickled weights (.bin, .pt) is refused
+    with a message that says so (unpickling a downloaded file can run code)."""
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {', '.join(pickled)}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights{hint}; {_expected()}")
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -88,6 +99,7 @@ def load_model_and_processor(
     checkpoint says, so tiny and real models batch the same way.
     """
     folder = check_model_folder(path)
+    require_safetensors(folder)
     adapter = adapter_for_folder(folder)
     model, processor = adapter.load(
         folder, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, device=device

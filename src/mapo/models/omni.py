@@ -161,6 +161,7 @@ class OmniThinkerAdapter(ModelAdapter):
             dtype=dtype,
             attn_implementation=attn_implementation,
             local_files_only=True,
+            use_safetensors=True,  # weights never come from a pickle (.bin): loading one can run code
         )
         return model.to(device).eval(), processor
 

@@ -1,0 +1,169 @@
+"""Safety (issue 12 item 5): safetensors only, weights_only loads, no remote code, no eval/pickle of user
+text, no audio to W&B, no API key in any log.
+
+The source scans read every module of the package with `ast`, so a new `torch.load` without
+`weights_only=True`, an `eval`, a `pickle.load` or a `trust_remote_code=True` anywhere fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import mapo
+
+SRC = Path(mapo.__file__).resolve().parent
+MODULES = sorted(SRC.rglob("*.py"))
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node
+
+
+def _dotted(func: ast.expr) -> str:
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    parts.append(func.id if isinstance(func, ast.Name) else "<expr>")  # model.to(d).eval() is "<expr>.to.eval"
+    return ".".join(reversed(parts))
+
+
+def _keyword(call: ast.Call, name: str):
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def scan(predicate) -> list[str]:
+    """'file:line: call' for every call in the package for which `predicate(call, name)` is true."""
+    found = []
+    for module in MODULES:
+        tree = ast.parse(module.read_text(), filename=str(module))
+        for call in _calls(tree):
+            name = _dotted(call.func)
+            if predicate(call, name):
+                found.append(f"{module.relative_to(SRC)}:{call.lineno}: {name}")
+    return found
+
+
+def test_the_scan_sees_the_package():
+    assert len(MODULES) > 30 and scan(lambda call, name: name == "torch.load")  # checkpoint.py loads state
+
+
+def test_every_torch_load_is_weights_only():
+    def unsafe(call, name):
+        if name != "torch.load":
+            return False
+        value = _keyword(call, "weights_only")
+        return not (isinstance(value, ast.Constant) and value.value is True)
+
+    assert scan(unsafe) == []
+
+
+def test_no_eval_exec_or_unpickling_anywhere():
+    forbidden = {"eval", "exec", "pickle.load", "pickle.loads", "marshal.load", "marshal.loads", "dill.load",
+                 "dill.loads", "yaml.unsafe_load", "yaml.full_load", "shelve.open", "numpy.load", "np.load"}
+
+    def bad(call, name):
+        if name in forbidden:
+            return True
+        if name in ("yaml.load",):  # only with an explicit SafeLoader
+            loader = _keyword(call, "Loader")
+            return not (loader is not None and "Safe" in _dotted(loader))
+        return False
+
+    assert scan(bad) == []
+
+
+def test_remote_code_is_never_trusted():
+    def trusts(call, name):
+        value = _keyword(call, "trust_remote_code")
+        return value is not None and not (isinstance(value, ast.Constant) and value.value is False)
+
+    assert scan(trusts) == []
+
+
+def test_from_pretrained_model_loads_use_safetensors_only():
+    def pickled_ok(call, name):
+        # configs, processors, tokenizers and feature extractors hold no weights
+        if not name.endswith("from_pretrained") or any(k in name for k in ("Config", "Processor", "Tokenizer", "FeatureExtractor")):
+            return False
+        value = _keyword(call, "use_safetensors")
+        return not (isinstance(value, ast.Constant) and value.value is True)
+
+    assert scan(pickled_ok) == []
+
+
+def test_a_model_folder_with_only_pickled_weights_is_refused(tiny_env, tmp_path):
+    """A .bin checkpoint (a pickle that could run code) is never loaded, with a message that says why."""
+    from safetensors.torch import load_file
+
+    from mapo.models.loader import load_model_and_processor
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_env["model"], folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights \(found pytorch_model\.bin: pickle"):
+        load_model_and_processor(folder)
+
+
+def test_checkpoint_state_refuses_pickled_code(tmp_path):
+    """What the checkpoint loader does with a state file that would run code when unpickled."""
+    import os
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"state": Boom()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+        torch.load(tmp_path / "evil.pt", weights_only=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------------------------------------------------ logs and W&B
+
+KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex characters, like a W&B API key
+
+
+def test_config_secrets_and_the_environment_key_are_redacted(tmp_path, monkeypatch):
+    from mapo.run_logging import make_logger
+
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    config = {"logger": {"kind": "none"}, "extra": {"wandb_api_key": "plain-secret-value", "note": f"key={KEY}"},
+              "rollout": {"max_new_tokens": 48}}
+    logger = make_logger("none", tmp_path, config)
+    logger.log(1, {"loss": 1.0})
+    logger.finish()
+    written = (tmp_path / "config.json").read_text()
+    assert KEY not in written and "plain-secret-value" not in written
+    saved = json.loads(written)["config"]
+    assert saved["extra"] == {"wandb_api_key": "<redacted>", "note": "key=<redacted>"}
+    assert saved["rollout"]["max_new_tokens"] == 48  # "tokens" is not a secret
+
+
+def test_failed_online_start_message_does_not_show_the_key(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from mapo import run_logging
+
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise wandb.errors.AuthenticationError(f"API key {KEY} is invalid")
+        return object()
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    run_logging._start_wandb("online", tmp_path, {}, "p", None, 1.0)
+    err = capsys.readouterr().err
+    assert calls == ["online", "offline"] and "AuthenticationError" in err and KEY not in err and "<redacted>" in err

@@ -54,7 +54,7 @@ else
   LAUNCH := $(PY)
 endif
 
-.PHONY: install test tiny data check train plan sweep bench eval score prep export study clean help
+.PHONY: install test tiny data check train plan sweep bench bench-gpu eval score prep export study clean help
 
 help:
 	@echo "make train [EXP=tiny_mapo] [NPROC=1] [ARGS='key=value ...']   train (default: tiny model, CPU, minutes)"
@@ -69,7 +69,8 @@ help:
 	@echo "make eval EXP=tiny_mapo [ARGS='model.path=...']            the training config's eval splits only (before/after table)"
 	@echo "make score PRED=predictions DATA=manifest [OUT=dir]        rescore predictions without a model"
 	@echo "make prep BENCH=avqa|mmsu SRC=release OUT=dir              benchmark release -> manifest + audio files"
-	@echo "make bench                                                 speed/memory ratios of the fast paths"
+	@echo "make bench                                                 speed/memory ratios of the fast paths (CPU, 1 thread; TRL when installed)"
+	@echo "make bench-gpu                                             the GPU suite at Qwen2-Audio-7B widths (decode vs bandwidth bound, update MFU)"
 	@echo "make study [ARGS='--settings prior90 --seeds 0']              the collapse study (experiments/collapse_study)"
 	@echo "make export CKPT=<run>/checkpoints/step_000100 OUT=<dir>    a training checkpoint as a Hugging Face folder"
 
@@ -133,6 +134,9 @@ prep: install
 
 bench: install
 	$(PY) -m mapo.bench $(ARGS)
+
+bench-gpu: install
+	$(PY) -m mapo.bench --suite gpu7b $(ARGS)
 
 export: install
 	@if [ -z "$(CKPT)" ] || [ -z "$(OUT)" ]; then echo "usage: make export CKPT=<run_dir>/checkpoints/step_XXXXXX OUT=<folder>"; exit 2; fi

@@ -13,11 +13,11 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled MAPO_ARTIFACTS=/tmp/mapo_artifacts
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 echo "== unit tests on the GPU machine"
-timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_capture.py tests/test_scoring.py tests/test_rollout.py 2>&1 | tail -4 | tee "$OUT/pytest.txt"
+timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_capture.py tests/test_scoring.py tests/test_rollout.py tests/test_sampling.py 2>&1 | tail -4 | tee "$OUT/pytest.txt"
 echo "== benchmark"
 python3 -m mapo.data.synthetic out_dir=$MAPO_ARTIFACTS/data/synthetic n_train=120 n_test=20 n_counter_prior=20 > /dev/null
 python3 -m mapo.models.tiny out_dir=$MAPO_ARTIFACTS/models/tiny-qwen2-audio corpus=$MAPO_ARTIFACTS/data/synthetic/train.jsonl 2>&1 | grep tiny
-timeout 100 python3 -m mapo.bench 2>&1 | tee "$OUT/bench.txt"
+timeout 240 python3 -m mapo.bench --suite gpu7b --out "$OUT/bench" 2>&1 | grep -v "it/s" | tee "$OUT/bench.txt"
 echo "== MAPO step at Qwen2-Audio-7B widths (4+4 layers, 30 s audio, 4 prompts x G=8, 128 new tokens)"
 timeout 150 python3 experiments/scale_step.py 2>&1 | tail -25 | tee "$OUT/scale_step.txt"
 echo "== one MAPO step, full-depth Qwen2-Audio-7B widths, 4 prompts x G=8 x 512 new tokens, 30 s clips, plan vs measured"

@@ -1,12 +1,14 @@
-"""Rollout: greedy equality with HF generate, EOS masking, audio encoded once, per-prompt seeds, layout."""
+"""Rollout: greedy equality with HF generate (penalty, top-k, eager masks), EOS masking, audio encoded once,
+per-prompt seeds, layout, sampling limits that reduce to greedy, static = dynamic cache, CUDA graph option."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from toy_model import AUDIO, EOS, PAD, VOCAB, make_batch, tiny_model
 
 from mapo.models.embed import encode_audio
-from mapo.rollout import completion_mask_from_ids, generate_rollout, sample_from_probs, top_p_filter
+from mapo.rollout import completion_mask_from_ids, generate_rollout, resolve_cuda_graph, set_default_cuda_graph
 
 torch.set_num_threads(1)
 
@@ -123,35 +125,104 @@ def test_layout_group_index_audio_mask_and_cached_embeds():
     assert rollout.row_audio_embeds()[5] is None and rollout.row_audio_embeds()[9] is rollout.prompt_audio_embeds[2]
 
 
-def test_top_p_filter_hand_worked():
-    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
-    logits = probs.log()
-    # Sorted: 0.5, 0.3, 0.15, 0.05; mass strictly above each: 0, 0.5, 0.8, 0.95.
-    # top_p=0.7 drops mass_above ≥ 0.7 -> keeps 0.5 and 0.3 (tokens 1 and 3).
-    kept = torch.isfinite(top_p_filter(logits, 0.7))
-    assert kept.tolist() == [[False, True, False, True]]
-    # top_p=0.5: 0.3's mass above is 0.5 ≥ 0.5 -> only the top token.
-    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[False, True, False, False]]
-    assert torch.equal(top_p_filter(logits, 1.0), logits)
+def greedy_reference(model, batch, max_new_tokens, **settings):
+    """transformers' greedy `generate` with the same processors, completions repeated per row of a group."""
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+        suppress_tokens=[AUDIO], **settings,
+    )
+    return out[:, batch["input_ids"].shape[1]:]
 
 
-def test_sample_from_probs_is_inverse_cdf():
-    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7]] * 2 + [[0.25, 0.25, 0.25, 0.25]] * 2)
-    generators = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
-    tokens = sample_from_probs(probs, generators, group_size=2)
-    # Loop reference: the same uniforms, the first k whose cumulative mass exceeds u.
-    uniforms = torch.cat([torch.rand(2, 1, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]).flatten()
-    expected = []
-    for row, u in enumerate(uniforms.tolist()):
-        cum = 0.0
-        for k, p in enumerate(probs[row].tolist()):
-            cum += p
-            if u < cum:
-                expected.append(k)
-                break
-    assert tokens.tolist() == expected
-    # Zero-probability tokens never come out; frequencies follow the probabilities.
-    torch.manual_seed(0)
-    many = sample_from_probs(torch.tensor([[0.5, 0.0, 0.5]]).expand(4000, 3), None, group_size=1)
-    assert (many != 1).all()
-    assert abs((many == 0).float().mean().item() - 0.5) < 0.03
+def test_greedy_with_repetition_penalty_and_top_k_equals_hf_generate():
+    model = tiny_model(seed=3, eos_bias=0.25)
+    batch = make_batch()
+    kwargs = dict(group_size=1, max_new_tokens=14, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
+    plain = generate_rollout(model, batch, **kwargs)
+    penalised = generate_rollout(model, batch, repetition_penalty=1.5, top_k=5, **kwargs)
+    expected = greedy_reference(model, batch, 14, repetition_penalty=1.5, top_k=5)
+    assert torch.equal(penalised.completion_ids, expected[:, : penalised.completion_ids.shape[1]])
+    assert (expected[:, penalised.completion_ids.shape[1]:] == PAD).all()
+    # The penalty took effect: greedy without it repeats tokens and differs.
+    assert not torch.equal(plain.completion_ids, penalised.completion_ids)
+
+
+def test_eager_attention_decodes_with_additive_masks_and_equals_generate():
+    model = tiny_model(seed=0, eos_bias=0.25)
+    model.set_attn_implementation("eager")
+    batch = make_batch()
+    rollout = generate_rollout(
+        model, batch, group_size=2, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, do_sample=False
+    )
+    assert torch.equal(rollout.completion_ids, greedy_reference(model, batch, 12).repeat_interleave(2, dim=0))
+
+
+def test_cold_temperature_tiny_top_p_and_top_k_1_sample_the_greedy_path():
+    model = tiny_model(seed=2, eos_bias=1.5)
+    batch = make_batch()
+    kwargs = dict(group_size=3, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, seeds=[4, 5, 6])
+    greedy = generate_rollout(model, batch, do_sample=False, **kwargs).completion_ids
+    for sampler in (dict(temperature=1e-4), dict(top_p=1e-6), dict(top_k=1, temperature=1.7)):
+        sampled = generate_rollout(model, batch, **sampler, **kwargs).completion_ids
+        assert torch.equal(sampled, greedy), sampler
+    # Ordinary sampling does differ from greedy here (the checks above can fail).
+    assert not torch.equal(generate_rollout(model, batch, temperature=1.5, **kwargs).completion_ids, greedy)
+
+
+def test_static_and_dynamic_caches_and_check_intervals_agree():
+    model = tiny_model(seed=2, eos_bias=1.5)
+    batch = make_batch()
+    kwargs = dict(group_size=4, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3],
+                  temperature=1.2, top_k=40, top_p=0.95, repetition_penalty=1.2)
+    static = generate_rollout(model, batch, cache="static", **kwargs)
+    dynamic = generate_rollout(model, batch, cache="dynamic", **kwargs)
+    sparse_checks = generate_rollout(model, batch, finish_check_every=5, **kwargs)
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    assert torch.equal(static.completion_ids, sparse_checks.completion_ids)
+    assert torch.equal(static.completion_mask, sparse_checks.completion_mask)
+    lengths = static.completion_mask.sum(-1)
+    assert lengths.min() < 16 and lengths.max() == static.completion_ids.shape[1]  # trimmed to the longest
+
+
+def test_bucketed_cache_reads_equal_exact_reads(monkeypatch):
+    """Reading the cache up to a rounded-up length (what CUDA graphs do) masks the unwritten columns exactly."""
+    import mapo.rollout as rollout_module
+
+    model = tiny_model(seed=2, eos_bias=-2.0)
+    kwargs = dict(group_size=2, max_new_tokens=20, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3], temperature=1.1)
+    exact = generate_rollout(model, make_batch(), **kwargs)
+    monkeypatch.setattr(rollout_module, "EAGER_BUCKET", 16)
+    bucketed = generate_rollout(model, make_batch(), **kwargs)
+    assert torch.equal(exact.completion_ids, bucketed.completion_ids) and exact.completion_ids.shape[1] == 20
+
+
+def test_cuda_graph_option():
+    cpu = torch.device("cpu")
+    assert resolve_cuda_graph("auto", cpu, multi_process=False) is False
+    assert resolve_cuda_graph("auto", torch.device("cuda"), multi_process=False) is True
+    assert resolve_cuda_graph("auto", torch.device("cuda"), multi_process=True) is False
+    assert resolve_cuda_graph("on", torch.device("cuda"), multi_process=True) is True
+    assert resolve_cuda_graph(False, torch.device("cuda"), multi_process=False) is False
+    with pytest.raises(ValueError, match="cuda_graph"):
+        resolve_cuda_graph("sometimes", cpu, multi_process=False)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        set_default_cuda_graph("sometimes")
+    with pytest.raises(ValueError, match="cache"):
+        generate_rollout(tiny_model(0), make_batch(), group_size=1, max_new_tokens=2, eos_token_id=EOS,
+                         pad_token_id=PAD, cache="paged")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_equals_eager_on_gpu():
+    model = tiny_model(seed=2, eos_bias=-3.0).cuda()  # long completions: several cache buckets, several graphs
+    batch = {k: v.cuda() for k, v in make_batch().items()}
+    kwargs = dict(group_size=4, max_new_tokens=200, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3],
+                  temperature=1.1, top_k=30, repetition_penalty=1.1)
+    graphed = generate_rollout(model, batch, cuda_graph="on", **kwargs)
+    eager = generate_rollout(model, batch, cuda_graph="off", **kwargs)
+    assert torch.equal(graphed.completion_ids, eager.completion_ids)
+    greedy = generate_rollout(model, batch, group_size=1, max_new_tokens=200, eos_token_id=EOS, pad_token_id=PAD,
+                              do_sample=False, cuda_graph="on")
+    expected = greedy_reference(model, batch, 200)
+    assert torch.equal(greedy.completion_ids, expected[:, : greedy.completion_ids.shape[1]])

@@ -271,3 +271,56 @@ def test_pick_reference_model():
         pick_reference_model("frozen", policy, None)
     with pytest.raises(ValueError, match="unknown reference choice"):
         pick_reference_model("ema", policy, frozen)
+
+
+class _WrappedHead(torch.nn.Module):
+    """An LM head that is not a plain nn.Linear (as an adapter-wrapped head would be): the autograd path."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.inner = head
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_fused_chunks_equal_full_logits_in_value_and_gradient(wrapped):
+    """Fused custom backward (or the checkpointed fallback) against plain autograd over the full fp32 logits."""
+    gen = torch.Generator().manual_seed(0)
+    rows, prompt_len, tokens, width, vocab = 3, 4, 6, 16, 50
+    head = torch.nn.Linear(width, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, width, generator=gen) * 0.5)
+        head.bias.copy_(torch.randn(vocab, generator=gen))
+    hidden = torch.randn(rows, prompt_len + tokens, width, generator=gen, requires_grad=True)
+    ids = torch.randint(vocab, (rows, tokens), generator=gen)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 1 + [0] * 5])
+    upstream_lp = torch.randn(rows, tokens, generator=gen)
+    upstream_h = torch.randn(rows, tokens, generator=gen)
+
+    def grads(fn):
+        hidden.grad = head.weight.grad = head.bias.grad = None
+        lp, ent = fn()
+        ((lp * upstream_lp).sum() + (ent * upstream_h).sum()).backward()
+        return lp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
+
+    def reference():
+        logits = head(hidden[:, prompt_len - 1 : prompt_len - 1 + tokens]).float() / 0.7
+        logp = torch.log_softmax(logits, -1)
+        lp = logp.gather(-1, ids[..., None]).squeeze(-1) * mask
+        ent = -(logp.exp() * logp).sum(-1) * mask
+        return lp, ent
+
+    module = _WrappedHead(head) if wrapped else head
+    expected = grads(reference)
+    for chunk in (1, 4, 100):
+        got = grads(lambda: logprobs_from_hidden(module, hidden, ids, prompt_len, completion_mask=mask,
+                                                 temperature=0.7, chunk_size=chunk))
+        for name, a, b in zip(("logp", "entropy", "d_hidden", "d_weight", "d_bias"), got, expected):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), (name, chunk, (a - b).abs().max().item())
+    assert expected[3].abs().max() > 1e-3 and expected[2][:, : prompt_len - 1].abs().max() == 0
+    # No grad: the same values.
+    with torch.no_grad():
+        lp, ent = logprobs_from_hidden(module, hidden, ids, prompt_len, completion_mask=mask, temperature=0.7)
+    assert torch.allclose(lp, expected[0], atol=1e-6) and torch.allclose(ent, expected[1], atol=1e-6)

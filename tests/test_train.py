@@ -170,6 +170,11 @@ def test_two_step_run_end_to_end(tiny_env, tmp_path, experiment):
         assert mapo_keys <= row.keys() if experiment == "tiny_mapo" else not mapo_keys & row.keys()
         assert {"mapo/omega_mean", "mapo/omega_max", "clip/high", "clip/low", "kl/mean", "policy/entropy", "reward/format",
                 "completion/length", "completion/length_max", "completion/truncated"} <= row.keys()
+        # where the step's time goes (mapo.timing): every phase timed, tokens/s, memory
+        assert all(row[f"time/{p}_s"] > 0 for p in ("rollout", "scoring", "update"))
+        assert row["throughput/rollout_tok_s"] > 0 and row["throughput/update_tok_s"] > 0 and row["memory/rss_gib"] > 0
+    eval_rows = [r for r in metrics_lines(run_dir) if "eval/test/audio/accuracy" in r]
+    assert len(eval_rows) == 2 and all(r["time/eval_s"] > 0 and r["throughput/eval_tok_s"] > 0 for r in eval_rows)
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == 2 and 0.0 <= final["test/audio/accuracy"] <= 1.0
     assert "| counter_prior | with audio |" in proc.stdout and str(run_dir) in proc.stdout

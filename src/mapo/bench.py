@@ -1,128 +1,332 @@
-"""`make bench`: speed and memory of mapo's fast paths against their plain counterparts, as ratios
-measured in one run on one machine (DESIGN §9). Prints a table and writes artifacts/bench/bench.json.
+"""`make bench`: speed and memory of mapo's fast paths, as ratios of two measurements taken in one run on one
+machine (DESIGN §9). Writes `experiments/bench/<machine>.json` and rewrites the tables of
+`experiments/bench/README.md` from every JSON file there.
 
-1. Audio-attention capture: SDPA with an indicator value vs eager softmax weights (one layer, fwd+bwd).
-2. Scoring: chunked log-probs + entropy from hidden states vs full fp32 [N, T, V] logits (fwd+bwd).
-3. Rollout: our decode loop (audio encoded once per prompt, prompt prefilled once per group) vs
-   `generate` on the G-times repeated batch, on the tiny model (time, clips through the audio tower).
+    python -m mapo.bench [--quick] [--no-trl] [--out experiments/bench]      # CPU suite (the tiny model)
+    python -m mapo.bench --suite gpu7b                                        # Qwen2-Audio-7B widths on a GPU
+    python -m mapo.bench --tables-only                                        # README tables from the JSON files
 
-    python -m mapo.bench [--quick]
+CPU suite (one thread; what the tiny model shows):
+1. capture:  audio-attention mass, eager softmax weights vs the SDPA indicator (one layer, fwd+bwd).
+2. scoring:  log-prob + entropy of 8×128 positions, V = 32,000: the fused chunked function vs full fp32
+             logits with autograd (fwd+bwd): speed and peak memory.
+3. rollout:  our decode loop vs `generate` on the G-repeated batch (8 prompts × G = 8, 40 new tokens,
+             T = 1.3), with audio and text-only; and the preallocated cache vs the growing one.
+4. step:     MAPO vs GRPO (tiny_mapo / tiny_grpo configs) on one rollout: everything after the rollout.
+5. trl:      steps/s of mapo vs TRL `GRPOTrainer` on the same work (`mapo.bench_trl`), when TRL is installed.
+The GPU suite is `mapo.bench_gpu`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import re
+import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 from mapo import paths
 from mapo.capture.bench import compare as compare_capture
-from mapo.capture.bench import median_time, peak_bytes
-from mapo.models.adapter import get_adapter
+from mapo.capture.bench import interleaved_times, peak_bytes
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "experiments" / "bench"
+#: Targets of issue 10, as (ratio key, comparison, threshold); the table marks each ratio met or not.
+TARGETS = {
+    "scoring_speed": (">=", 0.9),
+    "scoring_memory": ("<=", 0.25),
+    "rollout_vs_generate_audio": (">=", 3.0),
+    "rollout_vs_generate_text": (">=", 3.0),
+    "mapo_over_grpo_step": ("<=", 1.15),
+    "mapo_over_trl_steps_per_s": (">=", 2.0),
+}
 
 
-def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch.device, repeats: int) -> dict:
-    """Chunked (mapo.scoring.logprobs_from_hidden) vs full-logits log-probs + entropy, forward + backward."""
+def machine_name(device: torch.device) -> str:
+    """A file-name slug of the machine: the GPU's name, or the CPU model and the thread count."""
+    if device.type == "cuda":
+        text = torch.cuda.get_device_name(device)
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1]
+                    break
+        except OSError:
+            pass
+        text = f"cpu {model} {torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------------------- scoring
+def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch.device, repeats: int,
+                  dtype: torch.dtype = torch.float32) -> dict:
+    """Fused chunked (mapo.scoring.logprobs_from_hidden) vs full-logits log-probs + entropy, forward + backward.
+    The LM head and hidden states are in `dtype`; both sides compute the softmax in fp32."""
     from mapo.scoring import logprobs_from_hidden
 
     gen = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(hidden, vocab, bias=False).to(device)
-    h = torch.randn(rows, tokens + 1, hidden, generator=gen).to(device).requires_grad_()
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(device, dtype)
+    h = torch.randn(rows, tokens + 1, hidden, generator=gen).to(device, dtype).requires_grad_()
     ids = torch.randint(vocab, (rows, tokens), generator=gen).to(device)
 
     def chunked():
-        h.grad = None
-        lp, ent = logprobs_from_hidden(head, h, ids, 1, chunk_size=512)
+        h.grad = head.weight.grad = None
+        lp, ent = logprobs_from_hidden(head, h, ids, 1)
         (lp.sum() + ent.sum()).backward()
 
     def full():
-        h.grad = None
+        h.grad = head.weight.grad = None
         logp = torch.log_softmax(head(h[:, :-1]).float(), -1)
         lp = logp.gather(-1, ids[..., None]).squeeze(-1)
         ent = -(logp.exp() * logp).sum(-1)
         (lp.sum() + ent.sum()).backward()
 
-    out = {}
+    times = interleaved_times({"chunked": chunked, "full": full}, device, repeats)
+    out = {"rows": rows, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype)}
     for name, step in (("chunked", chunked), ("full", full)):
-        out[name] = {"time_s": median_time(step, device, repeats), "peak_bytes": float(peak_bytes(step, device))}
-    out["time_ratio"] = out["full"]["time_s"] / out["chunked"]["time_s"]
-    out["memory_ratio"] = out["full"]["peak_bytes"] / max(out["chunked"]["peak_bytes"], 1.0)
+        out[name] = {"time_s": statistics.median(times[name]), "peak_bytes": float(peak_bytes(step, device))}
+    out["speed"] = out["full"]["time_s"] / out["chunked"]["time_s"]
+    out["memory"] = out["chunked"]["peak_bytes"] / max(out["full"]["peak_bytes"], 1.0)
     return out
 
 
-def bench_rollout(model_dir: Path, prompts: int, group: int, new_tokens: int, repeats: int) -> dict:
-    """Our rollout vs HF generate on the repeated batch, greedy-free sampling with the same settings."""
+# ----------------------------------------------------------------------------------------- rollout
+def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, new_tokens: int, temperature: float,
+                  text_only: bool, repeats: int) -> dict:
+    """Our rollout (static cache, and the growing-cache fallback) vs `generate` on the G-repeated batch."""
+    import dataclasses
+
     from mapo.data.collate import Collator
     from mapo.data.validate import read_manifest
+    from mapo.models.adapter import get_adapter
     from mapo.models.loader import generation_suppressed_token_ids, load_model_and_processor
     from mapo.rollout import generate_rollout
 
     model, processor = load_model_and_processor(model_dir)
-    records = read_manifest(paths.SYNTHETIC_DATA_DIR / "test.jsonl").records[:prompts]
+    records = read_manifest(data_dir / "test.jsonl").records[:prompts]
+    if text_only:
+        records = [dataclasses.replace(r, audio=None) for r in records]
     batch = Collator(processor).prompts(records)
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = processor.tokenizer.pad_token_id
     suppress = generation_suppressed_token_ids(processor)
-    clips = {"n": 0}  # clips the audio tower encodes in one rollout
+    clips = {"n": 0}
+    hook = get_adapter(model).audio_tower(model).register_forward_hook(
+        lambda module, args, output: clips.__setitem__("n", clips["n"] + args[0].shape[0]))
+    generated: dict[str, int] = {}
 
-    def count(module, inputs, output):
-        clips["n"] += inputs[0].shape[0]
-
-    hook = get_adapter(model).audio_tower(model).register_forward_hook(count)
-
-    def ours():
-        generate_rollout(model, batch, group_size=group, max_new_tokens=new_tokens, eos_token_id=eos,
-                         pad_token_id=pad, suppress_token_ids=suppress, seeds=list(range(prompts)))
+    def ours(cache: str):
+        def run():
+            r = generate_rollout(model, batch, group_size=group, max_new_tokens=new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, suppress_token_ids=suppress, seeds=list(range(prompts)),
+                                 temperature=temperature, cache=cache)
+            generated[cache] = int(r.completion_mask.sum())
+        return run
 
     repeated = {k: v.repeat_interleave(group, 0) for k, v in batch.items()}
 
     def hf():
         with torch.no_grad():
-            model.generate(**repeated, do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           eos_token_id=eos, pad_token_id=pad, suppress_tokens=suppress)
+            out = model.generate(**repeated, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                                 max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad, suppress_tokens=suppress)
+        completion = out[:, repeated["input_ids"].shape[1]:]
+        ended = (completion == eos).cumsum(-1) - (completion == eos).long()
+        generated["generate"] = int((ended == 0).sum())
 
-    out = {}
-    for name, step in (("ours", ours), ("hf_generate", hf)):
+    steps = {"static": ours("static"), "dynamic": ours("dynamic"), "generate": hf}
+    encoded = {}
+    for name, step in steps.items():
         clips["n"] = 0
         step()
-        out[name] = {"clips_encoded_per_rollout": clips["n"], "time_s": median_time(step, torch.device("cpu"), repeats)}
+        encoded[name] = clips["n"]
+    times = interleaved_times(steps, torch.device("cpu"), repeats)
     hook.remove()
-    out["time_ratio"] = out["hf_generate"]["time_s"] / out["ours"]["time_s"]
+    out = {"prompts": prompts, "group": group, "new_tokens": new_tokens, "temperature": temperature,
+           "text_only": text_only, "prompt_len": int(batch["input_ids"].shape[1])}
+    for name in steps:
+        key = "hf_generate" if name == "generate" else f"ours_{name}_cache"
+        out[key] = {"time_s": statistics.median(times[name]), "times_s": times[name],
+                    "tokens_generated": generated[name], "clips_encoded": encoded[name]}
+    out["speedup_vs_generate"] = out["hf_generate"]["time_s"] / out["ours_static_cache"]["time_s"]
+    out["static_over_dynamic_speed"] = out["ours_dynamic_cache"]["time_s"] / out["ours_static_cache"]["time_s"]
     return out
+
+
+# ----------------------------------------------------------------------------------------- main
+def _ratio_rows(results: dict) -> list[tuple[str, str, float, str]]:
+    """(key, what, value, how it was measured) for the table."""
+    rows = []
+    sc = results.get("scoring")
+    if isinstance(sc, dict):
+        what = f"{sc['rows']}×{sc['tokens']} positions, V = {sc['vocab']:,}, fwd+bwd"
+        rows.append(("scoring_speed", "scoring speed: full logits time / fused chunked time", sc["speed"], what))
+        rows.append(("scoring_memory", "scoring memory: fused chunked peak / full logits peak", sc["memory"], what))
+    cap = results.get("capture")
+    if isinstance(cap, dict):
+        rows.append(("capture_speed", "capture: eager time / SDPA-indicator time", cap["time_ratio"], f"one layer, S = {cap['seq_len']}"))
+        rows.append(("capture_memory", "capture: eager peak / SDPA-indicator peak", cap["memory_ratio"], f"one layer, S = {cap['seq_len']}"))
+    for key, label in (("rollout_audio", "audio"), ("rollout_text", "text")):
+        ro = results.get(key)
+        if isinstance(ro, dict):
+            what = f"{ro['prompts']} prompts × G = {ro['group']}, {ro['new_tokens']} tokens, T = {ro['temperature']}"
+            rows.append((f"rollout_vs_generate_{label}", f"rollout ({label} prompts): generate on the G-repeated batch / ours",
+                         ro["speedup_vs_generate"], what))
+            rows.append((f"static_cache_{label}", f"rollout ({label}): growing cache / preallocated cache",
+                         ro["static_over_dynamic_speed"], what))
+    st = results.get("step")
+    if isinstance(st, dict):
+        rows.append(("mapo_over_grpo_step", "step after the rollout: MAPO / GRPO (same rollout)",
+                     st["mapo"]["time_s"] / st["grpo"]["time_s"],
+                     f"{st['rows']} rows, sequence {st['sequence_length']}, tiny_mapo vs tiny_grpo configs"))
+    tr = results.get("trl")
+    if isinstance(tr, dict):
+        s = tr["setting"]
+        rows.append(("mapo_over_trl_steps_per_s", "steps/s: mapo GRPO / TRL GRPOTrainer", tr["speedup"],
+                     f"text-only, {s['prompts']}×G={s['group']}, {s['new_tokens']} tokens, T = {s['temperature']}, β = 0"))
+    return rows
+
+
+def _mark(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return ""
+    op, threshold = TARGETS[key]
+    met = value >= threshold if op == ">=" else value <= threshold
+    return f"{'met' if met else 'MISSED'} ({op} {threshold:g})"
+
+
+def markdown_table(results: dict) -> str:
+    lines = [f"### {results['machine']}", "", f"{results['device']}; torch {results['torch']}, transformers "
+             f"{results['transformers']}; {results['date']}; `{results['command']}` ({results['wall_s']:.0f} s)", "",
+             "| ratio | value | target | measured on |", "|---|---|---|---|"]
+    for key, what, value, how in _ratio_rows(results):
+        lines.append(f"| {what} | {value:.2f} | {_mark(key, value)} | {how} |")
+    for name in ("rollout_audio", "rollout_text", "step", "trl"):
+        if isinstance(results.get(name), str):
+            lines.append(f"| {name} | – | – | {results[name]} |")
+    return "\n".join(lines)
+
+
+def write_readme(out_dir: Path) -> Path:
+    """Rewrite the tables of out_dir/README.md from every <machine>.json in out_dir (text above them is kept)."""
+    readme = out_dir / "README.md"
+    marker = "<!-- tables written by `python -m mapo.bench`; edit above this line -->"
+    head = readme.read_text().split(marker)[0].rstrip() + "\n\n" if readme.is_file() else (
+        "# Benchmarks\n\n`make bench` (`python -m mapo.bench`) measures each ratio as two measurements in one run "
+        "on one machine and writes `<machine>.json` here; the GPU suite (`python -m mapo.bench --suite gpu7b`) "
+        "writes `<gpu>-gpu7b.json`.\n\n")
+    tables = []
+    for path in sorted(out_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("suite") == "gpu7b":
+            from mapo.bench_gpu import markdown_table as gpu_table
+
+            tables.append(gpu_table(data))
+        elif "machine" in data:
+            tables.append(markdown_table(data))
+    readme.write_text(head + marker + "\n\n" + "\n\n".join(tables) + "\n")
+    return readme
+
+
+def ensure_tiny(model_dir: Path, data_dir: Path) -> None:
+    """Build the synthetic benchmark and the tiny model when missing (as `make tiny` does)."""
+    if not (data_dir / "train.jsonl").is_file():
+        from mapo.data.synthetic import SyntheticConfig, write_benchmark
+
+        write_benchmark(SyntheticConfig(out_dir=str(data_dir), seed=0))
+    if not (model_dir / "config.json").is_file():
+        from mapo.models.tiny import TinyModelConfig, write_tiny
+
+        write_tiny(TinyModelConfig(out_dir=str(model_dir), corpus=str(data_dir / "train.jsonl")))
+
+
+def run_cpu_suite(args) -> dict:
+    from mapo.bench_trl import compare as compare_trl
+    from mapo.bench_trl import trl_available
+    from mapo.bench_rl import same_rollout_steps
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    repeats = 2 if args.quick else 3
+    results: dict = {}
+    started = time.perf_counter()
+
+    def section(name, fn):
+        print(f"[bench] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as err:  # noqa: BLE001 - a failed section is reported, the others still run
+            results[name] = f"failed: {type(err).__name__}: {err}"
+        print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    section("capture", lambda: {"seq_len": 512 if args.quick else 1024, **compare_capture(512 if args.quick else 1024, device=device, repeats=repeats)})
+    section("scoring", lambda: bench_scoring(8, 64 if args.quick else 128, 256, 32_000, device, repeats))
+    model_dir, data_dir = Path(args.model_dir), Path(args.data_dir)
+    ensure_tiny(model_dir, data_dir)
+    setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3, repeats=repeats + 2)
+    section("rollout_audio", lambda: bench_rollout(model_dir, data_dir, text_only=False, **setting))
+    section("rollout_text", lambda: bench_rollout(model_dir, data_dir, text_only=True, **setting))
+    section("step", lambda: same_rollout_steps(model_dir, data_dir, ("grpo", "mapo"), overrides=[], repeats=repeats + 2))
+    if args.no_trl:
+        results["trl"] = "skipped (--no-trl)"
+    elif not trl_available():
+        results["trl"] = "skipped: TRL is not installed (pip install -e .[bench])"
+    else:
+        section("trl", lambda: compare_trl(model_dir, data_dir, steps=2 if args.quick else 4, warmup=1))
+    results["wall_s"] = time.perf_counter() - started
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (seconds)")
+    parser.add_argument("--suite", choices=("cpu", "gpu7b"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the targets are for 1)")
+    parser.add_argument("--out", default=str(BENCH_DIR), help="folder of <machine>.json and README.md")
+    parser.add_argument("--model-dir", default=str(paths.TINY_MODEL_DIR))
+    parser.add_argument("--data-dir", default=str(paths.SYNTHETIC_DATA_DIR))
+    parser.add_argument("--budget-s", type=float, default=150.0, help="gpu7b: start no section after this many seconds")
+    parser.add_argument("--toy", action="store_true", help="gpu7b: toy widths (runs on CPU too; for the tests)")
+    parser.add_argument("--bandwidth-tbs", type=float, help="gpu7b: the card's peak memory bandwidth, TB/s")
+    parser.add_argument("--peak-tflops", type=float, help="gpu7b: the card's peak dense bf16 TFLOP/s")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="only rewrite README.md from the JSON files in --out (e.g. after copying a GPU run's JSON in)")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    seq = 1024 if args.quick or device.type == "cpu" else 4096
-    results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
-    cap = compare_capture(seq, repeats=2 if args.quick else 3)
-    results["capture"] = {"seq_len": seq, **cap}
-    vocab = 32_000 if device.type == "cpu" else 152_064
-    results["scoring"] = {"rows": 8, "tokens": 256, "vocab": vocab, **bench_scoring(8, 256, 256, vocab, device, 2)}
-    if (paths.TINY_MODEL_DIR / "config.json").is_file() and (paths.SYNTHETIC_DATA_DIR / "test.jsonl").is_file():
-        results["rollout"] = {"prompts": 4, "group": 8, "new_tokens": 24, **bench_rollout(paths.TINY_MODEL_DIR, 4, 8, 24, 2)}
+    if args.tables_only:
+        print(f"wrote {write_readme(Path(args.out))}")
+        return
+    import transformers
+
+    if args.suite == "gpu7b":
+        from mapo.bench_gpu import run_gpu_suite
+
+        results = run_gpu_suite(args)
+        name = f"{results['machine']}-gpu7b"
     else:
-        results["rollout"] = "skipped: run `make tiny` first"
-    out = paths.ARTIFACTS / "bench" / "bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"device: {results['device']}")
-    print(f"{'what':<44}{'time ratio':>12}{'memory ratio':>14}")
-    print(f"{'capture: eager / sdpa-indicator (S=%d)' % seq:<44}{cap['time_ratio']:>12.2f}{cap['memory_ratio']:>14.1f}")
-    sc = results["scoring"]
-    print(f"{'scoring: full logits / chunked (V=%d)' % vocab:<44}{sc['time_ratio']:>12.2f}{sc['memory_ratio']:>14.1f}")
-    if isinstance(results["rollout"], dict):
-        ro = results["rollout"]
-        print(f"{'rollout: HF generate ×G / encode+prefill once':<44}{ro['time_ratio']:>12.2f}{'':>14}")
-        print(f"  clips through the audio tower per rollout of {ro['prompts']} prompts x G={ro['group']}: "
-              f"ours {ro['ours']['clips_encoded_per_rollout']}, generate {ro['hf_generate']['clips_encoded_per_rollout']}")
-    print(f"wrote {out}")
+        results = run_cpu_suite(args)
+        name = machine_name(torch.device("cpu"))
+        results.update(machine=name, device=f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)")
+    results.update(torch=torch.__version__, transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"),
+                   command=("python -m mapo.bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip())
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}.json"
+    out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    readme = write_readme(out_dir)
+    if args.suite == "gpu7b":
+        from mapo.bench_gpu import markdown_table as gpu_table
+
+        print(gpu_table(results))
+    else:
+        print(markdown_table(results))
+    print(f"wrote {out} and {readme}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ class RolloutConfig:
     max_new_tokens: int = 48  # completion length cap; truncated completions score 0 accuracy
     temperature: float = 1.0  # sampling temperature (also used when scoring entropies)
     top_p: float = 1.0  # nucleus sampling threshold (1 = off)
+    top_k: int = 0  # keep the k most likely tokens (0 = off); transformers' TopKLogitsWarper
+    repetition_penalty: float = 1.0  # transformers' repetition penalty, prompt tokens included (1.0 = off)
+    cuda_graph: str = "auto"  # decode step as a CUDA graph: auto (on for CUDA, single process) | on | off
     eval_batch_size: int = 32  # prompts per greedy evaluation batch
 
 

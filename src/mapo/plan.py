@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapo.models.adapter import ModelDims, adapter_for_config
+from mapo.scoring import lm_head_workspace_bytes
+from mapo.shared_prefix import expanded_kv_bytes, pass_positions
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -324,21 +326,33 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     residual = 4 if embed_fp32 else cb
     casts = embed_fp32
 
-    # One LM-head chunk (only completion positions go through the head, chunk_size at a time): fp32 logits,
-    # log-softmax, exp and product, or in backward their gradients: 16 B per position and vocabulary entry
-    # (measured on CPU, with and without grad), plus the logits in the compute dtype before the fp32 copy.
-    lm_chunk_bytes = 16 + (cb if cb < 4 else 0)
+    # One LM-head chunk (only completion positions go through the head): mapo.scoring's fused chunks.
+    def lm_workspace(positions: int) -> int:
+        return lm_head_workspace_bytes(positions, vocab, inputs.chunk_size, inputs.device, cb)
 
-    # Scoring: no-grad passes over all local rows at once (one pass at a time).
-    scoring_tokens = rows * seq
+    # Scoring: no-grad passes over all local rows at once (one pass at a time); each prompt is computed once
+    # per group unless the full hidden states are kept (mapo.shared_prefix).
+    scoring_tokens = pass_positions(prompts_local, inputs.group_size, prompt_len, inputs.max_new_tokens,
+                                    shared=not inputs.keep_hidden)
     scoring_pass = scoring_tokens * (nograd_layer_bytes(dims, cb, residual) + 2 * residual * dims.hidden_size)
-    scoring_pass += lm_chunk_bytes * min(inputs.chunk_size, rows * inputs.max_new_tokens) * vocab
+    scoring_pass += lm_workspace(rows * inputs.max_new_tokens)
+    if not inputs.keep_hidden and inputs.group_size >= 2:
+        scoring_pass += expanded_kv_bytes(rows, seq, dims.num_kv_heads, dims.head_dim, cb)  # one layer at a time
     if inputs.keep_hidden:
         scoring_pass += scoring_tokens * dims.hidden_size * residual  # ablated hidden states kept for the full KL
 
     # Update: one micro-batch's activations.
     micro = max(1, min(inputs.micro_batch_size, rows)) if inputs.phase != "sft" else max(1, inputs.micro_batch_size)
     tokens = micro * seq
+    captured_queries, clips, shared_kv = tokens, micro, 0  # capture queries, clips encoded, expanded K/V
+    group = inputs.group_size
+    if (inputs.phase == "rl" and not fsdp and not inputs.gradient_checkpointing and not inputs.keep_hidden
+            and group >= 2 and micro % group == 0):
+        # micro-batches of whole groups share their prompts and clips (mapo.shared_prefix; not under FSDP2 or
+        # checkpointing); the capture then records the completion queries only
+        tokens = pass_positions(micro // group, group, prompt_len, inputs.max_new_tokens, shared=True)
+        captured_queries, clips = micro * inputs.max_new_tokens, micro // group
+        shared_kv = dims.num_layers * expanded_kv_bytes(micro, seq, dims.num_kv_heads, dims.head_dim, cb)
     lora_extra = 0
     if lora:
         text_groups = [g for g in dims.linears if g.part == "text" and (inputs.lora_targets == "all-linear" or g.name in inputs.lora_targets)]
@@ -352,21 +366,25 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         if inputs.capture_method == "eager":
             per = micro * dims.num_heads * seq * seq * (cb + 4)  # the full attention weights
         else:
-            per = tokens * capture_bytes(dims, seq, cb, inputs.device)
+            per = captured_queries * capture_bytes(dims, seq, cb, inputs.device)
         capture_without = inputs.capture_layers * per
-        # Under checkpointing the recomputed captured layers stay referenced by the capture until the end of
-        # backward: their extra plus the query and keys of their recomputed attention.
-        capture_with = inputs.capture_layers * (per + tokens * 2 * cb * dims.hidden_size)
-    logits_ws = lm_chunk_bytes * min(inputs.chunk_size, micro * inputs.max_new_tokens) * vocab
+        # Under checkpointing the captured layers' query and keys stay referenced by the capture until the
+        # end of backward; the extra above is transient, one layer's at a time as each is recomputed
+        # (measured with experiments/gpu/full_step.py --tiny: the capture adds 7 MiB, not 2 × the extra).
+        capture_with = inputs.capture_layers * tokens * 2 * cb * dims.hidden_size + per
+    logits_ws = lm_workspace(micro * inputs.max_new_tokens)
     audio_grad = not (inputs.freeze_audio_tower and inputs.freeze_projector) and not lora
-    audio_with = audio_activation_bytes(dims, micro, cb, True) if audio_grad else 0
-    audio_without = audio_activation_bytes(dims, micro, cb, False) if audio_grad else 0
+    audio_with = audio_activation_bytes(dims, clips, cb, True) if audio_grad else 0
+    audio_without = audio_activation_bytes(dims, clips, cb, False) if audio_grad else 0
     # Backward: gradients in flight are about a quarter of one layer's saved bytes (measured on CPU);
     # with checkpointing the layer being recomputed holds its full activations on top.
     backward = tokens * per_layer * 3 // 10
-    act_without = tokens * dims.num_layers * per_layer + backward + outside + capture_without + logits_ws + audio_without
-    act_with = (tokens * (dims.num_layers * residual * dims.hidden_size + per_layer) + backward + outside
-                + capture_with + logits_ws + audio_with)
+    # The fused LM-head chunks (mapo.scoring) live at the end of the forward and the start of the backward,
+    # before any layer's gradients or recomputation: they take the larger of the two, not the sum.
+    act_without = (tokens * dims.num_layers * per_layer + shared_kv + max(backward, logits_ws) + outside
+                   + capture_without + audio_without)
+    act_with = (tokens * dims.num_layers * residual * dims.hidden_size + max(tokens * per_layer + backward, logits_ws)
+                + outside + capture_with + audio_with)
     activations = act_with if inputs.gradient_checkpointing else act_without
 
     # Evaluation: greedy batches of eval_batch_size prompts per rank.

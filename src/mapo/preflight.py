@@ -106,6 +106,18 @@ def check_rollout(cfg, ctx: CheckContext) -> list[str]:
     return out
 
 
+@config_check
+def check_sampler(cfg, ctx: CheckContext) -> list[str]:
+    """rollout.top_k, rollout.repetition_penalty, rollout.cuda_graph (mapo.sampling, mapo.rollout)."""
+    r, out = cfg.rollout, []
+    if not (isinstance(r.top_k, int) and r.top_k >= 0):
+        out.append(problem("rollout.top_k", r.top_k, "keeps the k most likely tokens", "an integer ≥ 0 (0 = off)"))
+    out += _positive("rollout.repetition_penalty", r.repetition_penalty, "divides/multiplies the logits of seen tokens")
+    if str(r.cuda_graph).strip().lower() not in ("auto", "none", "on", "true", "1", "off", "false", "0"):
+        out.append(problem("rollout.cuda_graph", r.cuda_graph, "unknown choice", "auto, on, off"))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ algorithm
 @config_check
 def check_algo(cfg, ctx: CheckContext) -> list[str]:

@@ -19,6 +19,7 @@ from mapo.phase import Phase
 from mapo.rewards import compute_rewards
 from mapo.rollout import generate_rollout
 from mapo.step import MetricSums, prepare_batch, truncated_rows, update_on_rollout
+from mapo.timing import StepTimer
 
 
 def mini_batch_seed(seed: int, step_index: int) -> int:
@@ -49,11 +50,16 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
     seeds = [cfg.trainer.seed * 1_000_003 + step_index * 10_007 + i for i in range(local.start, local.stop)]
 
     # rollout (audio encoded once per prompt, prompt prefilled once per group)
-    batch = collator.prompts(records)
-    rollout = phase.runner.decode(  # under FSDP the weights are gathered once for the whole rollout
-        generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=seeds, **gen_kwargs,
-    )
+    timer = StepTimer(ctx.device)
+    with timer.phase("rollout"):
+        batch = collator.prompts(records)
+        rollout = phase.runner.decode(  # under FSDP the weights are gathered once for the whole rollout
+            generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+            repetition_penalty=cfg.rollout.repetition_penalty, seeds=seeds, **gen_kwargs,
+        )
+    timer.add_tokens("rollout", rollout.completion_mask.sum())
+    sequence_tokens = rollout.attention_mask.sum()
 
     # rewards and advantages (the advantage normaliser may span ranks: gather, compute, slice)
     ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, gen_kwargs["pad_token_id"])
@@ -66,25 +72,30 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
 
     # no-grad scoring: reference log-probs, ablated reference, π_old (and Δh, ω̃) when the config needs them
     truncated = truncated_rows(rollout.completion_ids, gen_kwargs["eos_token_id"])
-    prepared = prepare_batch(
-        phase.runner, rollout, adv, rewards.accuracy, algo,
-        frozen_reference=ref_runner, feature_extractor=collator.feature_extractor,
-        content_vocab_mask=content_mask, temperature=cfg.rollout.temperature, audio_input=audio_input,
-        truncated=truncated,
-    )
+    with timer.phase("scoring"):
+        prepared = prepare_batch(
+            phase.runner, rollout, adv, rewards.accuracy, algo,
+            frozen_reference=ref_runner, feature_extractor=collator.feature_extractor,
+            content_vocab_mask=content_mask, temperature=cfg.rollout.temperature, audio_input=audio_input,
+            truncated=truncated,
+        )
+    passes = sum(x is not None for x in (prepared.ref_logprobs, prepared.ablated, prepared.old_logprobs))
+    timer.add_tokens("scoring", sequence_tokens * passes)
 
     # updates_per_rollout passes × mini_batches optimizer steps, each on micro-batches; FSDP averages
     # gradients over ranks, so scale by world size. The non-finite guard sees each step's loss and norm.
     step_loss: dict[str, torch.Tensor] = {}
     decide = faults.step_decider(step_index + 1, lambda: step_loss["loss"], [r.id for r in records]) if faults else None
-    sums, grad_norms = update_on_rollout(
-        phase.model, rollout, prepared, algo, micro_batch_size=cfg.trainer.micro_batch_size,
-        optimizer_step=lambda: phase.clip_and_step(cfg.trainer.grad_clip, should_step=decide),
-        seed=mini_batch_seed(cfg.trainer.seed, step_index), temperature=cfg.rollout.temperature,
-        max_len=cfg.rollout.max_new_tokens, audio_input=audio_input, backward_scale=float(ctx.world_size),
-        call=phase.runner, global_sum=lambda x: dist_utils.global_sum(x, ctx),
-        on_step_loss=lambda loss: step_loss.update(loss=loss),
-    )
+    with timer.phase("update"):
+        sums, grad_norms = update_on_rollout(
+            phase.model, rollout, prepared, algo, micro_batch_size=cfg.trainer.micro_batch_size,
+            optimizer_step=lambda: phase.clip_and_step(cfg.trainer.grad_clip, should_step=decide),
+            seed=mini_batch_seed(cfg.trainer.seed, step_index), temperature=cfg.rollout.temperature,
+            max_len=cfg.rollout.max_new_tokens, audio_input=audio_input, backward_scale=float(ctx.world_size),
+            call=phase.runner, global_sum=lambda x: dist_utils.global_sum(x, ctx),
+            on_step_loss=lambda loss: step_loss.update(loss=loss),
+        )
+    timer.add_tokens("update", sequence_tokens * algo.updates_per_rollout)
     phase.step += 1
 
     lengths = rollout.completion_mask.sum(-1).float()
@@ -104,6 +115,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
         extra[f"reward/{name}"] = torch.stack([values.sum(), torch.tensor(float(n_local))])
     sums.add(extra)
     metrics = MetricSums.finalize(dist_utils.reduce_metrics(sums.flat(), ctx))
+    metrics.update(timer.metrics())
     if faults is not None:
         metrics.update(faults.add_reward_errors(list(cfg.reward.functions), rewards.errors))
         if faults.nonfinite.skipped > skipped_before:

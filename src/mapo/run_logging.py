@@ -54,6 +54,7 @@ DEFAULT_PROGRESS_KEYS: dict[str, str] = {
     "acc": "reward/accuracy",
     "ω̃": "mapo/omega_mean",
     "L_attn": "loss/attn",
+    "tok/s": "throughput/rollout_tok_s",
 }
 
 

@@ -49,17 +49,15 @@ from mapo.config import AlgoConfig
 from mapo.models.adapter import get_adapter
 from mapo.models.embed import build_inputs_embeds, encode_audio, split_audio_by_row
 from mapo.rollout import Rollout
+from mapo.shared_prefix import can_share_prefix
 from mapo.scoring import (
     DEFAULT_CHUNK_SIZE,
     delta_entropy,
     kl_score,
     pick_reference_model,
-    hidden_states,
     kl_full_vocabulary,
-    logprobs_from_hidden,
     reference_pass,
     score_tokens,
-    sequence_inputs,
 )
 
 #: Relative-position buckets of the audio-mass metric (the collapse curve, DESIGN §6).
@@ -286,13 +284,18 @@ def prompt_clips(rollout: Rollout) -> list[list[int]]:
 
 
 def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
-    """The sub-rollout of `rows` ([n] long), as n groups of one (cached audio embeddings shared, not copied).
+    """The sub-rollout of `rows` ([n] long): whole aligned groups of the rollout stay groups of G, any other
+    selection becomes n groups of one (cached audio embeddings shared, not copied).
 
     The clip features of each selected row's prompt (all of its clips, `prompt_clips`) come along, so
     passes that re-encode the audio (recompute, silence, noise) see the same audio as on the whole rollout.
     """
     idx = rows.tolist()
-    prompts = rollout.group_index[rows].tolist()
+    G = rollout.group_size
+    # Whole groups stay groups (their rows share a prompt, which later passes then compute once).
+    whole_groups = G > 1 and len(idx) % G == 0 and idx[0] % G == 0 and idx == list(range(idx[0], idx[0] + len(idx)))
+    group = G if whole_groups else 1
+    prompts = rollout.group_index[rows].tolist()[::group]  # the prompt of each group of the sub-rollout
     features = feature_mask = None
     if rollout.input_features is not None:
         clips_of = prompt_clips(rollout)
@@ -307,12 +310,12 @@ def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
         completion_mask=rollout.completion_mask[rows],
         attention_mask=rollout.attention_mask[rows],
         audio_mask=rollout.audio_mask[rows],
-        group_index=torch.arange(len(idx), device=rows.device),
+        group_index=torch.arange(len(prompts), device=rows.device).repeat_interleave(group),
         has_audio=rollout.has_audio[rows],
         prompt_audio_embeds=[rollout.prompt_audio_embeds[b] for b in prompts],
         input_features=features,
         feature_attention_mask=feature_mask,
-        group_size=1,
+        group_size=group,
     )
 
 
@@ -396,21 +399,28 @@ def mapo_step(
     if algo.loss_agg == "token_mean" and algo.mask.enabled and prepared.omega is None and prepared.ablated is not None:
         raise ValueError("loss_agg=token_mean with the mask needs ω̃ before the micro-batches: prepare_batch(old_pass=True)")
     eta = algo.attn.eta
+    # the full-vocabulary KL needs the policy's hidden states of this forward (unless Δh came from π_old)
+    keep_hidden = prepared.delta_h is None and prepared.ablated_hidden is not None and algo.mask.score == "kl_full"
+    # A shared-prefix forward (mapo.shared_prefix) yields the completion queries only: the capture then
+    # records the call over prompt + completion keys, and its mass is already per completion token.
+    shared = can_share_prefix(model, sub, with_grad=True, keep_hidden=keep_hidden)
+    num_keys = sub.prompt_len - 1 + sub.completion_ids.shape[1]
     capture = (
         capture_audio_attention(
             model,
-            sub.audio_mask,
+            sub.audio_mask[:, :num_keys] if shared else sub.audio_mask,
             layers=tuple(algo.attn.layers),
             head_reduce=algo.attn.head_reduce,
             layer_reduce=algo.attn.layer_reduce,
             method=algo.attn.method,
+            key_length=num_keys if shared else None,
         )
         if eta > 0
         else nullcontext()
     )
     metrics: dict[str, torch.Tensor] = {}
     with capture as cap:
-        hidden, logprobs, entropy = call(_policy_forward, sub, audio_input, temperature, chunk_size)
+        hidden, logprobs, entropy = call(_policy_forward, sub, audio_input, temperature, chunk_size, keep_hidden)
         old_logprobs = prepared.old_logprobs[rows] if prepared.old_logprobs is not None else logprobs.detach()
         policy_entropy = prepared.old_entropy[rows] if prepared.old_entropy is not None else entropy.detach()
 
@@ -454,7 +464,7 @@ def mapo_step(
         # Audio-attention loss.
         if eta > 0:
             gate = prepared.content_gate[rows]
-            a_t = completion_mass(cap.mass, sub.prompt_len, sub.completion_ids.shape[1])  # [n, T]
+            a_t = cap.mass if shared else completion_mass(cap.mass, sub.prompt_len, sub.completion_ids.shape[1])  # [n, T]
             with torch.no_grad():
                 nu = mapo.targeting_weights(delta_h, gate, mask, tau_base=algo.attn.tau_base, cap=algo.attn.cap)
                 w = mapo.temporal_weights(mask, schedule=algo.attn.schedule, kappa=algo.attn.kappa)
@@ -575,15 +585,11 @@ def update_on_rollout(
     return sums, grad_norms
 
 
-def _policy_forward(model: nn.Module, sub: Rollout, audio_input: str, temperature: float, chunk_size: int):
-    """hidden [n, P+T, H], logprobs [n, T], entropy [n, T] of the policy with grad."""
-    inputs = sequence_inputs(model, sub, audio_input)
-    hidden = hidden_states(model, *inputs)
-    logprobs, entropy = logprobs_from_hidden(
-        get_adapter(model).lm_head(model), hidden, sub.completion_ids, sub.prompt_len,
-        completion_mask=sub.completion_mask, temperature=temperature, chunk_size=chunk_size,
-    )
-    return hidden, logprobs, entropy
+def _policy_forward(model: nn.Module, sub: Rollout, audio_input: str, temperature: float, chunk_size: int, keep_hidden: bool):
+    """hidden [n, P+T, H] (None unless keep_hidden), logprobs [n, T], entropy [n, T] of the policy with grad."""
+    scores = score_tokens(model, sub, audio=audio_input, temperature=temperature, chunk_size=chunk_size,
+                          with_grad=True, keep_hidden=keep_hidden)
+    return scores.hidden, scores.logprobs, scores.entropy
 
 
 def _kl_full(model: nn.Module, hidden: torch.Tensor, ablated_hidden: torch.Tensor, sub: Rollout, temperature: float, chunk_size: int):

@@ -52,8 +52,10 @@ from mapo.plan import check_memory_at_start
 from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
+from mapo.rollout import set_default_cuda_graph
 from mapo.run_logging import make_logger, write_json_atomic
 from mapo.step import optimizer_steps_per_rollout, uses_ablated_reference, uses_kl_reference
+from mapo.timing import timed_generation
 from mapo.warm_start import run_warm_start, sft_phase
 
 
@@ -218,6 +220,7 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
         say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
     gen_kwargs = generation_kwargs(cfg, processor, ctx, get_adapter(model).vocab_size(model))
+    set_default_cuda_graph(cfg.rollout.cuda_graph)  # every rollout of the run, evaluation's included
     content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = make_logger(cfg.logger.kind, run_dir, plain_cfg, project=cfg.logger.project,
@@ -228,8 +231,9 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     before: dict[str, float] = {}  # flat eval metrics before the main phase (kept in the run folder for resumes)
     before_file = run_dir / "eval_before.json"
     if cfg.trainer.eval_on_start and phase.step == 0:
-        before = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
-        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        results, timing = timed_generation("eval", ctx.device, evaluate_all, runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
+        before = eval_metrics(results, "")
+        logger.log(0, {**{f"eval/{k}": v for k, v in before.items()}, **timing})
         if ctx.is_main:
             write_json_atomic(before_file, before)
     elif before_file.is_file():
@@ -251,7 +255,8 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
         if cfg.logger.sample_every and phase.step % cfg.logger.sample_every == 0:
             logger.log_samples(phase.step, samples)
         if cfg.trainer.eval_every and phase.step % cfg.trainer.eval_every == 0 and phase.step < phase.steps:
-            logger.log(phase.step, eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, ("audio",), ctx), "eval/"))
+            results, timing = timed_generation("eval", ctx.device, evaluate_all, runner, collator, eval_sets, cfg, gen_kwargs, ("audio",), ctx)
+            logger.log(phase.step, {**eval_metrics(results, "eval/"), **timing})
         if cfg.trainer.checkpoint_every and phase.step % cfg.trainer.checkpoint_every == 0 and phase.step < phase.steps:
             phase.save(run_dir, ctx, cfg.trainer.keep_last)
         if cfg.trainer.export_every and phase.step % cfg.trainer.export_every == 0:
@@ -274,9 +279,10 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     if cfg.trainer.export_final and phase.step > 0:  # make eval ARGS='model.path=<run_dir>/final_model'
         export_policy(runner, model, processor, run_dir / "final_model", ctx, precision.master)
 
-    after = eval_metrics(evaluate_all(runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx), "")
+    results, timing = timed_generation("eval", ctx.device, evaluate_all, runner, collator, eval_sets, cfg, gen_kwargs, conditions, ctx)
+    after = eval_metrics(results, "")
     final = {"step": phase.step, "train_seconds": train_seconds, **after, **fault_counts}
-    logger.log(phase.step, {f"eval/{k}": v for k, v in after.items()})
+    logger.log(phase.step, {**{f"eval/{k}": v for k, v in after.items()}, **timing})
     if ctx.is_main:
         table = final_table(before, after, list(eval_sets), phase_name=phase.name)
         (run_dir / "final_table.md").write_text(table + "\n")

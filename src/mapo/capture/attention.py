@@ -126,6 +126,7 @@ class AudioAttentionCapture:
         head_reduce: str = "max",
         layer_reduce: str = "mean",
         method: str = "sdpa",
+        key_length: int | None = None,
     ) -> None:
         if method not in MASS_METHODS:
             raise ValueError(f"method must be one of {list(MASS_METHODS)}; got {method!r}")
@@ -140,6 +141,7 @@ class AudioAttentionCapture:
         self.head_reduce = head_reduce
         self.layer_reduce = layer_reduce
         self._mass_fn = MASS_METHODS[method]
+        self.key_length = key_length
         self._name = f"mapo_audio_capture_{id(self):x}"
         # Filled on enter: module -> (slot in layer_indices, original attention function).
         self._slots: dict[nn.Module, tuple[int, Callable]] = {}
@@ -230,6 +232,8 @@ class AudioAttentionCapture:
             raise RuntimeError(f"{type(module).__name__} called the audio capture function but is not captured")
         slot, original = self._slots[module]
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if self.key_length is not None and key.shape[2] != self.key_length:
+            return output  # a call over other keys (the prompt-only call of a shared-prefix pass): not recorded
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5  # SDPA's default, used by the original function too
@@ -267,6 +271,7 @@ def capture_audio_attention(
     head_reduce: str = "max",
     layer_reduce: str = "mean",
     method: str = "sdpa",
+    key_length: int | None = None,
 ) -> AudioAttentionCapture:
     """Context manager recording the audio attention mass of `model`'s text decoder.
 
@@ -277,9 +282,12 @@ def capture_audio_attention(
     layers: indices into the text decoder layers; negative counts from the end (default: last 3).
     head_reduce: "max" | "mean" over query heads; layer_reduce: "mean" | "max" over the chosen layers.
     method: "sdpa" (indicator-value SDPA, no Q×S tensor) | "eager" (full softmax weights; reference).
+    key_length: record only attention calls over exactly this many keys (None: every call). A shared-prefix
+        pass (mapo.shared_prefix) calls each layer twice, for the prompt alone and for the completion
+        queries over prompt + completion keys; only the second is wanted, its mass is then [B, T].
     Returns the capture; after the forward, `.mass` is [B, S] float32 and differentiable.
     """
-    return AudioAttentionCapture(model, audio_key_mask, layers, head_reduce, layer_reduce, method)
+    return AudioAttentionCapture(model, audio_key_mask, layers, head_reduce, layer_reduce, method, key_length)
 
 
 def _normalise_layer_indices(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -54,17 +54,26 @@ def median_time(step: Callable[[], None], device: torch.device, repeats: int) ->
     The warm-up takes kernel selection and allocator growth out of the timings; on CUDA the device is
     synchronised around each call so the time covers the queued kernels, not just their launch.
     """
-    step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    return statistics.median(interleaved_times({"step": step}, device, repeats)["step"])
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Wall times in seconds of `repeats` rounds in which every step runs once, in turn, after one untimed
+    warm-up call each. Interleaving makes a change of machine load hit all steps alike, so ratios of their
+    medians are fairer than back-to-back blocks on a shared machine."""
+    for step in steps.values():
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:

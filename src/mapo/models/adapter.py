@@ -20,6 +20,7 @@ the adapter registry always knows every family).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections import Counter
@@ -292,11 +293,27 @@ class ModelAdapter:
         out = text(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.last_hidden_state
 
+    def prepared_mask_kind(self, model: nn.Module) -> str | None:
+        """Whether the text decoder can run on a caller-prepared 4-D attention mask with a cache object that
+        only implements `update(key, value, layer_idx)` (mapo.kv_cache.StaticKVCache), and in which format:
+        "bool" (SDPA), "additive" (eager); None when it must build its own masks (other attention kernels,
+        sliding-window layers). The rollout uses it to decode with a preallocated KV cache."""
+        config = self.text_model(model).config
+        if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+            return None
+        return {"sdpa": "bool", "eager": "additive"}.get(getattr(config, "_attn_implementation", None))
+
 
 def _cache_keyword(module: nn.Module) -> str:
     """The KV-cache argument of a decoder's forward: `cache` in recent transformers 5.x, before that
     `past_key_values` (the cache object is updated in place, so its name on the output is never needed)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(module_type: type) -> str:
+    # Looked up once per class: inspect.signature costs about as much as a small decode step.
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------- Qwen2-Audio

@@ -1,0 +1,292 @@
+"""GPU bench at Qwen2-Audio-7B widths, full depth: `python -m mapo.bench --suite gpu7b` (a few minutes on one
+H100/H200; writes `experiments/bench/<gpu>-gpu7b.json` and its table in experiments/bench/README.md).
+
+The text decoder has Qwen2-Audio-7B's shape (hidden 4096, 32 layers, 32 heads = 32 KV heads, MLP 11008,
+vocabulary 156,032), random weights built directly on the GPU in bf16; the audio tower is a one-layer stub
+(the sections below run text-only prompts: decoding and the update are the text decoder's work).
+
+Sections (each fails soft: an error or the time budget is recorded and the next section runs):
+- decode: our rollout (`generate_rollout`, B prompts × G = 8 rows, random prompt tokens) with the CUDA graph
+  on and off. Step time = (time of a rollout of n new tokens − time of one of 1 token) / (n − 1), sampling
+  included. Memory-bandwidth bound of a step = (bytes of the weights read per step + bytes of the KV cache
+  read at the mean context length) / the card's peak bandwidth; the ratio step / bound is the target
+  (≤ 2). Our cache rounds the columns it reads up to a multiple of `GRAPH_BUCKET` with graphs on; the bound
+  counts only the columns that hold tokens.
+- update: forward + backward of the policy's log-probs and entropies (`hidden_states` +
+  `logprobs_from_hidden`, every position scored) on rows × sequence tokens; model-FLOPs utilisation =
+  6 · N · tokens / time / peak dense bf16 FLOP/s, N = the decoder layers' and LM head's parameters
+  (attention score FLOPs and activation-checkpointing recompute are not counted, as usual for MFU).
+  Without and with activation checkpointing (the latter is what the 7B configs train with).
+- scoring: the fused chunked log-prob/entropy vs full fp32 logits at V = 156,032 (`mapo.bench.bench_scoring`).
+- capture: eager vs SDPA-indicator audio mass on one layer at S = 4096 (`mapo.capture.bench.compare`).
+
+Peaks: detected from the device name (`CARD_PEAKS`); override with --bandwidth-tbs / --peak-tflops. `--toy`
+runs the same code at toy widths (on CPU too) for the tests.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+#: (substring of torch.cuda.get_device_name, peak memory bandwidth in TB/s, peak dense bf16 TFLOP/s), first match
+#: wins (so "H100 PCIe" and "H100 NVL" come before the SXM part's plain "H100"). Vendor data sheets.
+CARD_PEAKS = (
+    ("H200", 4.8, 989.0),
+    ("H100 NVL", 3.9, 835.0),
+    ("H100 PCIe", 2.0, 756.0),
+    ("H100", 3.35, 989.0),
+    ("H800", 3.35, 989.0),
+    ("A100-SXM4-80GB", 2.039, 312.0),
+    ("A100 80GB PCIe", 1.935, 312.0),
+    ("A100", 1.555, 312.0),
+    ("L40S", 0.864, 362.0),
+    ("A10G", 0.6, 125.0),
+)
+
+WIDTHS_7B = dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=156_032)
+WIDTHS_TOY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512)
+
+
+def card_peaks(name: str) -> tuple[float | None, float | None]:
+    """(bytes/s, FLOP/s) of a device name from CARD_PEAKS, or (None, None)."""
+    for key, tbs, tflops in CARD_PEAKS:
+        if key.lower() in name.lower():
+            return tbs * 1e12, tflops * 1e12
+    return None, None
+
+
+def build_model(widths: dict, device: torch.device, dtype: torch.dtype):
+    """Qwen2-Audio with the given text widths and a one-layer audio stub, random weights made on `device`."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    config = Qwen2AudioConfig(
+        audio_config=dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128, max_source_positions=50),
+        text_config=dict(hidden_size=widths["hidden"], num_hidden_layers=widths["layers"],
+                         num_attention_heads=widths["heads"], num_key_value_heads=widths["kv_heads"],
+                         intermediate_size=widths["intermediate"], vocab_size=widths["vocab"],
+                         max_position_embeddings=8192),
+        audio_token_index=widths["vocab"] - 1,
+    )
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2AudioForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the parameters a decode step reads: decoder layers, final norm, LM head (not the token table,
+    of which a step reads one row per sequence)."""
+    from mapo.models.adapter import get_adapter
+
+    adapter = get_adapter(model)
+    text = adapter.text_model(model)
+    modules = [*adapter.decoder_layers(model), text.norm, adapter.lm_head(model)]
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def kv_bytes_per_token(widths: dict, dtype: torch.dtype) -> int:
+    """Keys + values of one token of one row over all layers."""
+    head_dim = widths["hidden"] // widths["heads"]
+    return 2 * widths["layers"] * widths["kv_heads"] * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int, cuda_graph: str,
+                bandwidth: float | None, dtype: torch.dtype) -> dict:
+    """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring)."""
+    from mapo.rollout import generate_rollout, graph_stats
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, widths["vocab"] - 10, (prompts, prompt_len), generator=gen).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    eos = widths["vocab"] - 2  # random weights: EOS (like any token) has probability ~1/V per step
+
+    def rollout(n: int):
+        return generate_rollout(model, batch, group_size=group, max_new_tokens=n, eos_token_id=eos, pad_token_id=0,
+                                temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph)
+
+    def timed(n: int) -> tuple[float, int]:
+        _sync(device)
+        start = time.perf_counter()
+        out = rollout(n)
+        _sync(device)
+        return time.perf_counter() - start, int(out.completion_ids.shape[1])
+
+    timed(min(new_tokens, 8))  # warm-up (kernels, allocator, graph capture path)
+    one, _ = timed(1)
+    graphs_before = graph_stats()
+    full, steps = timed(new_tokens)
+    graphs = {k: v - graphs_before[k] for k, v in graph_stats().items()}
+    step_s = (full - one) / max(steps - 1, 1)
+    rows = prompts * group
+    weights = weight_bytes_per_step(model)
+    kv = kv_bytes_per_token(widths, dtype) * rows * (prompt_len + steps / 2)
+    out = {"rows": rows, "prompt_len": prompt_len, "new_tokens": steps, "cuda_graph": cuda_graph,
+           "step_s": step_s, "tokens_per_s": rows / step_s, "prefill_and_first_token_s": one,
+           "weight_bytes": weights, "kv_bytes_mean": kv, "graphs": graphs}
+    if bandwidth:
+        out["bound_s"] = (weights + kv) / bandwidth
+        out["step_over_bound"] = step_s / out["bound_s"]
+    return out
+
+
+def time_update(model, widths: dict, *, rows: int, seq: int, checkpointing: bool, peak_flops: float | None,
+                repeats: int) -> dict:
+    """Forward + backward of log-probs and entropies at every position; MFU against `peak_flops`."""
+    from mapo.models.adapter import get_adapter
+    from mapo.models.embed import position_ids_from_mask
+    from mapo.scoring import hidden_states, logprobs_from_hidden
+
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, widths["vocab"] - 10, (rows, seq), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    positions = position_ids_from_mask(mask)
+    layers = list(adapter.decoder_layers(model))
+    if checkpointing:
+        from mapo.models.loader import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    model.train().requires_grad_(True)
+    params = [p for m in (*layers, adapter.lm_head(model)) for p in m.parameters()]
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        hidden = hidden_states(model, adapter.embed_tokens(model)(ids), mask, positions)
+        lp, ent = logprobs_from_hidden(adapter.lm_head(model), hidden, ids[:, 1:], 1)
+        (lp.sum() + ent.sum()).backward()
+
+    try:
+        step()  # warm-up
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.eval().requires_grad_(False)
+        if checkpointing:
+            for layer in layers:
+                layer.gradient_checkpointing = False
+    seconds = statistics.median(times)
+    n_params = sum(p.numel() for p in params)
+    flops = 6 * n_params * rows * seq
+    out = {"rows": rows, "seq": seq, "tokens": rows * seq, "checkpointing": checkpointing, "time_s": seconds,
+           "params_counted": n_params, "model_flops": flops, "tokens_per_s": rows * seq / seconds}
+    if peak_flops:
+        out["mfu"] = flops / seconds / peak_flops
+    return out
+
+
+def run_gpu_suite(args) -> dict:
+    """All sections, in order of importance, each failing soft, within `args.budget_s` seconds of starting."""
+    from mapo.bench import bench_scoring, machine_name
+    from mapo.capture.bench import compare as compare_capture
+
+    toy = getattr(args, "toy", False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not toy:
+        raise SystemExit("the gpu7b suite needs a CUDA device (use --toy to run its code at toy widths on CPU)")
+    widths = WIDTHS_TOY if toy else WIDTHS_7B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    bandwidth, peak_flops = card_peaks(name)
+    source = "CARD_PEAKS table" if bandwidth else "unknown card: pass --bandwidth-tbs/--peak-tflops"
+    if getattr(args, "bandwidth_tbs", None):
+        bandwidth, source = args.bandwidth_tbs * 1e12, "command line"
+    if getattr(args, "peak_tflops", None):
+        peak_flops, source = args.peak_tflops * 1e12, "command line"
+    results: dict = {"suite": "gpu7b", "machine": machine_name(device), "device": name, "toy": toy,
+                     "widths": widths, "dtype": str(dtype), "peak_bandwidth_Bps": bandwidth, "peak_flops": peak_flops,
+                     "peaks_source": source,
+                     "sections": {}}
+    started = time.perf_counter()
+    budget = float(getattr(args, "budget_s", 170.0))
+
+    def section(key: str, fn) -> None:
+        elapsed = time.perf_counter() - started
+        if elapsed > budget:
+            results["sections"][key] = f"skipped: time budget ({elapsed:.0f} s > {budget:.0f} s)"
+            return
+        print(f"[gpu7b] {key} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results["sections"][key] = fn()
+        except Exception as err:  # noqa: BLE001 - report and go on (OOM, capture failure, ...)
+            results["sections"][key] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"[gpu7b] {key}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+    t0 = time.perf_counter()
+    model = build_model(widths, device, dtype)
+    results["build_s"] = time.perf_counter() - t0
+    results["weight_bytes_per_step"] = weight_bytes_per_step(model)
+    small = dict(prompt_len=32, new_tokens=12) if toy else dict(prompt_len=512, new_tokens=128)
+    decode = dict(model=model, widths=widths, group=8, bandwidth=bandwidth, dtype=dtype)
+    section("decode_64rows_graph", lambda: time_decode(prompts=8, cuda_graph="on", **small, **decode))
+    section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
+    update = dict(model=model, widths=widths, peak_flops=peak_flops, repeats=2 if toy else 3)
+    seq = 64 if toy else 1024
+    section(f"update_2x{seq}", lambda: time_update(rows=2, seq=seq, checkpointing=False, **update))
+    section("decode_32rows_graph", lambda: time_decode(prompts=4, cuda_graph="on", **small, **decode))
+    section("decode_128rows_graph", lambda: time_decode(prompts=16, cuda_graph="on", **{**small, "prompt_len": small["prompt_len"] // 2}, **decode))
+    section(f"update_8x{seq}_checkpointed", lambda: time_update(rows=8, seq=seq, checkpointing=True, **update))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    section("scoring", lambda: bench_scoring(8, 64 if toy else 512, widths["hidden"], widths["vocab"], device, 2 if toy else 3, dtype=dtype))
+    heads = dict(q_heads=4, kv_heads=2, head_dim=16) if toy else {}
+    section("capture", lambda: {"seq_len": 128 if toy else 4096,
+                                **compare_capture(128 if toy else 4096, device=device, repeats=2 if toy else 3, **heads)})
+    results["wall_s"] = time.perf_counter() - started
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    """The suite's table for experiments/bench/README.md."""
+    lines = [f"### {results['machine']} — gpu7b suite{' (toy widths)' if results.get('toy') else ''}", "",
+             f"{results['device']}; widths {results['widths']}; {results['dtype']}; peaks: "
+             f"{(results['peak_bandwidth_Bps'] or 0) / 1e12:.2f} TB/s, {(results['peak_flops'] or 0) / 1e12:.0f} TFLOP/s "
+             f"({results['peaks_source']}); `{results.get('command', '')}` ({results.get('wall_s', 0):.0f} s)", "",
+             "| section | result |", "|---|---|"]
+    for key, sec in results["sections"].items():
+        if isinstance(sec, str):
+            lines.append(f"| {key} | {sec} |")
+        elif key.startswith("decode"):
+            bound = f", bound {sec['bound_s'] * 1e3:.2f} ms → step/bound **{sec['step_over_bound']:.2f}** (target ≤ 2)" if "bound_s" in sec else ""
+            g = sec.get("graphs", {})
+            lines.append(f"| {key} | {sec['rows']} rows, prompt {sec['prompt_len']}, {sec['new_tokens']} tokens, graph "
+                         f"{sec['cuda_graph']} (captured {g.get('captured', 0)}, replayed {g.get('replayed', 0)}, failed "
+                         f"{g.get('failed', 0)}): {sec['step_s'] * 1e3:.2f} ms/step, {sec['tokens_per_s']:.0f} tok/s{bound} |")
+        elif key.startswith("update"):
+            mfu = f", MFU **{sec['mfu']:.1%}** (target ≥ 40 %)" if "mfu" in sec else ""
+            lines.append(f"| {key} | {sec['tokens']} tokens, checkpointing {sec['checkpointing']}: {sec['time_s']:.3f} s, "
+                         f"{sec['tokens_per_s']:.0f} tok/s{mfu} |")
+        elif key == "scoring":
+            lines.append(f"| scoring | fused chunked vs full logits, {sec['rows']}×{sec['tokens']}, V = {sec['vocab']:,}: "
+                         f"speed {sec['speed']:.2f}×, memory {sec['memory']:.2f} of full |")
+        elif key == "capture":
+            lines.append(f"| capture | S = {sec['seq_len']}: eager/SDPA-indicator time {sec['time_ratio']:.2f}, "
+                         f"memory {sec['memory_ratio']:.1f} |")
+    return "\n".join(lines)

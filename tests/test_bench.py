@@ -1,0 +1,64 @@
+"""`make bench` plumbing: the GPU suite's code path at toy widths on CPU (bandwidth bound and MFU arithmetic,
+JSON and README table), the card table, and the CPU suite's table with its target marks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mapo import bench, bench_gpu
+
+
+def test_card_peaks_table():
+    assert bench_gpu.card_peaks("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
+    assert bench_gpu.card_peaks("NVIDIA H100 PCIe") == (2.0e12, 756e12)
+    assert bench_gpu.card_peaks("NVIDIA H200") == (4.8e12, 989e12)
+    assert bench_gpu.card_peaks("Some Future GPU") == (None, None)
+
+
+def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
+    torch.set_num_threads(1)
+    bench.main(["--suite", "gpu7b", "--toy", "--bandwidth-tbs", "0.01", "--peak-tflops", "0.1", "--out", str(tmp_path)])
+    results = json.loads(next(tmp_path.glob("*-gpu7b.json")).read_text())
+    sections = results["sections"]
+    assert all(isinstance(v, dict) for v in sections.values()), sections  # nothing failed or skipped
+    # Hand count of the toy decoder's weights read per step (fp32): per layer q 64·64+64, k and v 64·32+32 each
+    # (2 KV heads × 16), o 64·64, MLP 3·64·128, two norms 2·64; then the final norm 64 and the LM head 512·64.
+    per_layer = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    weights = 4 * (2 * per_layer + 64 + 512 * 64)
+    assert results["weight_bytes_per_step"] == weights
+    decode = sections["decode_64rows_graph"]
+    # KV per token and row: 2 (K, V) × 2 layers × 2 heads × 16 × 4 bytes = 512; mean context 32 + 12/2.
+    assert decode["kv_bytes_mean"] == 512 * 64 * (32 + decode["new_tokens"] / 2)
+    assert decode["bound_s"] == pytest.approx((weights + decode["kv_bytes_mean"]) / 0.01e12)
+    assert decode["step_over_bound"] == pytest.approx(decode["step_s"] / decode["bound_s"])
+    assert decode["graphs"] == {"captured": 0, "replayed": 0, "failed": 0}  # no CUDA graph on CPU
+    update = sections["update_2x64"]
+    assert update["mfu"] == pytest.approx(6 * update["params_counted"] * 128 / update["time_s"] / 0.1e12)
+    assert sections["update_8x64_checkpointed"]["checkpointing"] is True
+    table = (tmp_path / "README.md").read_text()
+    assert "gpu7b suite (toy widths)" in table and "| decode_64rows_eager |" in table and "MFU" in table
+
+
+def test_cpu_table_marks_targets(tmp_path):
+    results = {
+        "machine": "cpu-test-1t", "device": "test CPU", "torch": "x", "transformers": "y", "date": "today",
+        "command": "python -m mapo.bench", "wall_s": 1.0,
+        "scoring": {"rows": 8, "tokens": 128, "vocab": 32000, "speed": 1.3, "memory": 0.05},
+        "step": {"rows": 64, "sequence_length": 188, "mapo": {"time_s": 1.3}, "grpo": {"time_s": 1.0}},
+        "trl": "skipped: TRL is not installed",
+    }
+    table = bench.markdown_table(results)
+    assert "| scoring speed: full logits time / fused chunked time | 1.30 | met (>= 0.9) |" in table
+    assert "| scoring memory: fused chunked peak / full logits peak | 0.05 | met (<= 0.25) |" in table
+    assert "| step after the rollout: MAPO / GRPO (same rollout) | 1.30 | MISSED (<= 1.15) |" in table
+    assert "| trl | – | – | skipped: TRL is not installed |" in table
+    (tmp_path / "cpu-test-1t.json").write_text(json.dumps(results))
+    (tmp_path / "README.md").write_text("# notes kept\n")
+    bench.write_readme(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# notes kept") and "### cpu-test-1t" in text
+    bench.write_readme(tmp_path)  # rewriting keeps one copy of the tables
+    assert (tmp_path / "README.md").read_text().count("### cpu-test-1t") == 1

@@ -98,17 +98,20 @@ def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch
 
 # ----------------------------------------------------------------------------------------- rollout
 def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, new_tokens: int, temperature: float,
-                  text_only: bool, repeats: int) -> dict:
+                  text_only: bool, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Our rollout (static cache, and the growing-cache fallback) vs `generate` on the G-repeated batch."""
     import dataclasses
 
     from mapo.data.collate import Collator
     from mapo.data.validate import read_manifest
     from mapo.models.adapter import get_adapter
-    from mapo.models.loader import generation_suppressed_token_ids, load_model_and_processor
+    from mapo.models.loader import (
+        generation_suppressed_token_ids,
+        load_model_and_processor,
+    )
     from mapo.rollout import generate_rollout
 
-    model, processor = load_model_and_processor(model_dir)
+    model, processor = load_model_and_processor(model_dir, device=device)
     records = read_manifest(data_dir / "test.jsonl").records[:prompts]
     if text_only:
         records = [dataclasses.replace(r, audio=None) for r in records]
@@ -129,7 +132,7 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
             generated[cache] = int(r.completion_mask.sum())
         return run
 
-    repeated = {k: v.repeat_interleave(group, 0) for k, v in batch.items()}
+    repeated = {k: v.repeat_interleave(group, 0).to(device) for k, v in batch.items()}
 
     def hf():
         with torch.no_grad():
@@ -145,7 +148,7 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
         clips["n"] = 0
         step()
         encoded[name] = clips["n"]
-    times = interleaved_times(steps, torch.device("cpu"), repeats)
+    times = interleaved_times(steps, device, repeats)
     hook.remove()
     out = {"prompts": prompts, "group": group, "new_tokens": new_tokens, "temperature": temperature,
            "text_only": text_only, "prompt_len": int(batch["input_ids"].shape[1])}
@@ -246,12 +249,12 @@ def ensure_tiny(model_dir: Path, data_dir: Path) -> None:
 
 
 def run_cpu_suite(args) -> dict:
+    from mapo.bench_rl import same_rollout_steps
     from mapo.bench_trl import compare as compare_trl
     from mapo.bench_trl import trl_available
-    from mapo.bench_rl import same_rollout_steps
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     repeats = 2 if args.quick else 3
     results: dict = {}
     started = time.perf_counter()
@@ -270,9 +273,10 @@ def run_cpu_suite(args) -> dict:
     model_dir, data_dir = Path(args.model_dir), Path(args.data_dir)
     ensure_tiny(model_dir, data_dir)
     setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3, repeats=repeats + 2)
-    section("rollout_audio", lambda: bench_rollout(model_dir, data_dir, text_only=False, **setting))
-    section("rollout_text", lambda: bench_rollout(model_dir, data_dir, text_only=True, **setting))
-    section("step", lambda: same_rollout_steps(model_dir, data_dir, ("grpo", "mapo"), overrides=[], repeats=repeats + 2))
+    section("rollout_audio", lambda: bench_rollout(model_dir, data_dir, text_only=False, device=device, **setting))
+    section("rollout_text", lambda: bench_rollout(model_dir, data_dir, text_only=True, device=device, **setting))
+    section("step", lambda: same_rollout_steps(model_dir, data_dir, ("grpo", "mapo"), overrides=[], repeats=repeats + 2,
+                                               device=device))
     if args.no_trl:
         results["trl"] = "skipped (--no-trl)"
     elif not trl_available():
@@ -289,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the targets are for 1)")
+    parser.add_argument("--device", default="cpu", help="tiny-model suite: cpu (the targets) | cuda (the same ratios on a GPU)")
     parser.add_argument("--out", default=str(BENCH_DIR), help="folder of <machine>.json and README.md")
     parser.add_argument("--model-dir", default=str(paths.TINY_MODEL_DIR))
     parser.add_argument("--data-dir", default=str(paths.SYNTHETIC_DATA_DIR))
@@ -311,8 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         name = f"{results['machine']}-gpu7b"
     else:
         results = run_cpu_suite(args)
-        name = machine_name(torch.device("cpu"))
-        results.update(machine=name, device=f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)")
+        device = torch.device(args.device)
+        name = machine_name(device)
+        described = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+        results.update(machine=name, device=described)
     results.update(torch=torch.__version__, transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"),
                    command=("python -m mapo.bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip())
     out_dir = Path(args.out)

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -51,7 +52,8 @@ class _ReplayRunner:
 class RLHarness:
     """One tiny-model RL setup: config `experiment=tiny_<algo>` + overrides, model, reference, phase, collator."""
 
-    def __init__(self, model_dir: Path, data_dir: Path, *, algo: str, overrides: list[str], model=None, processor=None):
+    def __init__(self, model_dir: Path, data_dir: Path, *, algo: str, overrides: list[str], model=None, processor=None,
+                 device: str = "cpu"):
         from mapo import distributed as dist_utils
         from mapo.algos.mapo import build_content_vocab_mask
         from mapo.assets import load_split
@@ -65,12 +67,12 @@ class RLHarness:
 
         self.cfg = cfg = compose_config(f"tiny_{algo}", [
             f"model.path={model_dir}", f"data.dir={data_dir}", "trainer.warm_start.enabled=false", "logger=none",
-            "trainer.device=cpu", *overrides,
+            f"trainer.device={device}", *overrides,
         ])
-        self.ctx = dist_utils.init_distributed("cpu")
+        self.ctx = dist_utils.init_distributed(device)
         precision = resolve_precision(cfg.model, self.ctx.device)
         if model is None:
-            model, processor = load_model_and_processor(cfg.model.path, dtype=precision.master)
+            model, processor = load_model_and_processor(cfg.model.path, dtype=precision.master, device=self.ctx.device)
         self.model, self.processor = model, processor
         self.train_items = load_split(cfg.data, cfg.data.train)
         self.collator = Collator(processor, feature_cache=FeatureCache())
@@ -137,19 +139,19 @@ class RLHarness:
 
 
 def same_rollout_steps(model_dir: Path, data_dir: Path, algos: tuple[str, ...], *, overrides: list[str],
-                       repeats: int) -> dict:
+                       repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Time the step after the rollout (rewards, scoring, update, optimizer) of each algorithm on one rollout,
     interleaving the algorithms so that load changes hit them alike. Returns {algo: {"time_s", phases...}}."""
     import statistics
 
     from mapo.models.loader import load_model_and_processor
 
-    model, processor = load_model_and_processor(model_dir)
+    model, processor = load_model_and_processor(model_dir, device=device)
     harnesses = {}
     for algo in algos:
         # each algorithm trains its own copy of the same weights
         harnesses[algo] = RLHarness(model_dir, data_dir, algo=algo, overrides=overrides,
-                                    model=copy.deepcopy(model), processor=processor)
+                                    model=copy.deepcopy(model), processor=processor, device=torch.device(device).type)
     records, rollout = harnesses[algos[0]].sample_rollout()
     for h in harnesses.values():
         h.replay(records, rollout)

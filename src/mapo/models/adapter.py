@@ -326,7 +326,11 @@ class Qwen2AudioAdapter(ModelAdapter):
     processor_types = ("Qwen2AudioProcessor",)
 
     def load(self, folder, *, dtype, attn_implementation, device):
-        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+        from transformers import (
+            AutoProcessor,
+            Qwen2AudioForConditionalGeneration,
+            Qwen2AudioProcessor,
+        )
 
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         if not isinstance(processor, Qwen2AudioProcessor):

@@ -26,7 +26,9 @@ What differs from Qwen2-Audio, and where it is handled:
   model's own forward and `generate`).
 - Parts: `model.model.audio_tower`, `model.model.language_model` (decoder layers), `model.lm_head`, and
   a vision tower `model.model.visual` that mapo never runs: its parameters are fixed (never trained) and
-  it is its own FSDP unit, so it is never gathered.
+  it is its own FSDP unit, so it is never gathered. transformers before 5.2x (e.g. 5.17, measured on a
+  GPU machine) keeps the towers and `get_audio_features` on the thinker itself and `model.model` is the
+  text model; `_multimodal` finds whichever layout the installed version builds.
 - Qwen3-Omni's decoder layers hold the experts as two fused 3-D parameters per layer
   (`mlp.experts.gate_up_proj` [E, 2·I, H], `mlp.experts.down_proj` [E, H, I]) and the router `mlp.gate`.
   FSDP2 wraps per decoder layer: one unit holds a layer's attention, router and all its experts, and
@@ -166,14 +168,21 @@ class OmniThinkerAdapter(ModelAdapter):
         return model.to(device).eval(), processor
 
     # ------------------------------------------------------------------ parts
+    @staticmethod
+    def _multimodal(model) -> nn.Module:
+        """The module holding the towers and `get_audio_features`: `model.model` in transformers 5.2x,
+        the thinker itself in earlier 5.x (where `model.model` is the text model)."""
+        return model.model if hasattr(model.model, "audio_tower") else model
+
     def text_model(self, model):
-        return model.model.language_model
+        holder = self._multimodal(model)
+        return holder.language_model if holder is model.model else model.model
 
     def audio_tower(self, model):
-        return model.model.audio_tower
+        return self._multimodal(model).audio_tower
 
     def vision_tower(self, model) -> nn.Module:
-        return model.model.visual
+        return self._multimodal(model).visual
 
     def fixed_parameters(self, model):
         # mapo never feeds images or video: the vision tower never runs, so it never trains.
@@ -195,7 +204,7 @@ class OmniThinkerAdapter(ModelAdapter):
         weight = next(tower.parameters())
         features = input_features.to(weight.device, weight.dtype)
         mask = feature_attention_mask.to(weight.device)
-        encoded = model.model.get_audio_features(features, mask).last_hidden_state  # [Σ n_c, H]
+        encoded = self._multimodal(model).get_audio_features(features, mask).last_hidden_state  # [Σ n_c, H]
         counts = self.audio_output_lengths(model, mask.sum(-1))
         if sum(counts) != encoded.shape[0]:
             raise RuntimeError(f"{self.family}: the audio tower returned {encoded.shape[0]} positions, expected {counts}")

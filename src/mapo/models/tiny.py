@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from None
     out_dir = write_tiny(cfg, texts)
     elapsed = time.perf_counter() - start
-    from mapo.models.loader import load_model_and_processor  # check it loads the way training will load it
+    from mapo.models.loader import (
+        load_model_and_processor,  # check it loads the way training will load it
+    )
 
     model, processor = load_model_and_processor(out_dir)
     n_params = sum(p.numel() for p in model.parameters())

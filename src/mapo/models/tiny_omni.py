@@ -21,11 +21,12 @@ n_window = 50 (100-frame chunks, 13 positions per chunk), the only one transform
 
 from __future__ import annotations
 
-import torch
 from functools import partial
 
+import torch
 from transformers import GenerationConfig, Qwen2VLImageProcessorPil
 
+from mapo.models.adapter import get_adapter
 from mapo.models.init import init_audio_path
 from mapo.models.omni_processor import NoVideoProcessor, build_omni_processor
 from mapo.models.tiny import (
@@ -155,7 +156,10 @@ def build_omni_processor_for(tokenizer, window_seconds: int, *, processor_class:
 # --------------------------------------------------------------------------------------- Qwen2.5-Omni
 def build_qwen25_omni_model(cfg: TinyModelConfig, tokenizer):
     """A randomly initialised small `Qwen2_5OmniThinkerForConditionalGeneration`, identical for one seed."""
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers import (
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
 
     ids = _token_ids(tokenizer, QWEN25_OMNI_TOKENS)
     config = Qwen2_5OmniThinkerConfig(
@@ -186,7 +190,10 @@ def build_qwen25_omni_model(cfg: TinyModelConfig, tokenizer):
 # ----------------------------------------------------------------------------------------- Qwen3-Omni
 def build_qwen3_omni_model(cfg: TinyModelConfig, tokenizer):
     """A randomly initialised small `Qwen3OmniMoeThinkerForConditionalGeneration` (every layer MoE)."""
-    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+    from transformers import (
+        Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
 
     ids = _token_ids(tokenizer, QWEN3_OMNI_TOKENS)
     head_dim = cfg.text_hidden // cfg.text_heads
@@ -219,7 +226,7 @@ def build_qwen3_omni_model(cfg: TinyModelConfig, tokenizer):
         torch.manual_seed(cfg.seed)
         model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
     model = _finish(model, cfg, tokenizer)
-    _kaiming_conv_out_(model.model.audio_tower.conv_out, cfg.seed)
+    _kaiming_conv_out_(get_adapter(model).audio_tower(model).conv_out, cfg.seed)
     return model
 
 

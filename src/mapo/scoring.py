@@ -295,8 +295,11 @@ class _FusedTokenStats(torch.autograd.Function):
             dz_c = dz.to(dtype)
             if need_h:
                 d_hidden[rows] = (dz_c @ w).to(hidden.dtype)
-            if need_w:
-                d_weight.addmm_(dz_c.t().float() if dtype != torch.float32 else dz_c.t(), h.float())
+            if need_w and dtype == torch.float32:
+                d_weight.addmm_(dz_c.t(), h)
+            elif need_w:  # in the compute dtype (fp32 accumulation inside the matmul), as autograd does for a
+                # full head; an fp32 matmul here ran at 0.26x the full-logits speed on an H200 (V = 156k)
+                d_weight.add_(dz_c.t() @ h)
             if need_b:
                 d_bias.add_(dz.sum(0))
         if d_weight is not None:

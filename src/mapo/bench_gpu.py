@@ -249,6 +249,7 @@ def run_gpu_suite(args) -> dict:
     update = dict(model=model, widths=widths, peak_flops=peak_flops, repeats=2 if toy else 3)
     seq = 64 if toy else 1024
     section(f"update_2x{seq}", lambda: time_update(rows=2, seq=seq, checkpointing=False, **update))
+    section(f"update_4x{seq}", lambda: time_update(rows=4, seq=seq, checkpointing=False, **update))
     section("decode_32rows_graph", lambda: time_decode(prompts=4, cuda_graph="on", **small, **decode))
     section("decode_128rows_graph", lambda: time_decode(prompts=16, cuda_graph="on", **{**small, "prompt_len": small["prompt_len"] // 2}, **decode))
     section(f"update_8x{seq}_checkpointed", lambda: time_update(rows=8, seq=seq, checkpointing=True, **update))

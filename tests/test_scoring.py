@@ -324,3 +324,47 @@ def test_fused_chunks_equal_full_logits_in_value_and_gradient(wrapped):
     with torch.no_grad():
         lp, ent = logprobs_from_hidden(module, hidden, ids, prompt_len, completion_mask=mask, temperature=0.7)
     assert torch.allclose(lp, expected[0], atol=1e-6) and torch.allclose(ent, expected[1], atol=1e-6)
+
+
+def test_fused_chunks_in_bf16_keep_the_logits_and_match_autograd():
+    """With a bf16 head (as under bf16 compute) forward keeps the matmul's bf16 logits and backward reuses them
+    instead of recomputing: values and gradients equal plain autograd over the same bf16 logits (the fp32
+    softmax arithmetic is the same on both sides), and the saved logits are exactly the head's output."""
+    from mapo.scoring import _FusedTokenStats, lm_head_saved_bytes
+
+    gen = torch.Generator().manual_seed(1)
+    rows, width, vocab = 7, 16, 40
+    head = torch.nn.Linear(width, vocab, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_((torch.randn(vocab, width, generator=gen) * 0.5).to(torch.bfloat16))
+    queries = torch.randn(rows, width, generator=gen).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(vocab, (rows,), generator=gen)
+    up_lp, up_h = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+
+    def run(fn):
+        queries.grad = head.weight.grad = None
+        lp, ent = fn()
+        ((lp * up_lp).sum() + (ent * up_h).sum()).backward()
+        return lp.detach(), ent.detach(), queries.grad.float().clone(), head.weight.grad.float().clone()
+
+    def reference():
+        logp = torch.log_softmax(head(queries).float(), -1)
+        return logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    saved = {}
+    original = _FusedTokenStats.backward
+
+    def spy(ctx, *grads):
+        saved["logits"] = ctx.saved_tensors[-1]
+        return original(ctx, *grads)
+
+    _FusedTokenStats.backward = staticmethod(spy)
+    try:
+        got = run(lambda: _FusedTokenStats.apply(queries, head.weight, None, targets, 1.0, 3))
+    finally:
+        _FusedTokenStats.backward = staticmethod(original)
+    assert saved["logits"].dtype == torch.bfloat16 and torch.equal(saved["logits"], head(queries).detach())
+    expected = run(reference)
+    for name, a, b in zip(("logp", "entropy", "d_hidden", "d_weight"), got, expected):
+        assert torch.allclose(a, b, atol=2e-2, rtol=2e-2), (name, (a - b).abs().max().item())
+    assert lm_head_saved_bytes(rows, vocab, 2) == rows * vocab * 2 and lm_head_saved_bytes(rows, vocab, 4) == 0

@@ -129,6 +129,19 @@ def test_collator_equals_the_processors_own_call(omni, records):
     assert torch.equal(batch["input_features"][0, :, : alone_features.shape[-1]], alone_features)
 
 
+def test_collator_finds_the_placeholder_id_when_the_processor_lacks_it(omni, records):
+    """transformers 5.17's Qwen3OmniMoeProcessor names `audio_token` but sets no `audio_token_id`."""
+    processor = copy.copy(omni["processor"])
+    expected = processor.audio_token_id
+    del processor.audio_token_id
+    collator = Collator(processor)
+    assert collator.audio_token_id == expected
+    assert torch.equal(collator.prompts(records)["input_ids"], omni["collator"].prompts(records)["input_ids"])
+    processor.audio_token = "<no such token>"
+    with pytest.raises(ValueError, match="no id for its audio placeholder"):
+        Collator(processor)
+
+
 def test_our_forward_and_positions_equal_the_models_own(omni, records):
     model, collator = omni["model"], omni["collator"]
     adapter = get_adapter(model)

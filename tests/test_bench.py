@@ -38,8 +38,24 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     update = sections["update_2x64"]
     assert update["mfu"] == pytest.approx(6 * update["params_counted"] * 128 / update["time_s"] / 0.1e12)
     assert sections["update_8x64_checkpointed"]["checkpointing"] is True
+    # The profile's categories add up to its total, and every step runs a matmul (the decoder and LM head).
+    profile = sections["decode_profile"]
+    assert profile["measure"] == "cpu ops" and profile["new_tokens"] == 6
+    assert sum(profile["per_step_s"].values()) == pytest.approx(profile["total_s"])
+    assert profile["per_step_s"]["matmul"] > 0 and sum(profile["share"].values()) == pytest.approx(1.0)
+    assert profile["total_over_bound"] == pytest.approx(profile["total_s"] / profile["bound_s"])
     table = (tmp_path / "README.md").read_text()
+    assert "| decode_profile | 64 rows, eager, cpu ops per step: " in table
     assert "gpu7b suite (toy widths)" in table and "| decode_64rows_eager |" in table and "MFU" in table
+
+
+def test_kernel_categories():
+    assert bench_gpu.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert bench_gpu.kernel_category("fmha_cutlassF_bf16_aligned_64x128_rf_sm80") == "attention"
+    assert bench_gpu.kernel_category("void at::native::sbtopk::gatherTopK<float>") == "sampling"
+    assert bench_gpu.kernel_category("Memcpy DtoD (Device -> Device)") == "copy"
+    assert bench_gpu.kernel_category("aten::mm") == "matmul"
+    assert bench_gpu.kernel_category("void at::native::vectorized_elementwise_kernel<4, rsqrt>") == "other"
 
 
 def test_cpu_table_marks_targets(tmp_path):

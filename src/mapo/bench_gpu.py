@@ -12,6 +12,12 @@ Sections (each fails soft: an error or the time budget is recorded and the next 
   read at the mean context length) / the card's peak bandwidth; the ratio step / bound is the target
   (≤ 2). Our cache rounds the columns it reads up to a multiple of `GRAPH_BUCKET` with graphs on; the bound
   counts only the columns that hold tokens.
+- decode_profile: where a decode step's device time goes, for the gap between the step and the bound.
+  `torch.profiler` over an eager rollout of 1 token and one of n tokens (same prompts); the difference of
+  each kernel category's summed time (matmul, attention, sampling, copies, other) divided by n − 1 is the
+  device time per step, next to the bound and the timed step (CUDA graphs remove the host's launch gaps,
+  not kernel time, so the graph step is at least the summed kernel time). On CPU (--toy) the categories are
+  the operators' own CPU time.
 - update: forward + backward of the policy's log-probs and entropies (`hidden_states` +
   `logprobs_from_hidden`, every position scored) on rows × sequence tokens; model-FLOPs utilisation =
   6 · N · tokens / time / peak dense bf16 FLOP/s, N = the decoder layers' and LM head's parameters
@@ -144,6 +150,83 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
     return out
 
 
+#: Kernel-name fragments (lower case) of each category of `profile_decode`, first match wins.
+KERNEL_CATEGORIES = (
+    ("attention", ("fmha", "flash", "attention", "mem_eff", "efficient")),
+    ("sampling", ("topk", "sort", "radix", "scan", "cumsum", "multinomial", "argmax", "gather", "scatter", "where")),
+    ("matmul", ("gemm", "cutlass", "matmul", "nvjet", "cublas", "addmm", "bmm", "linear", "mm")),
+    ("copy", ("memcpy", "memset", "copy", "cat", "index")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The `KERNEL_CATEGORIES` entry a kernel (or CPU operator) name falls in, else "other"."""
+    lower = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in lower for fragment in fragments):
+            return category
+    return "other"
+
+
+def _profiled_category_seconds(run, device: torch.device) -> dict[str, float]:
+    """Seconds per category of the kernels (CUDA) or operators' self CPU time (CPU) that `run()` launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        run()
+        _sync(device)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            micros = event.time_range.elapsed_us()
+        else:
+            micros = event.self_cpu_time_total
+        category = kernel_category(event.name)
+        totals[category] = totals.get(category, 0.0) + micros * 1e-6
+    return totals
+
+
+def profile_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int,
+                   bandwidth: float | None, dtype: torch.dtype) -> dict:
+    """Device time per eager decode step by kernel category (see the module docstring), and its sum over
+    the bandwidth bound."""
+    from mapo.rollout import generate_rollout
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, widths["vocab"] - 10, (prompts, prompt_len), generator=gen).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    # Random weights: a row samples EOS with probability ~1/V per step, so the loop runs all n steps (the
+    # longest row decides) and the two profiles differ by n − 1 whole steps.
+    steps: list[int] = []
+
+    def rollout(n: int):
+        out = generate_rollout(model, batch, group_size=group, max_new_tokens=n, eos_token_id=widths["vocab"] - 2,
+                               pad_token_id=0, temperature=1.0, seeds=list(range(prompts)), cuda_graph="off")
+        steps.append(int(out.completion_ids.shape[1]))
+
+    rollout(2)  # warm-up
+    one = _profiled_category_seconds(lambda: rollout(1), device)
+    full = _profiled_category_seconds(lambda: rollout(new_tokens), device)
+    n = steps[-1]
+    per_step = {c: max(full.get(c, 0.0) - one.get(c, 0.0), 0.0) / max(n - 1, 1) for c in sorted({*one, *full})}
+    total = sum(per_step.values())
+    rows = prompts * group
+    out = {"rows": rows, "prompt_len": prompt_len, "new_tokens": n, "measure": "kernels" if device.type == "cuda" else "cpu ops",
+           "per_step_s": per_step, "total_s": total,
+           "share": {c: v / total for c, v in per_step.items()} if total else {}}
+    if bandwidth:
+        weights = weight_bytes_per_step(model)
+        kv = kv_bytes_per_token(widths, dtype) * rows * (prompt_len + n / 2)
+        out["bound_s"] = (weights + kv) / bandwidth
+        out["total_over_bound"] = total / out["bound_s"]
+    return out
+
+
 def time_update(model, widths: dict, *, rows: int, seq: int, checkpointing: bool, peak_flops: float | None,
                 repeats: int) -> dict:
     """Forward + backward of log-probs and entropies at every position; MFU against `peak_flops`."""
@@ -245,6 +328,7 @@ def run_gpu_suite(args) -> dict:
     small = dict(prompt_len=32, new_tokens=12) if toy else dict(prompt_len=512, new_tokens=128)
     decode = dict(model=model, widths=widths, group=8, bandwidth=bandwidth, dtype=dtype)
     section("decode_64rows_graph", lambda: time_decode(prompts=8, cuda_graph="on", **small, **decode))
+    section("decode_profile", lambda: profile_decode(prompts=8, **{**small, "new_tokens": 17 if not toy else 6}, **decode))
     section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
     update = dict(model=model, widths=widths, peak_flops=peak_flops, repeats=2 if toy else 3)
     seq = 64 if toy else 1024
@@ -274,6 +358,12 @@ def markdown_table(results: dict) -> str:
     for key, sec in results["sections"].items():
         if isinstance(sec, str):
             lines.append(f"| {key} | {sec} |")
+        elif key == "decode_profile":
+            parts = ", ".join(f"{c} {v * 1e3:.2f} ms ({sec['share'][c]:.0%})" for c, v in
+                              sorted(sec["per_step_s"].items(), key=lambda kv: -kv[1]) if sec["share"])
+            bound = f"; sum / bound **{sec['total_over_bound']:.2f}**" if "total_over_bound" in sec else ""
+            lines.append(f"| decode_profile | {sec['rows']} rows, eager, {sec['measure']} per step: {parts}; "
+                         f"sum {sec['total_s'] * 1e3:.2f} ms{bound} |")
         elif key.startswith("decode"):
             bound = f", bound {sec['bound_s'] * 1e3:.2f} ms → step/bound **{sec['step_over_bound']:.2f}** (target ≤ 2)" if "bound_s" in sec else ""
             g = sec.get("graphs", {})

@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mapo.bench_gpu import instantiate  # noqa: E402
 from mapo.config import LoraConfig  # noqa: E402
 from mapo.distributed import ModelRunner  # noqa: E402
 from mapo.models.loader import enable_activation_checkpointing  # noqa: E402
@@ -71,13 +72,7 @@ def build_model(config: dict, device: torch.device, lora_rank: int, precision: P
     hf_config = Qwen2AudioConfig(**plain)
     hf_config._attn_implementation = "sdpa"
     base_dtype = precision.frozen if lora_rank > 0 else precision.master
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(base_dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2AudioForConditionalGeneration(hf_config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = instantiate(Qwen2AudioForConditionalGeneration, hf_config, device, base_dtype)
     model.model.audio_tower.to(precision.frozen).requires_grad_(False)  # frozen tower in the frozen dtype
     if lora_rank > 0:
         model.requires_grad_(False)

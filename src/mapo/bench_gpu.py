@@ -78,14 +78,19 @@ def build_model(widths: dict, device: torch.device, dtype: torch.dtype):
         audio_token_index=widths["vocab"] - 1,
     )
     config._attn_implementation = "sdpa"
+    return instantiate(Qwen2AudioForConditionalGeneration, config, device, dtype).eval()
+
+
+def instantiate(model_class, config, device: torch.device | str, dtype: torch.dtype):
+    """`model_class(config)` with its random weights made directly on `device` in `dtype` (no CPU fp32 copy
+    first: at 7B that copy alone is 28 GB)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen2AudioForConditionalGeneration(config)
+            return model_class(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.eval()
 
 
 def weight_bytes_per_step(model) -> int:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapo.models.adapter import ModelDims, adapter_for_config
-from mapo.scoring import lm_head_saved_bytes, lm_head_workspace_bytes
+from mapo.scoring import lm_head_workspace_bytes
 from mapo.shared_prefix import expanded_kv_bytes, pass_positions
 
 GIB = 2**30
@@ -373,7 +373,6 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         # (measured with experiments/gpu/full_step.py --tiny: the capture adds 7 MiB, not 2 × the extra).
         capture_with = inputs.capture_layers * tokens * 2 * cb * dims.hidden_size + per
     logits_ws = lm_workspace(micro * inputs.max_new_tokens)
-    saved_logits = lm_head_saved_bytes(micro * inputs.max_new_tokens, vocab, cb)  # kept forward → backward
     audio_grad = not (inputs.freeze_audio_tower and inputs.freeze_projector) and not lora
     audio_with = audio_activation_bytes(dims, clips, cb, True) if audio_grad else 0
     audio_without = audio_activation_bytes(dims, clips, cb, False) if audio_grad else 0
@@ -383,9 +382,9 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     # The fused LM-head chunks (mapo.scoring) live at the end of the forward and the start of the backward,
     # before any layer's gradients or recomputation: they take the larger of the two, not the sum.
     act_without = (tokens * dims.num_layers * per_layer + shared_kv + max(backward, logits_ws) + outside
-                   + capture_without + audio_without + saved_logits)
+                   + capture_without + audio_without)
     act_with = (tokens * dims.num_layers * residual * dims.hidden_size + max(tokens * per_layer + backward, logits_ws)
-                + outside + capture_with + audio_with + saved_logits)
+                + outside + capture_with + audio_with)
     activations = act_with if inputs.gradient_checkpointing else act_without
 
     # Evaluation: greedy batches of eval_batch_size prompts per rank.

@@ -66,12 +66,6 @@ def lm_head_chunk_rows(chunk_size: int, vocab: int, device_type: str) -> int:
     return chunk_size
 
 
-def lm_head_saved_bytes(positions: int, vocab: int, compute_bytes: int = 4) -> int:
-    """Bytes a grad pass keeps from forward to backward for the LM head (for the memory plan): the logits of
-    every scored position in the compute dtype when it is narrower than fp32 (see `_FusedTokenStats`)."""
-    return positions * vocab * compute_bytes if compute_bytes < 4 else 0
-
-
 def lm_head_workspace_bytes(positions: int, vocab: int, chunk_size: int, device_type: str, compute_bytes: int = 4) -> int:
     """Peak temporary bytes of the log-prob/entropy chunks over `positions` scored positions (for the memory
     plan): two fp32 [chunk, V] buffers (logits then log-probs/gradient, and probabilities), plus the logits in
@@ -228,19 +222,14 @@ def _chunk_logprob_entropy(
 
 
 def _chunk_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float,
-    keep: list[torch.Tensor] | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk, no autograd: z = (h Wᵀ + b) / T in fp32 -> (log p(target), entropy, logsumexp z), each [c].
 
     log_softmax once; the probabilities overwrite z (no third [c, V] buffer); entropy = −Σ p·log p as a
-    batched dot product; logsumexp z = z_target − log p_target. With `keep` given, the matmul's own output
-    [c, V] (before the fp32 copy) is appended to it.
+    batched dot product; logsumexp z = z_target − log p_target.
     """
-    raw = nn.functional.linear(hidden, weight, bias)
-    if keep is not None:
-        keep.append(raw)
-    z = raw.float()
+    z = nn.functional.linear(hidden, weight, bias).float()
     if temperature != 1.0:
         z.div_(temperature)
     logp = torch.log_softmax(z, dim=-1)
@@ -254,36 +243,33 @@ def _chunk_stats(
 class _FusedTokenStats(torch.autograd.Function):
     """Log-prob of the target and entropy of softmax((h Wᵀ + b) / T), `chunk` positions at a time.
 
-    Forward keeps, besides its inputs, two numbers per position (logsumexp and entropy). When the matmul runs
-    in a dtype narrower than fp32 (bf16 under autocast or bf16 weights), forward also keeps its [M, V] output
-    in that dtype (2 bytes a logit): backward then reads the very values a recomputation would produce, and
-    saves the recomputing matmul (on an H200 at V = 156k that matmul held chunked scoring to 0.58x the
-    speed of full logits). In fp32 the logits are recomputed instead (4 bytes a logit would be the full
-    logits' memory again). Backward takes each chunk's logits and turns them in place into the logit gradient
+    Forward keeps, besides its inputs, two numbers per position (logsumexp and entropy). Backward
+    recomputes each chunk's logits (one matmul) and turns them in place into the logit gradient
         dL/dz = g_lp·(onehot − p) − g_H·p·(log p + H),
     then dh = dz·W and dW += dzᵀ·h (and db += Σ dz), all divided by T. Peak extra memory is two [chunk, V]
     fp32 buffers, never the [M, V] logits; the cost over full logits is the recomputed matmul, paid for
     by far fewer passes over [M, V] than autograd's log_softmax/exp/mul/sum chain and its gradients.
     Under autocast the matmuls run in the dtype the forward's linear produced (recorded at forward).
+    Keeping the bf16 logits for backward instead of recomputing them was tried and not kept: on CPU in bf16
+    (8×128 positions, V = 32,000, `mapo.bench.bench_scoring`) it took the speed from 0.93× to 1.06× of full
+    logits but the memory from 0.14 to 0.27 of theirs, over the ≤ 0.25 that scoring must stay under.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int):
+        parts = [_chunk_stats(hidden[s : s + chunk], weight, bias, targets[s : s + chunk], temperature)
+                 for s in range(0, hidden.shape[0], chunk)]
+        logp, entropy, lse = (torch.cat(values) for values in zip(*parts))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         device_type = hidden.device.type
         autocast = torch.is_autocast_enabled(device_type)
         ctx.compute_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
-        kept: list[torch.Tensor] | None = [] if ctx.compute_dtype.itemsize < 4 else None
-        parts = [_chunk_stats(hidden[s : s + chunk], weight, bias, targets[s : s + chunk], temperature, kept)
-                 for s in range(0, hidden.shape[0], chunk)]
-        logp, entropy, lse = (torch.cat(values) for values in zip(*parts))
-        logits = torch.cat(kept) if kept else None  # [M, V] in the compute dtype, or None (recomputed)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, logits)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy, logits = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, temperature = ctx.compute_dtype, ctx.temperature
         w = weight.to(dtype)
@@ -296,7 +282,7 @@ class _FusedTokenStats(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h = hidden[rows].to(dtype)
-            z = (logits[rows] if logits is not None else nn.functional.linear(h, w, b)).float()
+            z = nn.functional.linear(h, w, b).float()
             if temperature != 1.0:
                 z.div_(temperature)
             logp = z.sub_(lse[rows, None])  # log p, in place

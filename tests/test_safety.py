@@ -128,6 +128,37 @@ def test_checkpoint_state_refuses_pickled_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
+    """DCP's `.metadata` is a pickle: our reader resolves only DCP's own types, so a poisoned checkpoint
+    folder raises on resume, export and read_tensors without running anything; a clean one still loads."""
+    import os
+    import pickle
+
+    from torch import nn
+
+    from mapo.checkpoint import STATE_DIR, TrainingState, load_checkpoint, read_tensors, save_checkpoint
+    from mapo.dcp_reader import UnsafeCheckpointError
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    path = save_checkpoint(tmp_path / "run", 1, TrainingState(model, optimizer), None, {"step": 1})
+    assert torch.equal(read_tensors(path, "training.model.")["training.model.weight"], model.weight.detach())
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    metadata = path / STATE_DIR / ".metadata"
+    metadata.write_bytes(pickle.dumps(Boom()))
+    for load in (lambda: load_checkpoint(path, TrainingState(model, optimizer)), lambda: read_tensors(path)):
+        with pytest.raises(UnsafeCheckpointError, match=r"\.metadata.*refers to (posix|os|nt)\.system"):
+            load()
+    assert not (tmp_path / "pwned").exists()
+    metadata.write_bytes(pickle.dumps({"not": "metadata"}))
+    with pytest.raises(UnsafeCheckpointError, match="not DCP metadata"):
+        read_tensors(path)
+
+
 # ------------------------------------------------------------------------------------------ logs and W&B
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex characters, like a W&B API key

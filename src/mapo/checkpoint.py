@@ -24,7 +24,8 @@ and renames the folder into place with `os.replace` (one atomic rename on POSIX)
 on rank 0 deletes its temporary folder. One job per run directory is assumed.
 
 Loading: non-tensor state goes through `torch.load(weights_only=True)` (a checkpoint from elsewhere must
-not run code on load), including the non-tensor entries inside the DCP folder (`_WeightsOnlyLoadPlanner`); DCP reads tensors into the live model and optimizer in place. After loading, call
+not run code on load), including the non-tensor entries inside the DCP folder (`_WeightsOnlyLoadPlanner`), and the DCP folder's
+`.metadata` pickle is read by `mapo.dcp_reader.SafeFileSystemReader` (DCP's plain reader would unpickle anything); DCP reads tensors into the live model and optimizer in place. After loading, call
 `restore_rng(ckpt.rng)` LAST, after anything else that may draw random numbers.
 """
 
@@ -56,6 +57,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from mapo.dcp_reader import SafeFileSystemReader
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "state"
@@ -483,7 +486,7 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState | None) -> Che
     trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
     if state is not None:
         with _single_process_quietly():
-            dcp.load({"training": state}, storage_reader=dcp.FileSystemReader(str(path / STATE_DIR)),
+            dcp.load({"training": state}, storage_reader=_state_reader(path),
                      planner=_WeightsOnlyLoadPlanner(), no_dist=_rank_world()[1] == 1)
     rank, _ = _rank_world()
     own = path / rng_file(rank)
@@ -498,6 +501,14 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState | None) -> Che
     )
 
 
+def _state_reader(path: str | os.PathLike) -> SafeFileSystemReader:
+    """The reader of a checkpoint's DCP folder, its metadata checked now: `dcp.load` catches a failed
+    metadata read and retries a per-rank file, which would bury the reason under a missing-file error."""
+    reader = SafeFileSystemReader(str(Path(path) / STATE_DIR))
+    reader.read_metadata()
+    return reader
+
+
 def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's sharded state whose key starts with `prefix`, whole, on CPU
     (one process, no model needed: for tests and inspection). Keys as stored, e.g.
@@ -505,7 +516,7 @@ def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.T
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     read_marker(path)
-    reader = dcp.FileSystemReader(str(Path(path) / STATE_DIR))
+    reader = _state_reader(path)
     metadata = reader.read_metadata()
     out = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -534,7 +545,7 @@ def load_model_weights(path: str | os.PathLike, module: nn.Module) -> list[str]:
         raise ValueError(f"{path} holds weights this model does not have (another model or LoRA setting?): {unknown[:5]}")
     with _single_process_quietly():
         dcp.load({"training": {"model": {name: live[name] for name in stored}}},
-                 storage_reader=dcp.FileSystemReader(str(Path(path) / STATE_DIR)), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+                 storage_reader=_state_reader(path), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
     return stored
 
 
@@ -542,5 +553,5 @@ def _tensor_keys(path: str | os.PathLike) -> list[str]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     read_marker(path)
-    metadata = dcp.FileSystemReader(str(Path(path) / STATE_DIR)).read_metadata()
+    metadata = _state_reader(path).read_metadata()
     return [key for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)]

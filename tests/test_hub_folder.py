@@ -92,7 +92,7 @@ def test_clips_over_the_window_are_cut_to_750_audio_tokens_with_a_warning(hub):
     assert int((batch["input_ids"] == SPECIAL["<|AUDIO|>"]).sum()) == 750
     assert batch["input_features"].shape[-1] == 3000 and int(batch["feature_attention_mask"].sum()) == 3000
     assert any("longer than the 30 s audio window" in str(w.message) for w in caught)
-    # TODO(lead): the run-level count of cut clips is the reliability helper's (collator); assert it here once merged.
+    # the run-level count of cut clips: tests/test_faults_data.py::test_the_collator_counts_every_cut_clip_and_warns_once
 
 
 def _prompt_batch(hub):
@@ -115,9 +115,9 @@ def test_rollout_samples_as_our_config_says_not_as_generation_config(hub):
     from mapo.config import MapoConfig, RolloutConfig
     from mapo.train import sampling_summary
 
-    cfg = MapoConfig(rollout=RolloutConfig(temperature=1.0, top_p=1.0, max_new_tokens=4))
+    cfg = MapoConfig(rollout=RolloutConfig(temperature=1.0, top_p=1.0, top_k=7, repetition_penalty=1.3, max_new_tokens=4))
     line = sampling_summary(cfg, hub["folder"])
-    assert "temperature=1.0, top_p=1.0" in line and "(from the run config)" in line
+    assert "temperature=1.0, top_p=1.0, top_k=7, repetition_penalty=1.3, max_new_tokens=4 (from the run config)" in line
     assert "generation_config.json of the model folder (do_sample=True, temperature=0.7, top_p=0.5, top_k=20, repetition_penalty=1.1) is not used" in line
 
 

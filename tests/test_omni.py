@@ -129,6 +129,27 @@ def test_collator_equals_the_processors_own_call(omni, records):
     assert torch.equal(batch["input_features"][0, :, : alone_features.shape[-1]], alone_features)
 
 
+@pytest.mark.parametrize("adapter_class", ["Qwen25OmniThinkerAdapter", "Qwen3OmniMoeThinkerAdapter"])
+def test_adapter_finds_the_towers_in_both_transformers_layouts(adapter_class):
+    """transformers 5.2x: thinker.model holds the towers and `.language_model`; earlier 5.x (5.17, the GPU
+    machine's): the towers sit on the thinker and thinker.model is the text model itself."""
+    from torch import nn
+
+    from mapo.models import omni as omni_module
+
+    adapter = getattr(omni_module, adapter_class)()
+    tower, visual, text = nn.Linear(1, 1), nn.Linear(1, 1), nn.Linear(1, 1)
+    new = nn.Module()
+    new.model = nn.Module()
+    new.model.audio_tower, new.model.visual, new.model.language_model = tower, visual, text
+    old = nn.Module()
+    old.audio_tower, old.visual, old.model = tower, visual, text
+    for thinker in (new, old):
+        assert adapter.audio_tower(thinker) is tower
+        assert adapter.vision_tower(thinker) is visual
+        assert adapter.text_model(thinker) is text
+
+
 def test_collator_finds_the_placeholder_id_when_the_processor_lacks_it(omni, records):
     """transformers 5.17's Qwen3OmniMoeProcessor names `audio_token` but sets no `audio_token_id`."""
     processor = copy.copy(omni["processor"])

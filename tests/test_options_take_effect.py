@@ -154,7 +154,7 @@ def _expected_attention_loss(step_setup, algo, prepared) -> float:
     a = _audio_mass_by_hand(model, rollout, algo.attn.layers, algo.attn.head_reduce, algo.attn.layer_reduce)
     delta_h = (prepared.ablated - prepared.old_entropy) * mask  # H(ref | no audio) − H(policy | audio)
     gate = prepared.content_gate
-    nu = mapo.targeting_weights(delta_h, gate, tau_base=algo.attn.tau_base, cap=algo.attn.cap)
+    nu = mapo.targeting_weights(delta_h, gate, mask=mask, tau_base=algo.attn.tau_base, cap=algo.attn.cap)  # τ from T_i
     w = mapo.temporal_weights(mask, schedule=algo.attn.schedule, kappa=algo.attn.kappa)
     g = mapo.sequence_gate(prepared.accuracy <= 0, prepared.advantages, floor=algo.attn.fail_floor,
                            adv_eps=algo.attn.adv_eps, cap=algo.attn.gate_cap)

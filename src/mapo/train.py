@@ -90,7 +90,9 @@ def check_before_loading(cfg: MapoConfig, ctx) -> None:
 def sampling_summary(cfg: MapoConfig, model_path: str | Path) -> str:
     """The sampling settings rollout uses (from the run config alone), and what of the model folder's
     generation_config.json is ignored, for the run log."""
-    used = f"temperature={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}"
+    r = cfg.rollout
+    used = (f"temperature={r.temperature}, top_p={r.top_p}, top_k={r.top_k}, repetition_penalty={r.repetition_penalty}, "
+            f"max_new_tokens={r.max_new_tokens}")
     folder_file = Path(model_path) / "generation_config.json"
     ignored = ""
     if folder_file.is_file():

@@ -375,3 +375,20 @@ def test_a_multi_task_submitit_job_gets_torchruns_variables(monkeypatch):
     assert export_job_environment() is True
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("9", "16", "1", "gpu07")
     assert export_job_environment() is False  # torchrun's variables are there now: left alone
+
+
+def test_an_evaluation_only_run_builds_no_reference(tiny_env, tmp_path, monkeypatch):
+    """`make eval EXP=…` (trainer.steps=0) never copies the model into a reference; a training run does."""
+    import mapo.train as train
+
+    copies: list[int] = []
+    real_copy = train.frozen_copy
+    monkeypatch.setattr(train, "frozen_copy", lambda *a, **k: copies.append(1) or real_copy(*a, **k))
+    base = train_cmd(tiny_env, tmp_path / "x", "tiny_mapo")[3:]  # the overrides after `python -m mapo.train`
+    for steps, expected in ((0, 0), (1, 1)):
+        overrides = [o for o in base if not o.startswith(("trainer.steps=", "trainer.run_dir="))]
+        overrides += [f"trainer.steps={steps}", f"trainer.run_dir={tmp_path / f'steps{steps}'}",
+                      "trainer.warm_start.enabled=false", "trainer.eval_on_start=false"]
+        copies.clear()
+        train.run(OmegaConf.to_object(compose_cfg(overrides)))
+        assert len(copies) == expected, (steps, copies)

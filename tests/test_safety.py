@@ -180,6 +180,24 @@ def test_config_secrets_and_the_environment_key_are_redacted(tmp_path, monkeypat
     assert saved["rollout"]["max_new_tokens"] == 48  # "tokens" is not a secret
 
 
+def test_hydra_files_of_the_run_lose_the_secrets(tmp_path, monkeypatch):
+    """Hydra writes .hydra/overrides.yaml and config.yaml before mapo runs: a key given on the command line
+    lands there verbatim until the logger scrubs them."""
+    from mapo.run_logging import make_logger
+
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    hydra = tmp_path / ".hydra"
+    hydra.mkdir()
+    (hydra / "overrides.yaml").write_text("- +extra.wandb_api_key=plain-secret-value\n- rollout.max_new_tokens=48\n")
+    (hydra / "config.yaml").write_text(f"extra:\n  wandb_api_key: plain-secret-value\n  note: key={KEY}\n")
+    (hydra / "hydra.yaml").write_text("job:\n  name: train\n")
+    config = {"extra": {"wandb_api_key": "plain-secret-value", "note": f"key={KEY}"}, "rollout": {"max_new_tokens": 48}}
+    make_logger("none", tmp_path, config).finish()
+    assert (hydra / "overrides.yaml").read_text() == "- +extra.wandb_api_key=<redacted>\n- rollout.max_new_tokens=48\n"
+    assert (hydra / "config.yaml").read_text() == "extra:\n  wandb_api_key: <redacted>\n  note: key=<redacted>\n"
+    assert (hydra / "hydra.yaml").read_text() == "job:\n  name: train\n"  # nothing secret: untouched
+
+
 def test_failed_online_start_message_does_not_show_the_key(tmp_path, monkeypatch, capsys):
     import wandb
 

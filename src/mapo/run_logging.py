@@ -198,6 +198,39 @@ def redact_secrets(config: Any, env: Mapping[str, str] | None = None) -> Any:
     return config
 
 
+def config_secret_values(config: Any) -> list[str]:
+    """The values of a plain config's secret-looking keys (what `redact_secrets` hides), as text."""
+    if isinstance(config, Mapping):
+        found = []
+        for k, v in config.items():
+            if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "") and not isinstance(v, (Mapping, list, tuple)):
+                found.append(str(v))
+            else:
+                found += config_secret_values(v)
+        return found
+    if isinstance(config, (list, tuple)):
+        return [value for item in config for value in config_secret_values(item)]
+    return []
+
+
+def scrub_hydra_files(run_dir: str | Path, config: Any, env: Mapping[str, str] | None = None) -> list[Path]:
+    """Replace the config's secret values and the environment's credentials with <redacted> in Hydra's own
+    record of the run (`run_dir/.hydra/*.yaml`), which Hydra writes before mapo sees the config: a key given
+    on the command line (`+extra.wandb_api_key=…`) lands there verbatim. Returns the files rewritten."""
+    secrets = sorted({*config_secret_values(config), *_secret_values(env)}, key=len, reverse=True)
+    rewritten = []
+    for path in sorted((Path(run_dir) / ".hydra").glob("*.yaml")):
+        text = original = path.read_text()
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        if text != original:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            rewritten.append(path)
+    return rewritten
+
+
 def _json_default(obj: Any) -> Any:
     """JSON fallback for config values: paths/enums as text, numeric scalars as numbers."""
     if isinstance(obj, Path):
@@ -444,6 +477,8 @@ def make_logger(
         raise ValueError(f"unknown logger {kind!r}; valid: {', '.join(LOGGER_KINDS)}")
     run_dir = Path(run_dir).resolve()
     plain = redact_secrets(_plain_config(config))
+    if enabled:
+        scrub_hydra_files(run_dir, _plain_config(config))
     if not enabled:
         return RunLogger(run_dir, plain, enabled=False)
     git = git_commit()

@@ -148,6 +148,23 @@ def test_mmsu_parquet_with_embedded_audio(tmp_path):
     assert (clips / "mmsu_0001.wav").stat().st_mtime_ns == stamp
 
 
+def test_the_committed_parquet_fixture_reads_as_the_jsonl_release(tmp_path):
+    """tests/fixtures/mmsu_hf holds a parquet file in the Hub layout (what `make prep BENCH=mmsu` and the
+    README's fixture commands use); read from a copy so its clips land under tmp_path."""
+    pytest.importorskip("pyarrow")
+    committed = sorted((FIXTURES / "mmsu_hf").rglob("*.parquet"))
+    assert len(committed) == 1
+    copy = tmp_path / committed[0].name
+    shutil.copyfile(committed[0], copy)
+    result = read_manifest(copy)
+    assert result.layout == "mmsu" and result.bad == []
+    jsonl = read_manifest(FIXTURES / "MMSU" / "question" / "mmsu.jsonl").records
+    strip = lambda r: (r.id, r.question, r.choices, r.answer, r.task, r.category, r.meta)  # noqa: E731
+    assert [strip(r) for r in result.records] == [strip(r) for r in jsonl]
+    for record in result.records:  # the embedded clips are the release's files, byte for byte
+        assert Path(record.audio).read_bytes() == (FIXTURES / "MMSU" / "audio" / f"{record.id}.wav").read_bytes()
+
+
 def test_parquet_bad_file_and_bad_row(tmp_path):
     pytest.importorskip("pyarrow")
     broken = tmp_path / "broken.parquet"

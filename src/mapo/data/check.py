@@ -22,9 +22,9 @@ from mapo.data.validate import AUDIO_CHECKS, ManifestFormatError, format_bad_row
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mapo.data.check",
-        description="Validate a manifest (our JSONL, MMAU JSON, AVQA JSONL) and list every bad row.",
+        description="Validate a manifest (our JSONL, MMAU JSON, MMAR meta JSON, MMSU JSONL or parquet, AVQA JSONL) and list every bad row.",
     )
-    parser.add_argument("path", help="manifest: our JSONL, MMAU JSON or AVQA JSONL")
+    parser.add_argument("path", help="manifest: our JSONL, MMAU JSON, MMAR-meta.json, MMSU jsonl or parquet, AVQA JSONL")
     parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS))
     parser.add_argument("--skip-bad", action="store_true", help="also say how many rows skip_bad would keep")
     parser.add_argument("--audio-check", default="decode", choices=AUDIO_CHECKS,

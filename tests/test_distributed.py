@@ -90,6 +90,36 @@ def check_gather_once(rank: int) -> dict:
     return out
 
 
+def check_mixed_precision(rank: int) -> dict:
+    """FSDP2 with fp32 masters and bf16 compute (`MixedPrecisionPolicy`, what several GPUs run): the shards
+    and their gradients stay fp32, the layers compute in bf16, the runner's own autocast is off, and the
+    log-probs stay close to the fp32 model's."""
+    from toy_model import make_batch, tiny_model
+
+    from mapo.distributed import DistContext, ModelRunner, all_done, apply_fsdp
+    from mapo.models.adapter import get_adapter
+    from mapo.precision import Precision
+    from mapo.rollout import generate_rollout
+    from mapo.scoring import score_tokens
+
+    ctx = DistContext(rank=rank, world_size=WORLD, fsdp=True)
+    model = tiny_model(seed=0).requires_grad_(True)
+    plain = copy.deepcopy(model)
+    runner = apply_fsdp(ModelRunner(model, Precision(master=torch.float32, compute=torch.bfloat16, frozen=torch.bfloat16)), ctx)
+    rollout = runner.decode(generate_rollout, make_batch(), group_size=2, max_new_tokens=6, eos_token_id=99, pad_token_id=0,
+                            do_sample=False, sync_finished=lambda done: all_done(done, ctx, torch.device("cpu")))
+    layer = get_adapter(model).decoder_layers(model)[0]
+    outputs: list[torch.dtype] = []
+    hook = layer.register_forward_hook(lambda m, a, o: outputs.append((o[0] if isinstance(o, tuple) else o).dtype))
+    logprobs = runner(score_tokens, rollout, temperature=1.0, with_grad=True).logprobs
+    hook.remove()
+    logprobs.sum().backward()
+    weight = layer.self_attn.q_proj.weight
+    fp32 = score_tokens(plain, rollout, temperature=1.0).logprobs
+    return {"autocast": runner.autocast, "layer_output": str(outputs[0]), "shard": str(weight.to_local().dtype),
+            "grad": str(weight.grad.to_local().dtype), "vs_fp32": float((logprobs.detach() - fp32).abs().max())}
+
+
 def check_lora_reference(rank: int) -> dict:
     """Under FSDP2 the reference (adapters off) scores like a frozen copy of the base model and the
     policy like the same LoRA model without FSDP."""
@@ -166,7 +196,8 @@ def worker(rank: int, env: dict, root: str, ports: list[int]) -> None:
     torch.set_num_threads(1)
     root = Path(root)
     init_group(rank, ports[0])
-    out = {"gather": check_gather_once(rank), "lora_reference": check_lora_reference(rank)}
+    out = {"gather": check_gather_once(rank), "lora_reference": check_lora_reference(rank),
+           "mixed_precision": check_mixed_precision(rank)}
     dist.destroy_process_group()
     out["full"] = check_resume(rank, ports[1:3], env, root / "full_ft")
     out["lora"] = check_resume(rank, ports[3:5], env, root / "lora", "model.lora.rank=4", "model.lora.alpha=8")
@@ -188,6 +219,15 @@ def test_rollout_gathers_once_and_decodes_like_one_process(two_ranks):
         assert counts["once/2"] == counts["once/8"] > 0  # does not grow with the number of tokens
         assert counts["per_forward/8"] > counts["per_forward/2"]  # the counter sees per-token gathers
         assert all(out["gather"]["greedy_equal"].values()), out["gather"]["greedy_equal"]
+
+
+def test_mixed_precision_policy_keeps_fp32_masters_and_computes_in_bf16(two_ranks):
+    _, results = two_ranks
+    for out in results:
+        mixed = out["mixed_precision"]
+        assert (mixed["autocast"], mixed["layer_output"], mixed["shard"], mixed["grad"]) == (
+            False, "torch.bfloat16", "torch.float32", "torch.float32")
+        assert 0 < mixed["vs_fp32"] < 0.05  # bf16 compute: close to fp32, not equal
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:

@@ -365,7 +365,11 @@ def test_a_multi_task_submitit_job_gets_torchruns_variables(monkeypatch):
     from mapo.cluster import export_job_environment
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(key, raising=False)
+        # set then delete, so that monkeypatch records each one and removes what export_job_environment
+        # writes below (a bare delenv of an absent key records nothing, and RANK/WORLD_SIZE leaked into
+        # the later in-process runs, which then waited for a second rank forever)
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     assert export_job_environment() is False  # not inside a job
     job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
            "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
@@ -381,6 +385,8 @@ def test_an_evaluation_only_run_builds_no_reference(tiny_env, tmp_path, monkeypa
     """`make eval EXP=…` (trainer.steps=0) never copies the model into a reference; a training run does."""
     import mapo.train as train
 
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, whatever ran before
+        monkeypatch.delenv(key, raising=False)
     copies: list[int] = []
     real_copy = train.frozen_copy
     monkeypatch.setattr(train, "frozen_copy", lambda *a, **k: copies.append(1) or real_copy(*a, **k))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,18 +184,18 @@ def test_the_audio_check_runs_in_parallel_threads_with_a_progress_bar(folder, mo
         write_clip(folder / "clips" / f"c{i}.wav", 0.5)
     path = _manifest(folder, [manifest_row(f"r{i}", f"clips/c{i}.wav") for i in range(6)])
     threads, real = set(), validate.verify_audio
+    # Three checks must be in flight at once to pass the barrier (one after another, it times out):
+    # proof of overlap without timing anything.
+    barrier = threading.Barrier(3, timeout=30)
 
-    def slow_verify(p):
+    def overlapping_verify(p):
         threads.add(threading.get_ident())
-        time.sleep(0.2)
+        barrier.wait()
         return real(p)
 
-    monkeypatch.setattr(validate, "verify_audio", slow_verify)
-    t0 = time.perf_counter()
+    monkeypatch.setattr(validate, "verify_audio", overlapping_verify)
     result = scan_manifest(path, workers=3, progress=True)
-    elapsed = time.perf_counter() - t0
-    assert len(result.records) == 6 and len(threads) == 3
-    assert elapsed < 6 * 0.2 * 0.8  # overlapping, not one after another (1.2 s)
+    assert len(result.records) == 6 and result.bad == [] and len(threads) == 3
     err = capsys.readouterr().err
     assert "checking audio of m.jsonl: 100%" in err and "6/6" in err
 

@@ -50,10 +50,12 @@ def max_rss_bytes() -> int:
 
 
 class StepTimer:
-    """Accumulates the wall time and token counts of named phases of one step (a phase may repeat)."""
+    """Accumulates the wall time and token counts of named phases of one step (a phase may repeat).
+    `clock`: seconds as a float (time.perf_counter; a test passes a fake one)."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", clock=time.perf_counter):
         self.device = torch.device(device)
+        self.clock = clock
         self.seconds: dict[str, float] = defaultdict(float)
         self.tokens: dict[str, float] = defaultdict(float)
         if self.device.type == "cuda":
@@ -62,12 +64,12 @@ class StepTimer:
     @contextmanager
     def phase(self, name: str):
         _sync(self.device)
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield self
         finally:
             _sync(self.device)
-            self.seconds[name] += time.perf_counter() - start
+            self.seconds[name] += self.clock() - start
 
     def add_tokens(self, name: str, count: float | torch.Tensor) -> None:
         self.tokens[name] += float(count)

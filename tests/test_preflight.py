@@ -83,8 +83,9 @@ def test_the_shipped_experiments_pass():
     (["reward.functions=[format]", "reward.weights=[1.0]"], 1, "must include 'accuracy' (the MAPO gate uses it"),
     (["reward.weights=[1.0]"], 1, "reward.weights=[1.0]: reward.functions ['accuracy', 'format'] and reward.weights must have the same length; valid: 2 weights"),
     (["reward.functions=[accuracy,speed]", "reward.weights=[1,1]"], 1, "reward.functions=['accuracy', 'speed']: ['speed'] are not registered; valid: "),
-    (["model.lora.rank=8", "model.lora.targets=qkv"], 1, "model.lora.targets='qkv': a string target must be the shorthand; valid: 'all-linear' or a list of module names"),
-    (["model.compute_dtype=float8"], 1, "model.compute_dtype='float8': unknown choice; valid: auto, float32"),
+    (["model.lora.rank=8", "model.lora.targets=qkv"], 1, "model.lora.targets='qkv': a list of module names (e.g. [q_proj, v_proj]) or 'all-linear'"),
+    (["model.compute_dtype=float8"], 1, "model.compute_dtype='float8': unknown dtype 'float8'; valid: float32"),
+    (["model.master_dtype=bfloat16"], 1, "model.master_dtype='bfloat16': trainable weights and optimizer state must be float32"),
 ])
 def test_each_bad_value_is_named_with_its_valid_range(overrides, world, expected):
     found = problems("experiment=tiny_mapo", *overrides, world_size=world)
@@ -125,7 +126,10 @@ def test_checks_against_the_models_config_json():
     assert found == ["preprocessor_config.json nb_max_frames=1000: the audio encoder takes exactly 3000 mel frames "
                      "(2 × max_source_positions in config.json); this window gives 1000; valid: 3000 (chunk_length 30 s)"]
     found = problems("experiment=qwen2audio_mapo", "data.dir=/d", "model.lora.rank=8", "model.lora.targets=[q_proj,qkv]", model_config=REAL_CONFIG)
-    assert len(found) == 1 and found[0].startswith("model.lora.targets=['q_proj', 'qkv']: ['qkv'] name no linear layer of this model; valid: ")
+    assert len(found) == 1 and found[0].startswith("model.lora.targets=['q_proj', 'qkv']: ['qkv'] name no linear layer of the language model; valid: ")
+    # an audio-tower linear is a linear of the model, but add_lora adapts the language model only
+    found = problems("experiment=qwen2audio_mapo", "data.dir=/d", "model.lora.rank=8", "model.lora.targets=[q_proj,fc1]", model_config=REAL_CONFIG)
+    assert len(found) == 1 and "['fc1'] name no linear layer of the language model" in found[0]
 
 
 def test_real_experiments_use_real_data_and_stop_without_data_dir():

@@ -57,12 +57,18 @@ def _canonical(name: str) -> str:
     return str(resolve_dtype(name)).removeprefix("torch.") if name != "auto" else "auto"
 
 
+def _field(model_cfg, key: str) -> str:
+    """The canonical name of `model.<key>`, or an error naming the key."""
+    value = getattr(model_cfg, key)
+    try:
+        return _canonical(value)
+    except ValueError as err:
+        raise ValueError(f"model.{key}={value!r}: {err}") from None
+
+
 def check_precision_config(model_cfg) -> None:
     """Raise a clear error for a precision setting mapo does not train with (before any model loads)."""
-    try:
-        master, compute, frozen = (_canonical(x) for x in (model_cfg.master_dtype, model_cfg.compute_dtype, model_cfg.frozen_dtype))
-    except ValueError as err:
-        raise ValueError(f"model.master_dtype / compute_dtype / frozen_dtype: {err}") from None
+    master, compute, frozen = (_field(model_cfg, key) for key in ("master_dtype", "compute_dtype", "frozen_dtype"))
     if master not in MASTER_DTYPES:
         raise ValueError(
             f"model.master_dtype={model_cfg.master_dtype!r}: trainable weights and optimizer state must be float32 "

@@ -216,29 +216,25 @@ def check_attention_loss(cfg, ctx: CheckContext) -> list[str]:
 # ------------------------------------------------------------------------------------------ model
 @config_check
 def check_model(cfg, ctx: CheckContext) -> list[str]:
-    from mapo.plan import DTYPE_BYTES
+    """The precision and LoRA settings through the checks the run itself applies (mapo.precision,
+    mapo.models.lora), and LoRA target names against the text model's linears in config.json (the only
+    ones `add_lora` adapts)."""
+    from mapo.models.lora import check_lora_config
+    from mapo.precision import check_precision_config
 
     m, out = cfg.model, []
     out += _one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
-    out += _one_of("model.master_dtype", m.master_dtype, DTYPE_BYTES)
-    out += _one_of("model.compute_dtype", m.compute_dtype, ["auto", *DTYPE_BYTES])
-    out += _one_of("model.frozen_dtype", m.frozen_dtype, ["auto", *DTYPE_BYTES])
-    lora = m.lora
-    out += _at_least("model.lora.rank", lora.rank, 0)
-    if lora.rank > 0:
-        out += _positive("model.lora.alpha", lora.alpha)
-        out += _within("model.lora.dropout", lora.dropout, 0, 1, closed_high=False)
-        targets = lora.targets
-        if isinstance(targets, str):
-            if targets != "all-linear":
-                out.append(problem("model.lora.targets", targets, "a string target must be the shorthand", "'all-linear' or a list of module names"))
-        elif not list(targets):
-            out.append(problem("model.lora.targets", list(targets), "no module to adapt", "'all-linear' or a non-empty list of module names"))
-        elif ctx.dims is not None:
-            names = sorted({g.name for g in ctx.dims.linears if g.part != "lm_head"})
-            unknown = [t for t in targets if t not in names]
-            if unknown:
-                out.append(problem("model.lora.targets", list(targets), f"{unknown} name no linear layer of this model", ", ".join(names)))
+    for check, settings in ((check_precision_config, m), (check_lora_config, m.lora)):
+        try:
+            check(settings)
+        except ValueError as err:
+            out.append(str(err))
+    targets = m.lora.targets
+    if m.lora.rank > 0 and ctx.dims is not None and not isinstance(targets, str) and list(targets):
+        names = sorted({g.name for g in ctx.dims.linears if g.part == "text"})
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            out.append(problem("model.lora.targets", list(targets), f"{unknown} name no linear layer of the language model", ", ".join(names)))
     return out
 
 

@@ -45,9 +45,9 @@ from mapo.faults import RunFaults, Stopped
 from mapo.interrupt import SignalFlag
 from mapo.models.adapter import get_adapter
 from mapo.models.loader import enable_activation_checkpointing, load_model_and_processor
-from mapo.models.lora import adapters_off, check_lora_config, lora_enabled
+from mapo.models.lora import adapters_off, lora_enabled
 from mapo.phase import Phase, prepare_policy
-from mapo.precision import check_precision_config, frozen_copy, resolve_precision
+from mapo.precision import frozen_copy, resolve_precision
 from mapo.plan import check_memory_at_start
 from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
@@ -155,8 +155,6 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
         cfg = OmegaConf.to_object(cfg)
     export_job_environment()  # a multi-task submitit (SLURM) job: torchrun's variables from the job
     check_config(cfg, None, int(os.environ.get("WORLD_SIZE", "1")))  # every value, before anything is read
-    check_precision_config(cfg.model)
-    check_lora_config(cfg.model.lora)
     ctx = dist_utils.init_distributed(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.trainer.seed)

@@ -19,9 +19,7 @@ from mapo.models.lora import (
     add_lora,
     check_lora_config,
     lora_layers,
-    lora_trainable_parameters,
     merged_state_dict,
-    qwen2_decoder_linears,
 )
 from mapo.phase import set_trainable
 from mapo.rollout import generate_rollout
@@ -39,19 +37,17 @@ def trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("targets, per_layer", [("all-linear", 7), (["q_proj", "v_proj"], 2)])
-def test_adapters_go_on_the_language_model_only_and_the_plan_counts_them(targets, per_layer):
+# toy text model: hidden 64, intermediate 128, 4 heads, 2 KV heads (head_dim 16), 2 layers; rank 4 adds
+# 4·(in + out) per linear: q 512, k 384, v 384, o 512, gate 768, up 768, down 768 = 4096 per layer;
+# q_proj + v_proj: 896 per layer. (The memory plan's count is tested in test_plan.py.)
+@pytest.mark.parametrize("targets, per_layer, expected", [("all-linear", 7, 8192), (["q_proj", "v_proj"], 2, 1792)])
+def test_adapters_go_on_the_language_model_only(targets, per_layer, expected):
     model = add_lora(tiny_model(seed=0), lora(rank=4, targets=targets))
     names = [name for name, _ in lora_layers(model)]
     assert len(names) == 2 * per_layer and all(n.startswith("model.language_model.layers.") for n in names)
     set_trainable(model, SimpleNamespace(), everything=True)  # LoRA: only the adapters, whatever the flags
     assert trainable(model) and all(".lora_A." in n or ".lora_B." in n for n in trainable(model))
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # toy text model: hidden 64, intermediate 128, 4 heads, 2 kv heads (head_dim 16), 2 layers
-    assert count == lora_trainable_parameters(2, qwen2_decoder_linears(64, 128, 4, 2), 4, targets)
-    # hand-worked for q_proj + v_proj: per layer 4·(64+64) + 4·(64+32) = 896, two layers
-    assert lora_trainable_parameters(2, qwen2_decoder_linears(64, 128, 4, 2), 4, ["q_proj", "v_proj"]) == 1792
-    assert lora_trainable_parameters(2, qwen2_decoder_linears(64, 128, 4, 2), 0) == 0
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     adapter = get_adapter(model)  # the adapter still finds every part of the injected model
     assert adapter.lm_head(model) is model.lm_head and type(model.lm_head) is torch.nn.Linear
     assert len(adapter.decoder_layers(model)) == 2 and not list(lora_layers(adapter.audio_tower(model)))

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from mapo.bench_gpu import instantiate  # noqa: E402
 from mapo.config import LoraConfig  # noqa: E402
 from mapo.distributed import ModelRunner  # noqa: E402
+from mapo.models.adapter import get_adapter  # noqa: E402
 from mapo.models.loader import enable_activation_checkpointing  # noqa: E402
 from mapo.models.lora import adapter_parameters, add_lora, adapters_off  # noqa: E402
 from mapo.precision import Precision, frozen_copy  # noqa: E402
@@ -73,7 +74,7 @@ def build_model(config: dict, device: torch.device, lora_rank: int, precision: P
     hf_config._attn_implementation = "sdpa"
     base_dtype = precision.frozen if lora_rank > 0 else precision.master
     model = instantiate(Qwen2AudioForConditionalGeneration, hf_config, device, base_dtype)
-    model.model.audio_tower.to(precision.frozen).requires_grad_(False)  # frozen tower in the frozen dtype
+    get_adapter(model).audio_tower(model).to(precision.frozen).requires_grad_(False)  # frozen tower, frozen dtype
     if lora_rank > 0:
         model.requires_grad_(False)
         add_lora(model, LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, targets=LORA_TARGETS))

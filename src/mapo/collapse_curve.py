@@ -38,9 +38,9 @@ from mapo.evaluate import evenly_by_task, generation_tokens
 from mapo.models.adapter import get_adapter
 from mapo.models.loader import load_model_and_processor
 from mapo.rollout import generate_rollout
+from mapo.run_groups import COLLAPSE_FILE
 from mapo.run_logging import write_json_atomic
 
-COLLAPSE_FILE = "collapse.json"
 QUARTERS = 4
 
 

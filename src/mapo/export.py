@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mapo import distributed as dist_utils
+from mapo.checkpoint import checkpoint_dir_name
 from mapo.models import lora as lora_utils
 
 EXPORTS_DIR = "exports"
@@ -36,7 +37,7 @@ EXPORTS_DIR = "exports"
 
 def export_dir(run_dir: Path, step: int) -> Path:
     """`<run_dir>/exports/step_<6 digits>/`."""
-    return Path(run_dir) / EXPORTS_DIR / f"step_{step:06d}"
+    return Path(run_dir) / EXPORTS_DIR / checkpoint_dir_name(step)
 
 
 def export_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -64,9 +64,6 @@ class StaticKVCache:
             raise RuntimeError("StaticKVCache: decode before any prefill")
         self.decoding = True
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
-
 
 def as_mask(allowed: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """allowed [R, 1, Q, L] bool (True = attend) -> the mask format `kind` ("bool" or "additive" in `dtype`)."""

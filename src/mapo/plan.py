@@ -431,10 +431,6 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ advice
-def _fits(dims: ModelDims, inputs: PlanInputs, capacity: int) -> bool:
-    return memory_plan(dims, inputs, capacity).fits
-
-
 _SETTING = {"micro_batch_size": "trainer.micro_batch_size", "prompts_per_step": "rollout.prompts_per_step",
             "max_new_tokens": "rollout.max_new_tokens", "eval_batch_size": "rollout.eval_batch_size",
             "gradient_checkpointing": "model.gradient_checkpointing", "lora_rank": "model.lora.rank"}

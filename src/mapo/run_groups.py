@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mapo.collapse_curve import COLLAPSE_FILE
+
+#: The evaluation-time collapse curve of a run folder (written by mapo.collapse_curve).
+COLLAPSE_FILE = "collapse.json"
 
 #: Columns of the default table, in order (a run lacking one leaves its cell empty).
 DEFAULT_METRICS = (

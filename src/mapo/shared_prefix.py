@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mapo.kv_cache import as_mask
+from mapo.kv_cache import as_mask, prefill_allowed
 from mapo.models.adapter import get_adapter
 from mapo.models.embed import build_inputs_embeds, position_ids_from_mask
 
@@ -114,8 +114,7 @@ def completion_hidden(
     # 1. prefix: B prompts, positions 0 … P−2
     prefix_audio = None if row_audio is None else [row_audio[i] for i in range(0, num_rows, group)]
     prefix_embeds = build_inputs_embeds(model, rollout.prompt_ids[first, :prefix_len].to(device), prefix_audio)
-    causal = torch.ones(prefix_len, prefix_len, dtype=torch.bool, device=device).tril_()
-    prefix_allowed = causal[None, None] & keys_ok[first, None, None, :prefix_len]
+    prefix_allowed = prefill_allowed(keys_ok[first, :prefix_len])
     cache = _PrefixCache(rollout.group_index.to(device))
     adapter.run_text_model(model, prefix_embeds, as_mask(prefix_allowed, kind, prefix_embeds.dtype),
                            positions[first, :prefix_len], cache=cache)

@@ -215,7 +215,8 @@ def link_warm_start(setting: Setting, out: Path, warm_from: Path) -> None:
 
 def run_setting(setting: Setting, algos: list[str], seeds: list[int], out: Path, threads: int, extra: list[str],
                 warm_extra: list[str], warm_from: Path | None = None) -> None:
-    from mapo.collapse_curve import COLLAPSE_FILE, collapse_of_run
+    from mapo.collapse_curve import collapse_of_run
+    from mapo.run_groups import COLLAPSE_FILE
 
     ensure_benchmark(setting)
     if warm_from is not None:

@@ -165,11 +165,11 @@ class Collator:
         truncates = self.feature_kwargs.get("truncation", True)
         if truncates and len(samples) > extractor.n_samples and path not in self.cut_clips:
             self.cut_clips.add(path)
-            if len(self.cut_clips) == 1:  # one warning; the rest are counted (data/clips_cut), not repeated
+            if len(self.cut_clips) == 1:  # one warning; the rest are counted (data/clips_cut_while_loading), not repeated
                 warnings.warn(
                     f"{path}: {len(samples) / extractor.sampling_rate:.2f} s is longer than the "
                     f"{extractor.chunk_length} s audio window; the model sees only the first {extractor.chunk_length} s "
-                    "(further clips cut to the window are counted in data/clips_cut)",
+                    "(further clips cut to the window are counted in data/clips_cut_while_loading)",
                     stacklevel=3,
                 )
         out = extractor(

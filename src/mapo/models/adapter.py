@@ -361,13 +361,11 @@ class Qwen2AudioAdapter(ModelAdapter):
         """Qwen2-Audio: a dense Qwen2 text model and a Whisper-style encoder. The Hub config.json's
         `text_config` omits hidden size, layer and head counts, so Qwen2Config's defaults (4096 / 32 / 32)
         apply; building the config object fills them exactly as loading would."""
-        from mapo.data.collate import num_audio_tokens
-
         model = self.meta_model(config_dict)
         text, audio = model.config.text_config, model.config.audio_config
         frames = 2 * audio.max_source_positions  # the encoder's required input length (mel frames)
         return self.dims_of(
-            model, mlp_width=text.intermediate_size, audio_frames=frames, audio_tokens_per_window=num_audio_tokens(frames),
+            model, mlp_width=text.intermediate_size, audio_frames=frames, audio_tokens_per_window=self.num_audio_tokens(None, frames),
         )
 
     def text_model(self, model):

@@ -17,14 +17,14 @@ caches in its unsharded parameters, so a toggle in the middle of training could 
 adapters without gradients. The flag is what peft's own forward reads (tested against a frozen copy).
 
 `merged_state_dict` folds `scaling · B @ A` into each adapted weight (float32) for exports, with the
-original key names, so an exported folder is a plain model. `lora_trainable_parameters` counts what
-LoRA trains from model dimensions alone, for the memory plan.
+original key names, so an exported folder is a plain model. The memory plan counts what LoRA trains
+from config.json alone (`mapo.plan.lora_parameters`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 import torch
@@ -161,32 +161,3 @@ def merged_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> di
     if leftover:
         raise ValueError(f"LoRA entries without a layer to merge into: {leftover[:5]}")
     return out
-
-
-# ------------------------------------------------------------------------------------ memory plan
-def qwen2_decoder_linears(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int | None = None) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer of one Qwen2-style decoder layer (attention
-    q/k/v/o, MLP gate/up/down); the Omni thinkers' dense layers have the same names."""
-    head_dim = head_dim or hidden // heads
-    return {
-        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden),
-    }
-
-
-def lora_parameter_count(shapes: Iterable[tuple[int, int]], rank: int) -> int:
-    """Parameters LoRA adds to linear layers of these (in, out) shapes: rank · (in + out) each."""
-    return sum(rank * (fan_in + fan_out) for fan_in, fan_out in shapes)
-
-
-def lora_trainable_parameters(num_layers: int, layer_linears: Mapping[str, tuple[int, int]], rank: int,
-                              targets: str | Sequence[str] = ALL_LINEAR) -> int:
-    """Trainable parameters of a LoRA run: `rank·(in + out)` for each targeted linear of each of the
-    `num_layers` decoder layers (layer_linears: short name -> (in, out) of one layer, e.g.
-    `qwen2_decoder_linears(...)`). 0 when rank is 0. Adam keeps two float32 moments of each, and
-    gradients exist only for them; the base weights are frozen (stored in the frozen dtype)."""
-    if rank <= 0:
-        return 0
-    chosen = layer_linears if targets == ALL_LINEAR else {k: v for k, v in layer_linears.items() if k in set(targets)}
-    return num_layers * lora_parameter_count(chosen.values(), rank)

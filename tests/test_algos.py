@@ -466,7 +466,7 @@ def test_relevance_matches_loop(seed, kind):
 
 
 def test_targeting_hand_values_and_cap():
-    ln2, ln3, ln4 = math.log(2), math.log(3), math.log(4)
+    ln3, ln4 = math.log(3), math.log(4)
     delta_h = torch.tensor([[0.0, ln4 * ln3, 5.0, 5.0], [7.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
     gate = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)

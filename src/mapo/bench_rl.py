@@ -62,7 +62,7 @@ class RLHarness:
         from mapo.models.loader import load_model_and_processor
         from mapo.phase import Phase, prepare_policy
         from mapo.precision import frozen_copy, resolve_precision
-        from mapo.step import uses_ablated_reference, uses_kl_reference
+        from mapo.step import needs_frozen_reference
         from mapo.train import generation_kwargs
 
         self.cfg = cfg = compose_config(f"tiny_{algo}", [
@@ -77,7 +77,7 @@ class RLHarness:
         self.train_items = load_split(cfg.data, cfg.data.train)
         self.collator = Collator(processor, feature_cache=FeatureCache())
         self.ref_runner = None
-        if uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"):
+        if needs_frozen_reference(cfg.algo):
             self.ref_runner = dist_utils.ModelRunner(frozen_copy(model, precision.frozen), precision)
         prepare_policy(model, cfg, precision, everything=False)
         adapter = get_adapter(model)

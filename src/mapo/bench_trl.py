@@ -118,17 +118,11 @@ def compare(model_dir: Path, data_dir: Path, *, steps: int = 4, warmup: int = 1,
     The two run in alternating blocks (mapo, TRL, mapo, TRL, …; `rounds` of each, `steps` timed steps per
     block after `warmup` untimed ones), so a change of machine load during the run hits both.
     """
-    import dataclasses
-
-    from mapo.bench_rl import compose_config
-    from mapo.data.validate import read_manifest
-
     setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3)
     torch.manual_seed(0)
     harness = mapo_harness(model_dir, data_dir, **setting)
-    cfg = compose_config("tiny_grpo", [])
-    count = setting["prompts"] * (warmup + steps)
-    records = [dataclasses.replace(r, audio=None) for r in read_manifest(data_dir / "train.jsonl").records[:count]]
+    cfg = harness.cfg  # the same rewards on both sides
+    records = harness.text_only_records(setting["prompts"] * (warmup + steps))
     mapo_times: list[float] = []
     trl_times: list[float] = []
     phases: dict[str, list[float]] = {}

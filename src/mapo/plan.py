@@ -107,14 +107,14 @@ def resolve_dtype_name(name: str, device: str, compute: str | None = None) -> st
 
 def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: int = PROMPT_TEXT_TOKENS) -> PlanInputs:
     """PlanInputs of a run config (a MapoConfig or its DictConfig) on `world_size` ranks of `device`."""
-    from mapo.step import uses_ablated_reference, uses_kl_reference
+    from mapo.step import needs_frozen_reference, uses_ablated_reference
 
     model, algo, rollout, trainer = cfg.model, cfg.algo, cfg.rollout, cfg.trainer
     compute = resolve_dtype_name(model.compute_dtype, device)
     phase = "eval" if trainer.steps == 0 else ("sft" if algo.name == "sft" else "rl")
     lora = model.lora
     targets = lora.targets if isinstance(lora.targets, str) else tuple(lora.targets)
-    needs_ref = phase == "rl" and (uses_kl_reference(algo) or (uses_ablated_reference(algo) and algo.reference.model == "frozen"))
+    needs_ref = phase == "rl" and needs_frozen_reference(algo)
     warm = trainer.warm_start
     return PlanInputs(
         world_size=world_size,

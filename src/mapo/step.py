@@ -121,6 +121,12 @@ def uses_kl_reference(algo: AlgoConfig) -> bool:
     return algo.name != "sft" and algo.beta > 0
 
 
+def needs_frozen_reference(algo: AlgoConfig) -> bool:
+    """Whether a training run holds a frozen reference (a frozen copy, or with LoRA the model with its
+    adapters off): for the KL term, or for the audio-ablated pass when `reference.model` is "frozen"."""
+    return uses_kl_reference(algo) or (uses_ablated_reference(algo) and algo.reference.model == "frozen")
+
+
 def optimizer_steps_per_rollout(algo: AlgoConfig) -> int:
     """Optimizer steps one rollout feeds: `updates_per_rollout` passes × `mini_batches` steps each."""
     if algo.updates_per_rollout < 1 or algo.mini_batches < 1:

@@ -54,7 +54,7 @@ from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
 from mapo.rollout import set_default_cuda_graph
 from mapo.run_logging import make_logger, write_json_atomic
-from mapo.step import optimizer_steps_per_rollout, uses_ablated_reference, uses_kl_reference
+from mapo.step import needs_frozen_reference, optimizer_steps_per_rollout
 from mapo.timing import timed_generation
 from mapo.warm_start import run_warm_start, sft_phase
 
@@ -199,7 +199,7 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
 
     is_sft = cfg.algo.name == "sft"
     # a run that never trains (make eval: trainer.steps=0) never uses a reference
-    needs_ref = not is_sft and cfg.trainer.steps > 0 and (uses_kl_reference(cfg.algo) or (uses_ablated_reference(cfg.algo) and cfg.algo.reference.model == "frozen"))
+    needs_ref = not is_sft and cfg.trainer.steps > 0 and needs_frozen_reference(cfg.algo)
     use_lora = lora_enabled(cfg.model.lora)
     ref_runner = None
     if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype

@@ -92,7 +92,7 @@ class PreparedBatch:
     old_logprobs: torch.Tensor | None
     old_entropy: torch.Tensor | None
     content_gate: torch.Tensor
-    pg_rows: torch.Tensor | None = None
+    pg_rows: torch.Tensor
     delta_h: torch.Tensor | None = None
     omega: torch.Tensor | None = None
 
@@ -342,13 +342,6 @@ def _relevance(algo: AlgoConfig, delta_h: torch.Tensor, mask: torch.Tensor) -> t
     )
 
 
-def _pg_rows(prepared: PreparedBatch, rows: torch.Tensor) -> torch.Tensor:
-    """[n] bool rows of `rows` that enter L_PG and L_attn."""
-    if prepared.pg_rows is None:
-        return torch.ones(rows.shape[0], dtype=torch.bool, device=prepared.advantages.device)
-    return prepared.pg_rows[rows]
-
-
 def local_counts(prepared: PreparedBatch, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
     """This rank's share of the normalisers of an optimizer step on `rows`: [3] float64 =
     (Σ L_PG weights mask·ω̃ over rows in L_PG, rows in L_PG, rows). Sum it over ranks → `Normalisers`.
@@ -358,8 +351,10 @@ def local_counts(prepared: PreparedBatch, rollout: Rollout, rows: torch.Tensor) 
     """
     mask = rollout.completion_mask[rows].to(prepared.advantages.device).double()
     weights = mask if prepared.omega is None else prepared.omega[rows].double() * mask
-    keep = _pg_rows(prepared, rows).double()
-    return torch.stack([(weights * keep[:, None]).sum(), keep.sum(), torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=keep.device)])
+    keep = prepared.pg_rows[rows].double()
+    # torch.full, not torch.tensor: a host-to-device copy would wait for the queued GPU work
+    count = torch.full((), float(rows.shape[0]), dtype=torch.float64, device=keep.device)
+    return torch.stack([(weights * keep[:, None]).sum(), keep.sum(), count])
 
 
 def normalisers_from_counts(counts: torch.Tensor, max_len: int) -> Normalisers:
@@ -401,7 +396,7 @@ def mapo_step(
     sub = select_rows(rollout, rows)
     mask = sub.completion_mask.bool()
     adv = prepared.advantages[rows]
-    keep = _pg_rows(prepared, rows)  # [n] rows in L_PG and L_attn
+    keep = prepared.pg_rows[rows]  # [n] rows in L_PG and L_attn
     if algo.loss_agg == "token_mean" and algo.mask.enabled and prepared.omega is None and prepared.ablated is not None:
         raise ValueError("loss_agg=token_mean with the mask needs ω̃ before the micro-batches: prepare_batch(old_pass=True)")
     eta = algo.attn.eta
@@ -577,9 +572,9 @@ def update_on_rollout(
                     model, rollout, chunk, prepared, algo, norms, temperature=temperature, audio_input=audio_input,
                     chunk_size=chunk_size, backward_scale=backward_scale, call=call,
                 )
-                for key in [k for k in m if k.startswith("loss/")]:
-                    m[key] = m[key] * torch.tensor([1.0 / num_updates, 1.0], device=m[key].device)
-                if num_updates > 1:
+                if num_updates > 1:  # loss/* become the mean over the optimizer steps (no host copy)
+                    for key in [k for k in m if k.startswith("loss/")]:
+                        m[key] = torch.stack([m[key][0] / num_updates, m[key][1]])
                     m[f"clip/high_u{update}"] = m["clip/high"]
                     m[f"clip/low_u{update}"] = m["clip/low"]
                     m[f"ratio/dev_u{update}_max"] = m["ratio/dev_max"]

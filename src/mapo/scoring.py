@@ -369,14 +369,14 @@ def completion_logprobs(
     device = queries.device
     queries = queries.reshape(num_rows * num_tokens, -1)
     targets = completion_ids.to(device).reshape(-1)
-    keep = None
+    total = num_rows * num_tokens
+    kept = None  # [K] flat positions scored (one nonzero: the only host sync here), or None for all
     if completion_mask is not None:
-        keep = completion_mask.to(device).reshape(-1).bool()
-        kept = int(keep.sum())
-        if kept == keep.numel():
-            keep = None
-        elif kept > 0:  # (nothing kept: score everything, values zeroed below)
-            queries, targets = queries[keep], targets[keep]
+        kept = completion_mask.to(device).reshape(-1).nonzero().squeeze(1)
+        if kept.numel() == total:
+            kept = None
+        elif kept.numel() > 0:  # (nothing kept: score everything, values zeroed below)
+            queries, targets = queries.index_select(0, kept), targets.index_select(0, kept)
     if _fusable(lm_head):
         if needs_grad:
             logprobs, entropy = _FusedTokenStats.apply(
@@ -401,10 +401,10 @@ def completion_logprobs(
             logprob_chunks.append(token_logp)
             entropy_chunks.append(token_entropy)
         logprobs, entropy = torch.cat(logprob_chunks), torch.cat(entropy_chunks)
-    if keep is not None and logprobs.shape[0] < keep.shape[0]:
-        logprobs = logprobs.new_zeros(keep.shape[0]).masked_scatter(keep, logprobs)
-        entropy = entropy.new_zeros(keep.shape[0]).masked_scatter(keep, entropy)
-    elif keep is not None:  # nothing kept: every value is zeroed
+    if kept is not None and logprobs.shape[0] < total:
+        logprobs = logprobs.new_zeros(total).index_copy(0, kept, logprobs)
+        entropy = entropy.new_zeros(total).index_copy(0, kept, entropy)
+    elif kept is not None:  # nothing kept: every value is zeroed
         logprobs, entropy = logprobs * 0, entropy * 0
     return logprobs.view(num_rows, num_tokens), entropy.view(num_rows, num_tokens)
 
@@ -421,8 +421,11 @@ def score_tokens(
     keep_hidden: bool = False,
     noise_seed: int = 0,
     noise_std: float = 0.1,
+    share_prefix: bool | None = None,
 ) -> TokenScores:
     """One pass of `model` over the rollout. with_grad=False runs under no_grad.
+    share_prefix: the caller's `can_share_prefix` decision when it already made one (the capture must
+    agree with the pass it records); None decides here.
 
     When the rollout's rows come in groups that share a prompt (and `can_share_prefix` allows it), each prompt
     is run once and the completions attend to it (`mapo.shared_prefix`); otherwise one full-sequence pass.
@@ -431,7 +434,9 @@ def score_tokens(
     """
     lm_head = get_adapter(model).lm_head(model)
     with torch.set_grad_enabled(with_grad):
-        if not keep_hidden and can_share_prefix(model, rollout, with_grad=with_grad):
+        if share_prefix is None:
+            share_prefix = not keep_hidden and can_share_prefix(model, rollout, with_grad=with_grad)
+        if share_prefix:
             rows, attention_mask = audio_inputs(
                 model, rollout, audio, feature_extractor=feature_extractor, noise_seed=noise_seed, noise_std=noise_std
             )

@@ -421,7 +421,7 @@ def mapo_step(
     )
     metrics: dict[str, torch.Tensor] = {}
     with capture as cap:
-        hidden, logprobs, entropy = call(_policy_forward, sub, audio_input, temperature, chunk_size, keep_hidden)
+        hidden, logprobs, entropy = call(_policy_forward, sub, audio_input, temperature, chunk_size, keep_hidden, shared)
         old_logprobs = prepared.old_logprobs[rows] if prepared.old_logprobs is not None else logprobs.detach()
         policy_entropy = prepared.old_entropy[rows] if prepared.old_entropy is not None else entropy.detach()
 
@@ -586,10 +586,12 @@ def update_on_rollout(
     return sums, grad_norms
 
 
-def _policy_forward(model: nn.Module, sub: Rollout, audio_input: str, temperature: float, chunk_size: int, keep_hidden: bool):
-    """hidden [n, P+T, H] (None unless keep_hidden), logprobs [n, T], entropy [n, T] of the policy with grad."""
+def _policy_forward(model: nn.Module, sub: Rollout, audio_input: str, temperature: float, chunk_size: int,
+                    keep_hidden: bool, shared: bool):
+    """hidden [n, P+T, H] (None unless keep_hidden), logprobs [n, T], entropy [n, T] of the policy with grad;
+    `shared`: the shared-prefix decision the capture was set up for."""
     scores = score_tokens(model, sub, audio=audio_input, temperature=temperature, chunk_size=chunk_size,
-                          with_grad=True, keep_hidden=keep_hidden)
+                          with_grad=True, keep_hidden=keep_hidden, share_prefix=shared)
     return scores.hidden, scores.logprobs, scores.entropy
 
 

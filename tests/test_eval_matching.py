@@ -11,8 +11,8 @@ from mapo.eval.matching import (
     extract_prediction,
     incorrect_tokens,
     match_answer_to_choice,
-    strict_choice,
 )
+from mapo.rewards import predicted_choice
 
 CHOICES = ["Dog barking", "Car horn", "Rain", "Applause"]
 
@@ -94,10 +94,10 @@ def test_duplicated_choices_match_the_first_copy():
 
 
 def test_strict_matching_is_the_reward_rule():
-    assert strict_choice("so <answer>B</answer>", CHOICES) == 1
-    assert strict_choice("so <answer>rain</answer>", CHOICES) == 2
-    assert strict_choice("the answer is rain", CHOICES) is None  # no tag: strict gives nothing
-    assert strict_choice("<answer>it is rain</answer>", CHOICES) is None  # not exactly an option
+    assert predicted_choice("so <answer>B</answer>", CHOICES) == 1
+    assert predicted_choice("so <answer>rain</answer>", CHOICES) == 2
+    assert predicted_choice("the answer is rain", CHOICES) is None  # no tag: strict gives nothing
+    assert predicted_choice("<answer>it is rain</answer>", CHOICES) is None  # not exactly an option
 
 
 def test_source_answers_that_are_not_a_choice():

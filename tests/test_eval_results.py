@@ -45,6 +45,20 @@ def test_rows_by_hand(mmau):
     }
 
 
+def test_strict_column_is_the_training_reward():
+    """correct_strict is `accuracy_reward` itself: duplicated option texts differing in case (as some MMAU
+    rows have) score by meaning, not by which duplicate the tag matched first."""
+    from mapo.data.schema import Record
+    from mapo.rewards import accuracy_reward
+
+    record = Record(id="d", question="Is it a dog?", choices=["Yes", "yes", "No"], answer="yes", audio=None, task="t")
+    outputs = ["<answer>yes</answer>", "<answer>No</answer>", "yes"]
+    rows = score_rows([record] * 3, {"audio": outputs})
+    assert [r["strict_choice"] for r in rows] == ["Yes", "No", None]
+    assert [r["correct_strict"] for r in rows] == [True, False, False]
+    assert [r["correct_strict"] for r in rows] == [accuracy_reward(o, record) == 1.0 for o in outputs]
+
+
 def test_summary_values_and_breakdowns(mmau):
     rows = score_rows(mmau.records, {"audio": AUDIO, "no_audio": NO_AUDIO})
     summary = summarize(mmau.records, rows, "mmau", notes=mmau.notes, model="m")

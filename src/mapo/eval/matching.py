@@ -16,7 +16,7 @@ This is more lenient than ours in some ways ("the dog is barking" names "dog bar
 others: a letter prefix "(A) dog" fails when another choice holds the word "a". Both are the
 benchmarks' behaviour, kept on purpose so our numbers sit next to published ones.
 
-Strict matching (`strict_choice`) is `mapo.rewards.predicted_choice`: the last complete answer tag must
+Strict matching is `mapo.rewards.predicted_choice` (and `accuracy_reward` for correct_strict): the last complete answer tag must
 name one option by its text or its letter (the accuracy reward of training). It is reported as a second
 column.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mapo.rewards import extract_answer, predicted_choice
+from mapo.rewards import extract_answer
 
 _WORD = re.compile(r"\b\w+\b")
 
@@ -72,11 +72,6 @@ def benchmark_choice(prediction: str, choices: Sequence[str]) -> int | None:
     if not named or len({choices[i] for i in named}) > 1:
         return None
     return named[0]
-
-
-def strict_choice(output: str, choices: Sequence[str]) -> int | None:
-    """Our strict matching (`mapo.rewards.predicted_choice`): the last answer tag names one option."""
-    return predicted_choice(output, choices)
 
 
 def match_answer_to_choice(answer: str, choices: Sequence[str]) -> int | None:

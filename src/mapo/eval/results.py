@@ -26,8 +26,9 @@ from typing import Any
 
 from mapo.data.schema import Record
 from mapo.eval.breakdowns import record_groups
-from mapo.eval.matching import benchmark_choice, benchmark_correct, extract_prediction, strict_choice
+from mapo.eval.matching import benchmark_choice, benchmark_correct, extract_prediction
 from mapo.evaluate import CONDITIONS
+from mapo.rewards import accuracy_reward, predicted_choice
 from mapo.report import CONDITION_LABELS
 
 
@@ -49,7 +50,7 @@ def score_rows(
         for record, output, extra in zip(records, texts, more):
             prediction = extract_prediction(output or "")
             matched = benchmark_choice(prediction, record.choices)
-            strict = None if output is None else strict_choice(output, record.choices)
+            strict = None if output is None else predicted_choice(output, record.choices)
             hidden = bool(record.meta.get("answer_hidden"))
             # The benchmark's script scores against the answer as the file writes it.
             scored_answer = record.meta.get("source_answer", record.answer)
@@ -61,7 +62,7 @@ def score_rows(
                 "matched_choice": None if matched is None else record.choices[matched],
                 "correct": None if hidden else benchmark_correct(prediction, scored_answer, record.choices),
                 "strict_choice": None if strict is None else record.choices[strict],
-                "correct_strict": None if hidden else (strict is not None and record.choices[strict] == record.answer),
+                "correct_strict": None if hidden else accuracy_reward(output or "", record) == 1.0,  # the training reward
                 "answer": None if hidden else record.answer,
             }
             row.update(extra or {})

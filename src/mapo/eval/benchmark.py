@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +25,19 @@ class Benchmark:
 
 
 def load_benchmark(
-    path: str | Path, layout: str = "auto", *, skip_bad: bool = False, limit: int = 0, check_audio: bool = True
+    path: str | Path, layout: str = "auto", *, skip_bad: bool = False, limit: int = 0, check_audio: bool = True,
+    is_main: bool = True, share: Callable[[list[int]], list[int]] | None = None,
 ) -> Benchmark:
     """Read and validate `path` in any layout (hidden answers allowed: evaluation only).
 
     limit > 0 keeps limit // tasks items of every task, at least one each (`mapo.evaluate.evenly_by_task`).
     check_audio=False skips the audio files (rescoring needs none). Bad rows stop the read with every
-    one listed, unless skip_bad (then they are counted in the notes).
+    one listed, unless skip_bad (then they are counted in the notes). Several processes: only rank 0
+    (`is_main`) decodes the audio and `share` (an all-gather, as in training) gives every rank its verdict.
     """
     with hidden_answers_allowed():
-        result = read_manifest(path, layout=layout, skip_bad=skip_bad, check_audio=check_audio)
+        result = read_manifest(path, layout=layout, skip_bad=skip_bad, check_audio=check_audio and is_main,
+                               share=share, report=is_main)
     records = evenly_by_task(result.records, limit)
     notes = layout_notes(records)
     if result.skipped:

@@ -105,7 +105,7 @@ def write_step_outputs(out_dir: Path, entries: Sequence[tuple[Checkpoint, Mappin
     stepped = [r for r in rows if r["step"] is not None and r["checkpoint"] != "final_model"]
     steps = {r["step"] for r in stepped}
     stepped += [r for r in rows if r["checkpoint"] == "final_model" and r["step"] is not None and r["step"] not in steps]
-    if stepped and any(r.get("audio/accuracy") is not None or r.get("no_audio/accuracy") is not None for r in stepped):
+    if stepped and any(v is not None for r in stepped for k, v in r.items() if k.endswith("/accuracy")):
         conditions = [k.split("/")[0] for k in stepped[0] if k.endswith("/accuracy")]
         series = {CONDITION_LABELS.get(c, c): [r.get(f"{c}/accuracy") for r in stepped] for c in conditions}
         written["png"] = step_chart([r["step"] for r in stepped], series, out_dir / "accuracy_vs_step.png", title)

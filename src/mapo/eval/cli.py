@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = dist_utils.init_distributed(args.device)
     try:
         try:
-            bench = load_benchmark(args.data, args.layout, skip_bad=args.skip_bad, limit=args.limit)
+            share = (lambda lines: dist_utils.gather_objects(lines, ctx)[0]) if ctx.enabled else None
+            bench = load_benchmark(args.data, args.layout, skip_bad=args.skip_bad, limit=args.limit,
+                                   is_main=ctx.is_main, share=share)
             if args.model:
                 check_model_folder(args.model)
             else:
@@ -207,10 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_run(bench, args, ctx, out)
         else:
             out = Path(args.out) if args.out else default_out(args.model, args.data)
-            summary = evaluate_folder(args.model, bench, args, ctx, out)
+            evaluate_folder(args.model, bench, args, ctx, out)
             if ctx.is_main:
                 print((out / "summary.md").read_text())
-                del summary
         if ctx.is_main:
             print(f"[mapo] evaluation written to: {out.resolve()}")
     finally:

@@ -82,7 +82,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "[mapo] keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else echo "[mapo] installing $(TORCH_SPEC)"; $(PY) -m pip install -q $(TORCH_SPEC); fi
-	$(PY) -m pip install -q -e ".[test,parquet,video]"
+	$(PY) -m pip install -q -e ".[test,parquet,video,cluster]"
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
 test: install

@@ -36,6 +36,7 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     assert decode["step_over_bound"] == pytest.approx(decode["step_s"] / decode["bound_s"])
     assert decode["graphs"] == {"captured": 0, "replayed": 0, "failed": 0}  # no CUDA graph on CPU
     update = sections["update_2x64"]
+    assert update["params_counted"] == 2 * per_layer + 512 * 64  # decoder layers and LM head (no final norm)
     assert update["mfu"] == pytest.approx(6 * update["params_counted"] * 128 / update["time_s"] / 0.1e12)
     assert sections["update_8x64_checkpointed"]["checkpointing"] is True
     # The profile's categories add up to its total, and every step runs a matmul (the decoder and LM head).

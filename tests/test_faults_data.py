@@ -251,7 +251,7 @@ def test_audio_gone_bad_mid_run_is_skipped_the_same_way_on_both_ranks(tmp_path):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got[0] == got[1]
     ids = got[0]["ids"]
-    assert len(ids) == 4 and "c5" not in ids and "c6" not in ids and got[0]["skipped"] == 2
+    assert sorted(ids) == ["c0", "c1", "c4", "c7"] and got[0]["skipped"] == 2  # c5, c6 replaced by the next items
     assert got[0]["loaded"] and got[1]["loaded"]
 
 

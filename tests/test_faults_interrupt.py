@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_with_a_checkpoint(tiny_env, tmp_
     stopped_at = max(train_rows(run_dir))
     assert f"stopped after step {stopped_at} of 8 (signal 15)" in out, (out[-2000:], err[-3000:])
     assert resolve_resume(run_dir, "auto").name == f"step_{stopped_at:06d}"
-    assert "exitcode  : 143" in err or "exitcode: 143" in err.replace(" ", "") or proc.returncode != 0
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*143", err), err[-3000:]  # 128 + SIGTERM, reported by torchrun
     rows = train_rows(run_dir)
     assert rows[1]["faults/audio_rows_replaced"] == 1.0 and "[fault] deleted" in out
     assert "skipped on every rank" in out + err and "audio file not found" in out + err

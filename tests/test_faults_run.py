@@ -114,12 +114,15 @@ def faulty_run(tiny_env, tmp_path_factory):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("mapo").addHandler(handler)
-    logging.getLogger("mapo").setLevel(logging.INFO)
+    logger = logging.getLogger("mapo")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         final = mapo.train.run(cfg)
     finally:
-        logging.getLogger("mapo").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
         REWARDS.pop("_flaky_test", None)
         mp.undo()
     log_text = "\n".join(r.getMessage() for r in records)

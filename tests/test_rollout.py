@@ -8,7 +8,13 @@ import torch
 from toy_model import AUDIO, EOS, PAD, VOCAB, make_batch, tiny_model
 
 from mapo.models.embed import encode_audio
-from mapo.rollout import completion_mask_from_ids, generate_rollout, resolve_cuda_graph, set_default_cuda_graph
+from mapo.rollout import (
+    completion_mask_from_ids,
+    generate_rollout,
+    graph_stats,
+    resolve_cuda_graph,
+    set_default_cuda_graph,
+)
 
 torch.set_num_threads(1)
 
@@ -219,7 +225,11 @@ def test_cuda_graph_decode_equals_eager_on_gpu():
     batch = {k: v.cuda() for k, v in make_batch().items()}
     kwargs = dict(group_size=4, max_new_tokens=200, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3],
                   temperature=1.1, top_k=30, repetition_penalty=1.1)
+    before = graph_stats()
     graphed = generate_rollout(model, batch, cuda_graph="on", **kwargs)
+    stats = {k: v - before[k] for k, v in graph_stats().items()}
+    # the graphs really ran: a failed capture falls back to eager and would make this compare eager with eager
+    assert stats["captured"] >= 2 and stats["replayed"] > 0 and stats["failed"] == 0, stats
     eager = generate_rollout(model, batch, cuda_graph="off", **kwargs)
     assert torch.equal(graphed.completion_ids, eager.completion_ids)
     greedy = generate_rollout(model, batch, group_size=1, max_new_tokens=200, eos_token_id=EOS, pad_token_id=PAD,

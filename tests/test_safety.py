@@ -114,17 +114,26 @@ def test_a_model_folder_with_only_pickled_weights_is_refused(tiny_env, tmp_path)
         load_model_and_processor(folder)
 
 
-def test_checkpoint_state_refuses_pickled_code(tmp_path):
-    """What the checkpoint loader does with a state file that would run code when unpickled."""
+@pytest.mark.parametrize("poisoned", ["scheduler.pt", "rng_0.pt"])
+def test_checkpoint_state_refuses_pickled_code(tmp_path, poisoned):
+    """mapo's own loader, not just torch: a checkpoint's non-tensor state whose pickle would run a command."""
     import os
+
+    from torch import nn
+
+    from mapo.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 
     class Boom:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
 
-    torch.save({"state": Boom()}, tmp_path / "evil.pt")
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    path = save_checkpoint(tmp_path / "run", 1, TrainingState(model, optimizer), {"last_epoch": 1}, {"step": 1})
+    assert load_checkpoint(path, TrainingState(model, optimizer)).scheduler_state == {"last_epoch": 1}
+    torch.save({"state": Boom()}, path / poisoned)
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):
-        torch.load(tmp_path / "evil.pt", weights_only=True)
+        load_checkpoint(path, TrainingState(model, optimizer))
     assert not (tmp_path / "pwned").exists()
 
 

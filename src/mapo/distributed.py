@@ -116,6 +116,15 @@ class ModelRunner(torch.nn.Module):
         return self(gather_once(fn), *args, **kwargs)
 
 
+def fsdp_units(modules) -> list[torch.nn.Module]:
+    """The FSDP2-wrapped modules among `modules` (none on a torch without FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in modules if isinstance(m, FSDPModule)]
+
+
 def gather_once(fn):
     """`fn(model, ...)` with every FSDP2 unit inside `model` all-gathered once before it runs and
     resharded after, instead of once per forward: token-by-token decoding then costs one all-gather
@@ -127,11 +136,9 @@ def gather_once(fn):
     sharded) even when `fn` raises. Memory: the whole model is unsharded for the duration (in the
     compute dtype under a mixed-precision policy), as a decode needs every layer for every token.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     @functools.wraps(fn)
     def gathered(model, *args, **kwargs):
-        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        units = fsdp_units(model.modules())
         if not units:
             return fn(model, *args, **kwargs)
         for unit in units:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mapo.distributed import fsdp_units
 from mapo.kv_cache import as_mask, prefill_allowed
 from mapo.models.adapter import get_adapter
 from mapo.models.embed import build_inputs_embeds, position_ids_from_mask
@@ -56,23 +57,15 @@ def _checkpointed(model: nn.Module) -> bool:
     return any(getattr(layer, "gradient_checkpointing", False) for layer in get_adapter(model).decoder_layers(model))
 
 
-def _sharded(model: nn.Module) -> bool:
-    """Decoder layers wrapped by FSDP2: its post-backward reshards a layer after the backward of its last call,
-    while the prefix call's backward through the same layer still needs the weights."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
-    return any(isinstance(layer, FSDPModule) for layer in get_adapter(model).decoder_layers(model))
-
-
 def can_share_prefix(model: nn.Module, rollout, *, with_grad: bool, keep_hidden: bool = False) -> bool:
     """Whether a pass of `model` over `rollout` may use the prefix/suffix split (see the module docstring)."""
     if keep_hidden or rollout.group_size < 2 or rollout.prompt_len < 2:
         return False
     if get_adapter(model).prepared_mask_kind(model) is None:
         return False
-    if with_grad and (_sharded(model) or (model.training and _checkpointed(model))):
+    # FSDP2's post-backward reshards a layer after the backward of its last call, while the prefix call's
+    # backward through the same layer still needs the weights
+    if with_grad and (fsdp_units(get_adapter(model).decoder_layers(model)) or (model.training and _checkpointed(model))):
         return False
     return not bool(rollout.audio_mask[:, rollout.prompt_len - 1].any())
 

@@ -22,10 +22,16 @@ from mapo.step import MetricSums, prepare_batch, truncated_rows, update_on_rollo
 from mapo.timing import StepTimer
 
 
+def step_seed(seed: int, step_index: int) -> int:
+    """Base of RL step `step_index`'s random streams: prompt i of the step samples with step_seed + i, and
+    the mini-batch shuffle uses `mini_batch_seed`. A function of the config and the step alone, so a
+    resumed run draws exactly as an uninterrupted one."""
+    return seed * 1_000_003 + step_index * 10_007
+
+
 def mini_batch_seed(seed: int, step_index: int) -> int:
-    """Seed of the mini-batch shuffle of RL step `step_index` (pass p adds p): a function of the config and
-    the step alone, so a resumed run splits its rollouts exactly as an uninterrupted one."""
-    return seed * 1_000_003 + step_index * 10_007 + 7_777_777
+    """Seed of the mini-batch shuffle of RL step `step_index` (pass p adds p)."""
+    return step_seed(seed, step_index) + 7_777_777
 
 
 def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs, content_mask, audio_input,
@@ -47,7 +53,7 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
         records = faults.batches.next_batch(phase.sampler, n_global, local, step_index + 1)
     records = without_some_audio(records, cfg.data.text_only_fraction, cfg.trainer.seed, step_index)
     records = records[local]
-    seeds = [cfg.trainer.seed * 1_000_003 + step_index * 10_007 + i for i in range(local.start, local.stop)]
+    seeds = [step_seed(cfg.trainer.seed, step_index) + i for i in range(local.start, local.stop)]
 
     # rollout (audio encoded once per prompt, prompt prefilled once per group)
     timer = StepTimer(ctx.device)

@@ -20,7 +20,9 @@ The decode loop (DESIGN §9):
   warm-up steps (one more per new bucket) and replayed (`cuda_graph`: "auto" = on for CUDA in a single
   process, off when a `sync_finished` hook is given, since FSDP's hooks run inside every forward). If a
   capture fails the loop warns and stays eager (`graph_stats()` counts captures, replays, failures).
-  Sampling stays outside the graph: it is a dozen small kernels with no host synchronisation.
+  Sampling stays outside the graph: a dozen small kernels, with no host synchronisation except for top-p
+  without top-k, which reads one flag per step (do the `NUCLEUS_CANDIDATES` most likely tokens hold the
+  nucleus of every row, or is the full sort needed?).
 - Host synchronisation: "are all rows done?" is read every `finish_check_every` steps (default 1 on CPU,
   where it is free, 8 on CUDA); the sync hook is called at the same steps on every process. Columns past
   the longest completion are trimmed at the end (one read), so the output does not depend on the interval.
@@ -139,7 +141,7 @@ def _check_left_padded(attention_mask: torch.Tensor) -> None:
         raise ValueError("prompt_batch.attention_mask: a prompt is empty or right-padded (last column is 0)")
 
 
-def _as_eos_list(eos_token_id: int | Sequence[int]) -> list[int]:
+def as_eos_list(eos_token_id: int | Sequence[int]) -> list[int]:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not ids:
         raise ValueError("eos_token_id must name at least one token")
@@ -151,8 +153,6 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: Sequence[int
     is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device)).long()
     eos_before = is_eos.cumsum(dim=-1) - is_eos
     return (eos_before == 0).long()
-
-
 
 
 #: CUDA graphs captured, replays, failed captures (fallbacks to eager), process-wide: `graph_stats()`.
@@ -382,7 +382,7 @@ def generate_rollout(
     if seeds is not None and len(seeds) != num_prompts:
         raise ValueError(f"seeds has {len(seeds)} entries for {num_prompts} prompts")
     _check_left_padded(prompt_mask)
-    eos_ids = _as_eos_list(eos_token_id)
+    eos_ids = as_eos_list(eos_token_id)
 
     adapter = get_adapter(model)
     embed_tokens = adapter.embed_tokens(model)

@@ -48,7 +48,8 @@ from mapo.capture import capture_audio_attention, completion_mass
 from mapo.config import AlgoConfig
 from mapo.models.adapter import get_adapter
 from mapo.models.embed import build_inputs_embeds, encode_audio, split_audio_by_row
-from mapo.rollout import Rollout
+from mapo.rollout import Rollout, as_eos_list
+from mapo.eval.positions import relative_bins
 from mapo.shared_prefix import can_share_prefix
 from mapo.scoring import (
     DEFAULT_CHUNK_SIZE,
@@ -145,7 +146,7 @@ def needs_old_pass(algo: AlgoConfig) -> bool:
 
 def truncated_rows(completion_ids: torch.Tensor, eos_token_id: int | list[int] | tuple[int, ...]) -> torch.Tensor:
     """[N, T] completion ids → [N] bool: the row never emitted an EOS (it was cut at max_new_tokens)."""
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=completion_ids.device)
+    eos = torch.tensor(as_eos_list(eos_token_id), device=completion_ids.device)
     return ~torch.isin(completion_ids, eos).any(dim=-1)
 
 
@@ -605,12 +606,11 @@ def _kl_full(model: nn.Module, hidden: torch.Tensor, ablated_hidden: torch.Tenso
 
 
 def _mass_by_position(a_t: torch.Tensor, mask: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
-    """Mean audio mass per relative-position bucket of the completion (t/T in quarters)."""
-    lengths = mask.sum(-1, keepdim=True).clamp(min=1)
-    rel = (torch.cumsum(mask.long(), -1) - 1).float() / lengths  # 0 ≤ rel < 1 on valid tokens
-    bucket = (rel * MASS_BUCKETS).long().clamp(max=MASS_BUCKETS - 1)
+    """Mean audio mass per relative-position bucket of the completion (t/T in quarters), binned by the
+    same rule as the evaluation's collapse curve (`mapo.eval.positions.relative_bins`)."""
+    bucket = relative_bins(mask, MASS_BUCKETS)  # [n, T], -1 off the mask
     for b in range(MASS_BUCKETS):
-        sel = mask & (bucket == b)
+        sel = bucket == b
         metrics[f"audio_mass/q{b + 1}"] = torch.stack(_masked_mean(a_t, sel))
 
 

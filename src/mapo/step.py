@@ -46,20 +46,20 @@ from torch import nn
 from mapo.algos import losses, mapo
 from mapo.capture import capture_audio_attention, completion_mass
 from mapo.config import AlgoConfig
+from mapo.eval.positions import relative_bins
 from mapo.models.adapter import get_adapter
 from mapo.models.embed import build_inputs_embeds, encode_audio, split_audio_by_row
 from mapo.rollout import Rollout, as_eos_list
-from mapo.eval.positions import relative_bins
-from mapo.shared_prefix import can_share_prefix
 from mapo.scoring import (
     DEFAULT_CHUNK_SIZE,
     delta_entropy,
+    kl_full_vocabulary,
     kl_score,
     pick_reference_model,
-    kl_full_vocabulary,
     reference_pass,
     score_tokens,
 )
+from mapo.shared_prefix import can_share_prefix
 
 #: Relative-position buckets of the audio-mass metric (the collapse curve, DESIGN §6).
 MASS_BUCKETS = 4

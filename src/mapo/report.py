@@ -30,15 +30,18 @@ def final_table(before: dict[str, float], after: dict[str, float], splits: list[
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Rows of the run's metrics.jsonl; a line cut by a crash (not valid JSON, or not an object) is skipped."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by a crash
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mapo.report import read_metrics
 
 #: The evaluation-time collapse curve of a run folder (written by mapo.collapse_curve).
 COLLAPSE_FILE = "collapse.json"
@@ -81,21 +82,6 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; a line cut by a crash (not valid JSON) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def read_run(run_dir: str | Path) -> Run:
     """Read one run folder. Raises FileNotFoundError without config.json, ValueError on broken JSON."""
     run_dir = Path(run_dir)
@@ -114,7 +100,7 @@ def read_run(run_dir: str | Path) -> Run:
         final = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     collapse_path = run_dir / COLLAPSE_FILE
     collapse = _read_json(collapse_path) if collapse_path.is_file() else None
-    return Run(run_dir, config["config"], final, read_history(run_dir / "metrics.jsonl"), collapse)
+    return Run(run_dir, config["config"], final, read_metrics(run_dir), collapse)
 
 
 def find_runs(roots: Iterable[str | Path]) -> list[Path]:

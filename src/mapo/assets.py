@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from mapo.config import DataConfig, ModelConfig
-from mapo.data.validate import ManifestResult, read_manifest
 from mapo.data.schema import Record
+from mapo.data.validate import ManifestResult, read_manifest
 from mapo.models.loader import check_model_folder
 
 
@@ -103,20 +103,15 @@ def audio_window_seconds(model_path: str | Path) -> float | None:
     before any model loads; None when the folder does not say, or when the family's encoder takes clips
     of any length (the Omni thinkers: nothing is cut). The collator still counts what it cuts."""
     from mapo.models.adapter import adapter_for_folder
+    from mapo.models.loader import read_feature_extractor_settings
 
     folder = Path(model_path)
     if (folder / "config.json").is_file():
         dims = adapter_for_folder(folder).dims(json.loads((folder / "config.json").read_text()))
         if not dims.audio_window_fixed:
             return None
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        file = folder / name
-        if file.is_file():
-            settings = json.loads(file.read_text())
-            settings = settings.get("feature_extractor", settings)  # the combined processor file nests it
-            if isinstance(settings.get("chunk_length"), (int, float)):
-                return float(settings["chunk_length"])
-    return None
+    settings = read_feature_extractor_settings(folder) or {}
+    return float(settings["chunk_length"]) if isinstance(settings.get("chunk_length"), (int, float)) else None
 
 
 def load_run_data(data: DataConfig, model_path: str | Path, *, is_main: bool = True,

@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from mapo.timing import sync_device
+
 #: (substring of torch.cuda.get_device_name, peak memory bandwidth in TB/s, peak dense bf16 TFLOP/s), first match
 #: wins (so "H100 PCIe" and "H100 NVL" come before the SXM part's plain "H100"). Vendor data sheets.
 CARD_PEAKS = (
@@ -110,11 +112,6 @@ def kv_bytes_per_token(widths: dict, dtype: torch.dtype) -> int:
     return 2 * widths["layers"] * widths["kv_heads"] * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int, cuda_graph: str,
                 bandwidth: float | None, dtype: torch.dtype) -> dict:
     """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring)."""
@@ -131,10 +128,10 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
                                 temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph)
 
     def timed(n: int) -> tuple[float, int]:
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         out = rollout(n)
-        _sync(device)
+        sync_device(device)
         return time.perf_counter() - start, int(out.completion_ids.shape[1])
 
     timed(min(new_tokens, 8))  # warm-up (kernels, allocator, graph capture path)
@@ -178,10 +175,10 @@ def _profiled_category_seconds(run, device: torch.device) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync_device(device)
     with profile(activities=activities) as prof:
         run()
-        _sync(device)
+        sync_device(device)
     totals: dict[str, float] = {}
     for event in prof.events():
         if device.type == "cuda":
@@ -264,10 +261,10 @@ def time_update(model, widths: dict, *, rows: int, seq: int, checkpointing: bool
         step()  # warm-up
         times = []
         for _ in range(repeats):
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             step()
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - start)
     finally:
         for p in model.parameters():

@@ -482,8 +482,7 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState | None) -> Che
     """Read a complete checkpoint folder: tensors into `state` in place (each rank its own shards; a
     checkpoint of another world size is resharded), the rest returned. Every rank calls it."""
     path = Path(path)
-    read_marker(path)
-    trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    trainer_state = read_trainer_state(path)
     if state is not None:
         with _single_process_quietly():
             dcp.load({"training": state}, storage_reader=_state_reader(path),

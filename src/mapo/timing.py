@@ -28,7 +28,8 @@ from contextlib import contextmanager
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -63,12 +64,12 @@ class StepTimer:
 
     @contextmanager
     def phase(self, name: str):
-        _sync(self.device)
+        sync_device(self.device)
         start = self.clock()
         try:
             yield self
         finally:
-            _sync(self.device)
+            sync_device(self.device)
             self.seconds[name] += self.clock() - start
 
     def add_tokens(self, name: str, count: float | torch.Tensor) -> None:

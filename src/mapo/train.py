@@ -44,11 +44,15 @@ from mapo.export import export_dir, export_policy
 from mapo.faults import RunFaults, Stopped
 from mapo.interrupt import SignalFlag
 from mapo.models.adapter import get_adapter
-from mapo.models.loader import enable_activation_checkpointing, load_model_and_processor
+from mapo.models.loader import (
+    enable_activation_checkpointing,
+    load_model_and_processor,
+    read_feature_extractor_settings,
+)
 from mapo.models.lora import adapters_off, lora_enabled
 from mapo.phase import Phase, prepare_policy
-from mapo.precision import frozen_copy, resolve_precision
 from mapo.plan import check_memory_at_start
+from mapo.precision import frozen_copy, resolve_precision
 from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
@@ -82,8 +86,7 @@ def check_before_loading(cfg: MapoConfig, ctx) -> None:
     CUDA when it does not fit): before any weights or data are read."""
     folder = Path(cfg.model.path)
     config_dict = json.loads((folder / "config.json").read_text())
-    preprocessor = folder / "preprocessor_config.json"
-    check_config(cfg, config_dict, ctx.world_size, json.loads(preprocessor.read_text()) if preprocessor.is_file() else None)
+    check_config(cfg, config_dict, ctx.world_size, read_feature_extractor_settings(folder))
     check_memory_at_start(cfg, config_dict, ctx)
 
 

@@ -105,8 +105,10 @@ def default_out(model: str, data: str) -> Path:
     return Path("outputs") / "eval" / Path(model).resolve().name / f"{Path(data).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Namespace, ctx, out: Path) -> dict[str, Any] | None:
-    """Evaluate one model folder on `bench`; rank 0 writes OUT and returns the summary (others: None)."""
+def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Namespace, ctx, out: Path,
+                    feature_cache: FeatureCache | None = None) -> dict[str, Any] | None:
+    """Evaluate one model folder on `bench`; rank 0 writes OUT and returns the summary (others: None).
+    feature_cache: the clips' features, shared by the checkpoints of one run (same processor); None: a new one."""
     conditions = parse_conditions(args.conditions)
     dtype = resolve_dtype(args.dtype, ctx.device)
     model, processor = load_model_and_processor(
@@ -115,7 +117,8 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
     runner = dist_utils.ModelRunner(model)
     if args.fsdp:
         runner = dist_utils.apply_fsdp(runner, ctx)
-    collator = Collator(processor, feature_cache=FeatureCache())  # clips are encoded once for all conditions
+    # clips are encoded once for all conditions (and, through a shared cache, for all checkpoints of a run)
+    collator = Collator(processor, feature_cache=feature_cache if feature_cache is not None else FeatureCache())
     generation: dict[str, Any] = dict(
         generation_tokens(processor, get_adapter(model).vocab_size(model)), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
@@ -166,7 +169,7 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
 
 
 def evaluate_run(bench: Benchmark, args: argparse.Namespace, ctx, out: Path) -> None:
-    entries = []
+    entries, features = [], FeatureCache()
     for checkpoint in run_checkpoints(args.run):
         target = out / checkpoint.label
         done = target / "summary.json"
@@ -175,7 +178,7 @@ def evaluate_run(bench: Benchmark, args: argparse.Namespace, ctx, out: Path) -> 
                 print(f"[mapo] {checkpoint.label}: reusing {done} (--redo to evaluate again)")
             entries.append((checkpoint, json.loads(done.read_text())))
             continue
-        summary = evaluate_folder(checkpoint.path, bench, args, ctx, target)
+        summary = evaluate_folder(checkpoint.path, bench, args, ctx, target, features)
         if ctx.is_main:
             entries.append((checkpoint, summary))
     if ctx.is_main:

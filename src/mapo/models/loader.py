@@ -28,6 +28,17 @@ TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 #: Feature-extractor settings: the classic file, or the combined processor file of newer transformers.
 PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
+def read_feature_extractor_settings(folder: str | Path) -> dict | None:
+    """The feature extractor's settings of a model folder (`preprocessor_config.json`, or the block nested
+    in a combined `processor_config.json`), read without loading anything; None when neither file is there."""
+    for name in PREPROCESSOR_FILES:
+        file = Path(folder) / name
+        if file.is_file():
+            settings = json.loads(file.read_text())
+            return settings.get("feature_extractor", settings)
+    return None
+
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

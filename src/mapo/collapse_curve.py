@@ -33,11 +33,10 @@ import torch
 
 from mapo.data.collate import Collator, FeatureCache
 from mapo.data.schema import Record
-from mapo.eval.collapse import collapse_values, item_bins, pooled_curves
-from mapo.evaluate import evenly_by_task, generation_tokens
+from mapo.eval.collapse import batch_diagnostics, pooled_curves
+from mapo.evaluate import answer_sharded, evenly_by_task, generation_tokens
 from mapo.models.adapter import get_adapter
 from mapo.models.loader import load_model_and_processor
-from mapo.rollout import generate_rollout
 from mapo.run_groups import COLLAPSE_FILE
 from mapo.run_logging import write_json_atomic
 
@@ -64,15 +63,13 @@ def greedy_collapse_curve(
     Returns {"audio_mass": [n_bins], "abs_delta_h": [n_bins] (None for an empty bin), "tokens": [n_bins],
     "completions": N, "mean_length": mean valid completion tokens}.
     """
-    items: list[dict] = []
-    for start in range(0, len(records), batch_size):
-        batch = collator.prompts(list(records[start : start + batch_size]))
-        rollout = generate_rollout(
-            model, batch, group_size=1, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, do_sample=False, suppress_token_ids=suppress_token_ids,
-        )
-        mass, abs_dh = collapse_values(model, rollout, "audio", layers=layers, temperature=temperature)
-        items += item_bins(mass, abs_dh, rollout.completion_mask, n_bins)
+    # The evaluation's own loop (mapo.evaluate) with the collapse diagnostics on each batch: the curve is
+    # taken on the very completions the run's evaluation produces with the same settings.
+    extras = batch_diagnostics("audio", layers=layers, temperature=temperature, n_bins=n_bins)(model)
+    _, items = answer_sharded(
+        model, collator, records, "audio", item_extras=extras, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, suppress_token_ids=suppress_token_ids,
+    )
     curve = pooled_curves({"audio": items})["audio"]
     curve["mean_length"] = sum(curve["tokens"]) / max(curve["completions"], 1)
     return curve

@@ -16,20 +16,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
 
 def compose_config(experiment: str, overrides: list[str]):
     """The MapoConfig of `experiment=<experiment>` with `overrides`, as `python -m mapo.train` would build it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from mapo.config import compose_overrides
 
-    from mapo.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return OmegaConf.to_object(compose("config", overrides=[f"experiment={experiment}", *overrides]))
+    return OmegaConf.to_object(compose_overrides([f"experiment={experiment}", *overrides]))
 
 
 class _ReplayRunner:

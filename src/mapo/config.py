@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -209,6 +210,21 @@ def register_configs() -> None:
     cs.store(name="mapo_schema", node=MapoConfig)
     for group, node in GROUPS.items():
         cs.store(group=group, name="schema", node=node)
+
+
+#: The Hydra config folder of the repository (`conf/`).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_overrides(overrides: list[str]):
+    """The config `python -m mapo.train <overrides>` builds (a DictConfig), composed outside a Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=list(overrides))
 
 
 def check_override_keys(argv: list[str]) -> None:

@@ -654,16 +654,12 @@ def main(argv: list[str] | None = None) -> int:
             options[key] = value
         else:
             overrides.append(arg)
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from mapo.config import MapoConfig, check_override_keys, register_configs
+    from mapo.config import MapoConfig, check_override_keys, compose_overrides
 
     check_override_keys(overrides)
-    register_configs()
-    conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base=None):
-        cfg: MapoConfig = OmegaConf.to_object(compose("config", overrides=overrides))
+    cfg: MapoConfig = OmegaConf.to_object(compose_overrides(overrides))
     world = int(options["nproc"])
     try:
         config_dict, source = model_config_dict(cfg)

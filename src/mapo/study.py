@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mapo.config import CONF_DIR
 from mapo.run_groups import DEFAULT_METRICS
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_ALGOS = ("grpo", "mapo", "mapo_mask_only", "mapo_attn_only")
 DEFAULT_SEEDS = (0, 1, 2)
 BENCHMARK_FILE = "benchmark.json"
@@ -83,15 +83,9 @@ class Setting:
 
 def compose_experiment(name: str, overrides: list[str] = ()) -> Any:
     """The resolved config of `experiment=name` (plus overrides), as Hydra composes it for mapo.train."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from mapo.config import compose_overrides
 
-    from mapo.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=[f"experiment={name}", *overrides])
+    return compose_overrides([f"experiment={name}", *overrides])
 
 
 def read_setting(name: str) -> Setting:
@@ -101,7 +95,7 @@ def read_setting(name: str) -> Setting:
     warm_file, rl_file = CONF_DIR / "experiment" / f"study_{name}_warm.yaml", CONF_DIR / "experiment" / f"study_{name}.yaml"
     for path in (warm_file, rl_file):
         if not path.is_file():
-            known = sorted(p.stem[len("study_"):] for p in (CONF_DIR / "experiment").glob("study_*.yaml") if not p.stem.endswith("_warm"))
+            known = all_settings()
             raise ValueError(f"{path}: not found; settings with both files: {known}")
     warm = compose_experiment(f"study_{name}_warm")
     rl = compose_experiment(f"study_{name}")
@@ -243,7 +237,14 @@ def run_setting(setting: Setting, algos: list[str], seeds: list[int], out: Path,
 def summarize_study(settings: list[Setting], out: Path, publish: Path | None = None) -> str:
     """Tables and plots of every finished run of `settings` (warm starts included, as algorithm "sft")."""
     from mapo.group_plots import write_group_plots
-    from mapo.run_groups import find_runs, group_runs, read_run, summary_rows, to_markdown, write_csv
+    from mapo.run_groups import (
+        find_runs,
+        group_runs,
+        read_run,
+        summary_rows,
+        to_markdown,
+        write_csv,
+    )
 
     all_rows = []
     for setting in settings:

@@ -104,11 +104,9 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
 
     from mapo.data.collate import Collator
     from mapo.data.validate import read_manifest
+    from mapo.evaluate import generation_tokens
     from mapo.models.adapter import get_adapter
-    from mapo.models.loader import (
-        generation_suppressed_token_ids,
-        load_model_and_processor,
-    )
+    from mapo.models.loader import load_model_and_processor
     from mapo.rollout import generate_rollout
 
     model, processor = load_model_and_processor(model_dir, device=device)
@@ -116,9 +114,8 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
     if text_only:
         records = [dataclasses.replace(r, audio=None) for r in records]
     batch = Collator(processor).prompts(records)
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = processor.tokenizer.pad_token_id
-    suppress = generation_suppressed_token_ids(processor)
+    tokens = generation_tokens(processor, get_adapter(model).vocab_size(model))  # as training and evaluation decode
+    eos, pad, suppress = tokens["eos_token_id"], tokens["pad_token_id"], tokens["suppress_token_ids"]
     clips = {"n": 0}
     hook = get_adapter(model).audio_tower(model).register_forward_hook(
         lambda module, args, output: clips.__setitem__("n", clips["n"] + args[0].shape[0]))

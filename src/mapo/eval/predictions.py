@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +96,14 @@ def source_rows(manifest: str | Path) -> list[dict[str, Any]]:
     return [row for _, row in _rows(Path(manifest)) if isinstance(row, dict)]
 
 
-def write_submission(manifest: str | Path, outputs: Mapping[str, str | None], path: Path) -> int:
-    """The manifest's rows with `model_prediction` = outputs[id] (rows without an output are left out).
+def write_submission(source: Sequence[Mapping[str, Any]], outputs: Mapping[str, str | None], path: Path) -> int:
+    """The manifest's rows as released (`source_rows(manifest)`, read once by the caller for all its
+    submissions) with `model_prediction` = outputs[id]; rows without an output are left out.
 
     Returns how many rows were written.
     """
     rows = []
-    for row in source_rows(manifest):
+    for row in source:
         key = str(row.get("id"))
         if key in outputs and outputs[key] is not None:
             rows.append({**row, "model_prediction": outputs[key]})

@@ -176,7 +176,7 @@ def write_evaluation(
 ) -> dict[str, Path]:
     """predictions.jsonl, summary.json, summary.md, charts/*.png, submission*.json, collapse.* in out_dir."""
     from mapo.eval.charts import breakdown_chart, condition_chart
-    from mapo.eval.predictions import write_jsonl, write_submission, write_text_atomic
+    from mapo.eval.predictions import source_rows, write_jsonl, write_submission, write_text_atomic
     from mapo.run_logging import write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,10 +190,11 @@ def write_evaluation(
             slug = name.replace(" ", "_").replace("/", "_")
             written[f"chart_{slug}"] = breakdown_chart(summary, name, out_dir / "charts" / f"accuracy_by_{slug}.png")
     if manifest is not None:
+        source = source_rows(manifest)  # one read for every condition's submission
         for condition in summary["conditions"]:
             name = "submission.json" if condition == summary["main_condition"] else f"submission_{condition}.json"
             outputs = {r["id"]: r["model_output"] for r in rows if r["condition"] == condition}
-            write_submission(manifest, outputs, out_dir / name)
+            write_submission(source, outputs, out_dir / name)
             written[name] = out_dir / name
     if collapse:
         from mapo.eval.collapse import plot_collapse

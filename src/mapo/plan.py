@@ -46,7 +46,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mapo.models.adapter import ModelDims, adapter_for_config
+from mapo.models.adapter import ModelDims, dims_for_config
 from mapo.scoring import lm_head_workspace_bytes
 from mapo.shared_prefix import expanded_kv_bytes, pass_positions
 
@@ -594,7 +594,7 @@ def model_config_dict(cfg) -> tuple[dict, str]:
 
 def plan_for_run(cfg, config_dict: dict, world_size: int, device: str, capacity: int | None) -> tuple[MemoryPlan, list[str]]:
     """The plan of a run and, when it does not fit, the settings that would make it fit."""
-    dims = adapter_for_config(config_dict).dims(config_dict)
+    dims = dims_for_config(config_dict)
     inputs = inputs_from_config(cfg, world_size, device)
     plan = memory_plan(dims, inputs, capacity)
     return plan, ([] if plan.fits or capacity is None else fixes(dims, inputs, capacity))
@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(options["nproc"])
     try:
         config_dict, source = model_config_dict(cfg)
-        dims = adapter_for_config(config_dict, source).dims(config_dict)
+        dims = dims_for_config(config_dict, source)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     inputs = inputs_from_config(cfg, world, options["device"], int(options["prompt-text-tokens"]))

@@ -17,8 +17,6 @@ problem strings (use `problem(...)`), decorate it with `@config_check`, keep it 
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -353,14 +351,6 @@ def check_logger(cfg, ctx: CheckContext) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ entry point
-@functools.lru_cache(maxsize=8)
-def _dims(config_json: str) -> ModelDims:
-    """ModelDims of a config.json (cached: building the meta model takes a fraction of a second)."""
-    from mapo.models.adapter import adapter_for_config
-
-    config = json.loads(config_json)
-    return adapter_for_config(config).dims(config)
-
 
 def check_config(cfg, model_config_dict: dict | None = None, world_size: int = 1, preprocessor_dict: dict | None = None) -> None:
     """Raise `ConfigError` listing every problem of `cfg` (None: nothing wrong).
@@ -368,7 +358,9 @@ def check_config(cfg, model_config_dict: dict | None = None, world_size: int = 1
     model_config_dict: the model folder's config.json (enables the checks against the model);
     world_size: ranks of the run; preprocessor_dict: the folder's preprocessor_config.json, if any.
     """
-    dims = _dims(json.dumps(model_config_dict, sort_keys=True)) if model_config_dict is not None else None
+    from mapo.models.adapter import dims_for_config
+
+    dims = dims_for_config(model_config_dict) if model_config_dict is not None else None
     ctx = CheckContext(world_size=world_size, model_config=model_config_dict, dims=dims, preprocessor_config=preprocessor_dict)
     problems = [p for check in CHECKS for p in check(cfg, ctx)]
     if problems:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "LinearGroup", "ModelAdapter", "ModelDims", "Qwen2AudioAdapter", "adapter_for_config", "adapter_for_folder",
+    "LinearGroup", "ModelAdapter", "ModelDims", "Qwen2AudioAdapter", "adapter_for_config", "adapter_for_folder", "dims_for_config",
     "adapter_for_processor", "get_adapter", "has_adapter", "register_adapter", "registered_model_types",
 ]
 
@@ -457,6 +457,18 @@ def has_adapter(model: nn.Module) -> bool:
 def adapter_for_config(config_dict: dict, where: str = "config.json") -> ModelAdapter:
     """The adapter for a config.json dict (by its `model_type`); `where` names it in the error."""
     return _lookup(config_dict.get("model_type"), where)
+
+
+def dims_for_config(config_dict: dict, where: str = "config.json") -> ModelDims:
+    """ModelDims of a config.json dict, cached by content: the preflight checks and the memory plan at
+    the start of a run both need them, and each build makes a meta model of the whole network."""
+    return _cached_dims(json.dumps(config_dict, sort_keys=True), where)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_dims(config_json: str, where: str) -> ModelDims:
+    config = json.loads(config_json)
+    return adapter_for_config(config, where).dims(config)
 
 
 def adapter_for_folder(folder: str | Path) -> ModelAdapter:

@@ -46,12 +46,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from mapo.models.adapter import ModelDims, dims_for_config
+from mapo.models.loader import DTYPES
 from mapo.scoring import lm_head_workspace_bytes
 from mapo.shared_prefix import expanded_kv_bytes, pass_positions
 
 GIB = 2**30
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 #: Text tokens of a prompt besides its audio (system turn, question, options, instruction): an assumption.
 PROMPT_TEXT_TOKENS = 128
 #: Token positions per LM-head chunk (mapo.scoring.DEFAULT_CHUNK_SIZE).
@@ -96,21 +99,13 @@ class PlanInputs:
     chunk_size: int = CHUNK_SIZE
 
 
-def resolve_dtype_name(name: str, device: str, compute: str | None = None) -> str:
-    """`auto` → bfloat16 on CUDA / float32 on CPU (compute), or the compute dtype (frozen)."""
-    if name == "auto":
-        return compute if compute is not None else ("bfloat16" if device == "cuda" else "float32")
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPE_BYTES)}")
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
-
-
 def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: int = PROMPT_TEXT_TOKENS) -> PlanInputs:
     """PlanInputs of a run config (a MapoConfig or its DictConfig) on `world_size` ranks of `device`."""
+    from mapo.precision import resolve_precision
     from mapo.step import needs_frozen_reference, uses_ablated_reference
 
     model, algo, rollout, trainer = cfg.model, cfg.algo, cfg.rollout, cfg.trainer
-    compute = resolve_dtype_name(model.compute_dtype, device)
+    dtypes = resolve_precision(model, torch.device(device)).names()  # the run's own resolution of "auto"
     phase = "eval" if trainer.steps == 0 else ("sft" if algo.name == "sft" else "rl")
     lora = model.lora
     targets = lora.targets if isinstance(lora.targets, str) else tuple(lora.targets)
@@ -119,9 +114,9 @@ def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: in
     return PlanInputs(
         world_size=world_size,
         device=device,
-        master_dtype=resolve_dtype_name(model.master_dtype, device, compute),
-        compute_dtype=compute,
-        frozen_dtype=resolve_dtype_name(model.frozen_dtype, device, compute),
+        master_dtype=dtypes["master"],
+        compute_dtype=dtypes["compute"],
+        frozen_dtype=dtypes["frozen"],
         phase=phase,
         prompts_per_step=rollout.prompts_per_step,
         group_size=rollout.group_size,
@@ -664,9 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_dict, source = model_config_dict(cfg)
         dims = dims_for_config(config_dict, source)
+        inputs = inputs_from_config(cfg, world, options["device"], int(options["prompt-text-tokens"]))
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    inputs = inputs_from_config(cfg, world, options["device"], int(options["prompt-text-tokens"]))
     capacity = int(float(options["gpu-gib"]) * GIB)
     plan = memory_plan(dims, inputs, capacity)
     print(f"[mapo] plan from {source} and experiment {cfg.experiment_name} (no weights read)")

@@ -466,4 +466,6 @@ def test_memory_plan_dims_count_the_thinker(omni, tmp_path):
     other_window = {"nb_max_frames": 30000}
     assert check_audio_window(cfg, CheckContext(world_size=1, dims=dims, preprocessor_config=other_window)) == []
     fixed = dataclasses.replace(dims, audio_window_fixed=True)
-    assert check_audio_window(cfg, CheckContext(world_size=1, dims=fixed, preprocessor_config=other_window))
+    found = check_audio_window(cfg, CheckContext(world_size=1, dims=fixed, preprocessor_config=other_window))
+    assert len(found) == 1 and found[0].startswith(
+        f"preprocessor_config.json nb_max_frames=30000: the audio encoder takes exactly {dims.audio_frames} mel frames")

@@ -64,6 +64,7 @@ def test_cpu_table_marks_targets(tmp_path):
         "machine": "cpu-test-1t", "device": "test CPU", "torch": "x", "transformers": "y", "date": "today",
         "command": "python -m mapo.bench", "wall_s": 1.0,
         "scoring": {"rows": 8, "tokens": 128, "vocab": 32000, "speed": 1.3, "memory": 0.05},
+        "scoring_bf16": {"rows": 2, "tokens": 128, "hidden": 256, "vocab": 32000, "memory": 0.31},
         "step": {"rows": 64, "sequence_length": 188, "mapo": {"time_s": 1.3}, "grpo": {"time_s": 1.0}},
         "trl": "skipped: TRL is not installed",
     }
@@ -71,6 +72,8 @@ def test_cpu_table_marks_targets(tmp_path):
     assert "| scoring speed: full logits time / fused chunked time | 1.30 | met (>= 0.9) |" in table
     assert "| scoring memory: fused chunked peak / full logits peak | 0.05 | met (<= 0.25) |" in table
     assert "| step after the rollout: MAPO / GRPO (same rollout) | 1.30 | MISSED (<= 1.15) |" in table
+    assert ("| scoring memory, bf16 head (as on a GPU): fused chunked peak / full logits peak | 0.31 | MISSED (<= 0.25) "
+            "| 2×128 positions, H = 256, V = 32,000, fwd+bwd; speed not measured (CPU bf16 matmuls) |") in table
     assert "| trl | – | – | skipped: TRL is not installed |" in table
     (tmp_path / "cpu-test-1t.json").write_text(json.dumps(results))
     (tmp_path / "README.md").write_text("# notes kept\n")
@@ -79,3 +82,10 @@ def test_cpu_table_marks_targets(tmp_path):
     assert text.startswith("# notes kept") and "### cpu-test-1t" in text
     bench.write_readme(tmp_path)  # rewriting keeps one copy of the tables
     assert (tmp_path / "README.md").read_text().count("### cpu-test-1t") == 1
+
+
+def test_scoring_memory_only():
+    """repeats = 0: peak memory of both sides, no timing; the fused chunks hold far less than full logits."""
+    out = bench.bench_scoring(2, 32, 16, 2000, torch.device("cpu"), 0, chunk_size=8)
+    assert "speed" not in out and "time_s" not in out["full"]
+    assert out["full"]["peak_bytes"] > 0 and 0 < out["memory"] < 0.5

@@ -24,6 +24,7 @@ from mapo.scoring import (
     score_tokens,
     sequence_inputs,
     token_logprobs_and_entropy,
+    vocab_slice_width,
 )
 
 torch.set_num_threads(1)
@@ -324,3 +325,34 @@ def test_fused_chunks_equal_full_logits_in_value_and_gradient(wrapped):
     with torch.no_grad():
         lp, ent = logprobs_from_hidden(module, hidden, ids, prompt_len, completion_mask=mask, temperature=0.7)
     assert torch.allclose(lp, expected[0], atol=1e-6) and torch.allclose(ent, expected[1], atol=1e-6)
+
+
+def test_vocab_slices_of_the_backward():
+    # [positions, width] holds at most chunk × vocab elements; at least one column, at most the vocabulary.
+    assert vocab_slice_width(512, 4096, 156_032) == 19_504 and 4096 * 19_504 <= 512 * 156_032
+    assert vocab_slice_width(1, 11, 50) == 4
+    assert vocab_slice_width(100, 11, 50) == 50 and vocab_slice_width(1, 10_000, 50) == 1
+
+
+@pytest.mark.parametrize("used", ["both", "logp_only", "entropy_only"])
+def test_fused_backward_with_a_frozen_head_and_one_output(used):
+    """The head frozen (LoRA: no dW, no db) and only one of the two outputs in the loss (the other gets no
+    gradient): dh still equals autograd's. Targets sit on both sides of every slice boundary (slices of 3)."""
+    gen = torch.Generator().manual_seed(1)
+    positions, width, vocab = 7, 8, 20
+    head = torch.nn.Linear(width, vocab, bias=True).requires_grad_(False)
+    hidden = torch.randn(1, positions + 1, width, generator=gen, requires_grad=True)
+    ids = torch.tensor([[0, 2, 3, 5, 6, 18, 19]])  # slice width = 3·20 // 7 = 8: columns 0-7, 8-15, 16-19
+
+    def loss(lp, ent):
+        return {"both": lp.sum() - 0.3 * ent.sum(), "logp_only": lp.sum(), "entropy_only": ent.sum()}[used]
+
+    lp, ent = logprobs_from_hidden(head, hidden, ids, 1, temperature=1.3, chunk_size=3)
+    loss(lp, ent).backward()
+    fused = hidden.grad.clone()
+    hidden.grad = None
+    logp = torch.log_softmax(head(hidden[:, :-1]) / 1.3, -1)
+    loss(logp.gather(-1, ids[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)).backward()
+    assert vocab_slice_width(3, positions, vocab) == 8
+    assert hidden.grad.abs().max() > 1e-3
+    assert torch.allclose(fused, hidden.grad, atol=1e-6, rtol=1e-5), (fused - hidden.grad).abs().max()

@@ -65,9 +65,10 @@ def machine_name(device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------------------- scoring
 def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch.device, repeats: int,
-                  dtype: torch.dtype = torch.float32) -> dict:
+                  dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> dict:
     """Fused chunked (mapo.scoring.logprobs_from_hidden) vs full-logits log-probs + entropy, forward + backward.
-    The LM head and hidden states are in `dtype`; both sides compute the softmax in fp32."""
+    The LM head and hidden states are in `dtype`; both sides compute the softmax in fp32. repeats = 0 measures
+    the peak memory only (no "speed", no times). chunk_size: positions per chunk (default: scoring's own)."""
     from mapo.scoring import logprobs_from_hidden
 
     gen = torch.Generator().manual_seed(0)
@@ -77,7 +78,7 @@ def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch
 
     def chunked():
         h.grad = head.weight.grad = None
-        lp, ent = logprobs_from_hidden(head, h, ids, 1)
+        lp, ent = logprobs_from_hidden(head, h, ids, 1, **({} if chunk_size is None else {"chunk_size": chunk_size}))
         (lp.sum() + ent.sum()).backward()
 
     def full():
@@ -87,11 +88,14 @@ def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch
         ent = -(logp.exp() * logp).sum(-1)
         (lp.sum() + ent.sum()).backward()
 
-    times = interleaved_times({"chunked": chunked, "full": full}, device, repeats)
+    times = interleaved_times({"chunked": chunked, "full": full}, device, repeats) if repeats else None
     out = {"rows": rows, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype)}
     for name, step in (("chunked", chunked), ("full", full)):
-        out[name] = {"time_s": statistics.median(times[name]), "peak_bytes": float(peak_bytes(step, device))}
-    out["speed"] = out["full"]["time_s"] / out["chunked"]["time_s"]
+        out[name] = {"peak_bytes": float(peak_bytes(step, device))}
+        if times:
+            out[name]["time_s"] = statistics.median(times[name])
+    if times:
+        out["speed"] = out["full"]["time_s"] / out["chunked"]["time_s"]
     out["memory"] = out["chunked"]["peak_bytes"] / max(out["full"]["peak_bytes"], 1.0)
     return out
 
@@ -167,6 +171,11 @@ def _ratio_rows(results: dict) -> list[tuple[str, str, float, str]]:
         what = f"{sc['rows']}×{sc['tokens']} positions, V = {sc['vocab']:,}, fwd+bwd"
         rows.append(("scoring_speed", "scoring speed: full logits time / fused chunked time", sc["speed"], what))
         rows.append(("scoring_memory", "scoring memory: fused chunked peak / full logits peak", sc["memory"], what))
+    sc = results.get("scoring_bf16")
+    if isinstance(sc, dict):
+        rows.append(("scoring_memory", "scoring memory, bf16 head (as on a GPU): fused chunked peak / full logits peak",
+                     sc["memory"], f"{sc['rows']}×{sc['tokens']} positions, H = {sc['hidden']}, V = {sc['vocab']:,}, "
+                     "fwd+bwd; speed not measured (CPU bf16 matmuls)"))
     cap = results.get("capture")
     if isinstance(cap, dict):
         rows.append(("capture_speed", "capture: eager time / SDPA-indicator time", cap["time_ratio"], f"one layer, S = {cap['seq_len']}"))
@@ -267,6 +276,9 @@ def run_cpu_suite(args) -> dict:
 
     section("capture", lambda: {"seq_len": 512 if args.quick else 1024, **compare_capture(512 if args.quick else 1024, device=device, repeats=repeats)})
     section("scoring", lambda: bench_scoring(8, 64 if args.quick else 128, 256, 32_000, device, repeats))
+    # bf16 head and hidden states, as a GPU run holds them, in the GPU suite's proportions: positions = H (there
+    # 4096 = 4096) and 8 chunks (there 8 × 512). Memory only: bf16 matmuls on a CPU say nothing of GPU speed.
+    section("scoring_bf16", lambda: bench_scoring(2, 128, 256, 32_000, device, 0, dtype=torch.bfloat16, chunk_size=32))
     model_dir, data_dir = Path(args.model_dir), Path(args.data_dir)
     ensure_tiny(model_dir, data_dir)
     setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3, repeats=repeats + 2)

@@ -240,16 +240,31 @@ def _chunk_stats(
     return token_logp, entropy, lse
 
 
-class _FusedTokenStats(torch.autograd.Function):
-    """Log-prob of the target and entropy of softmax((h Wᵀ + b) / T), `chunk` positions at a time.
+def vocab_slice_width(chunk: int, positions: int, vocab: int) -> int:
+    """Vocabulary columns per slice of `_FusedTokenStats`' backward: a [positions, width] slice holds no more
+    elements than a forward chunk's [chunk, vocab] logits (so the same memory bound, and on CPU the same
+    byte cap, hold for both directions)."""
+    return max(1, min(vocab, (chunk * vocab) // max(positions, 1)))
 
-    Forward keeps, besides its inputs, two numbers per position (logsumexp and entropy). Backward
-    recomputes each chunk's logits (one matmul) and turns them in place into the logit gradient
-        dL/dz = g_lp·(onehot − p) − g_H·p·(log p + H),
-    then dh = dz·W and dW += dzᵀ·h (and db += Σ dz), all divided by T. Peak extra memory is two [chunk, V]
-    fp32 buffers, never the [M, V] logits; the cost over full logits is the recomputed matmul, paid for
-    by far fewer passes over [M, V] than autograd's log_softmax/exp/mul/sum chain and its gradients.
-    Under autocast the matmuls run in the dtype the forward's linear produced (recorded at forward).
+
+class _FusedTokenStats(torch.autograd.Function):
+    """Log-prob of the target and entropy of softmax((h Wᵀ + b) / T), without ever holding the [M, V] logits.
+
+    Forward: `chunk` positions at a time; keeps, besides its inputs, two numbers per position (logsumexp and
+    entropy). Backward: a slice of the vocabulary at a time, over all M positions (`vocab_slice_width`):
+    recompute the slice's logits (one matmul), turn them in place into the logit gradient
+        dL/dz = g_lp·(onehot − p) − g_H·p·(log p + H)          (p, log p from the saved logsumexp),
+    then dW[slice] = dzᵀ·h and db[slice] = Σ dz are each written once, by one matmul over every position,
+    and dh += dz·W[slice] accumulates in an fp32 [M, H] buffer; all divided by T.
+
+    Why the backward slices the vocabulary rather than the positions: sliced by positions, every chunk adds a
+    whole [V, H] weight gradient into an fp32 accumulator. At V = 156k, H = 4096 that is a 2.5 GB buffer (the
+    scoring memory went to 0.27 of full logits on an H200) and ~7.7 GB of memory traffic per chunk, more than
+    the chunk's matmuls (the speed was 0.58× of full logits there). Sliced by the vocabulary, the weight
+    gradient is produced like autograd produces it (one matmul per row block, fp32 accumulation inside,
+    rounded once to the weight's dtype) and what accumulates is dh: [M, H], 32× smaller at those widths.
+    Peak extra memory is two fp32 [chunk, V]-sized buffers. Under autocast the matmuls run in the dtype the
+    forward's linear produced (recorded at forward).
     Keeping the bf16 logits for backward instead of recomputing them was tried and not kept: on CPU in bf16
     (8×128 positions, V = 32,000, `mapo.bench.bench_scoring`) it took the speed from 0.93× to 1.06× of full
     logits but the memory from 0.14 to 0.27 of theirs, over the ≤ 0.25 that scoring must stay under.
@@ -272,43 +287,40 @@ class _FusedTokenStats(torch.autograd.Function):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, temperature = ctx.compute_dtype, ctx.temperature
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float()
-        grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.float()
-        d_hidden = torch.empty_like(hidden) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            h = hidden[rows].to(dtype)
-            z = nn.functional.linear(h, w, b).float()
+        positions, vocab = hidden.shape[0], weight.shape[0]
+        width = vocab_slice_width(ctx.chunk, positions, vocab)
+        h = hidden.to(dtype)
+        g_lp = (torch.zeros_like(lse) if grad_logp is None else grad_logp.float())[:, None]  # [M, 1]
+        g_h = (torch.zeros_like(lse) if grad_entropy is None else grad_entropy.float())[:, None]
+        c = torch.addcmul(g_lp, g_h, entropy[:, None])  # [M, 1]: dz = −p·(g_H·log p + c) + g_lp·onehot
+        neg_g_h, lse = g_h.neg(), lse[:, None]
+        d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        d_weight = torch.empty_like(weight) if need_w else None
+        d_bias = torch.empty_like(bias) if need_b else None
+        for start in range(0, vocab, width):
+            stop = min(start + width, vocab)
+            w = weight[start:stop].to(dtype)
+            z = nn.functional.linear(h, w, None if bias is None else bias[start:stop].to(dtype)).float()
             if temperature != 1.0:
                 z.div_(temperature)
-            logp = z.sub_(lse[rows, None])  # log p, in place
+            logp = z.sub_(lse)  # log p, in place
             probs = logp.exp()
-            g_lp, g_h = grad_logp[rows, None], grad_entropy[rows, None]
-            # dz = −p·(g_H·log p + c) + g_lp·onehot with c = g_lp + g_H·H, built in the log p buffer.
-            c = torch.addcmul(g_lp, g_h, entropy[rows, None])
-            dz = logp.mul_(g_h.neg()).sub_(c).mul_(probs)
-            dz.scatter_add_(1, targets[rows, None], g_lp)
+            dz = logp.mul_(neg_g_h).sub_(c).mul_(probs)
+            del probs
+            column = targets - start
+            inside = (column >= 0) & (column < stop - start)  # rows whose target lies in this slice
+            dz.scatter_add_(1, column.clamp(0, stop - start - 1)[:, None], g_lp * inside[:, None])
             if temperature != 1.0:
                 dz.div_(temperature)
-            del probs
             dz_c = dz.to(dtype)
             if need_h:
-                d_hidden[rows] = (dz_c @ w).to(hidden.dtype)
-            if need_w and dtype == torch.float32:
-                d_weight.addmm_(dz_c.t(), h)
-            elif need_w:  # in the compute dtype (fp32 accumulation inside the matmul), as autograd does for a
-                # full head; an fp32 matmul here ran at 0.26x the full-logits speed on an H200 (V = 156k)
-                d_weight.add_(dz_c.t() @ h)
+                d_hidden.add_(dz_c @ w)
+            if need_w:
+                d_weight[start:stop] = dz_c.t() @ h
             if need_b:
-                d_bias.add_(dz.sum(0))
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
-        if d_bias is not None:
-            d_bias = d_bias.to(bias.dtype)
+                d_bias[start:stop] = dz.sum(0)
+        if d_hidden is not None:
+            d_hidden = d_hidden.to(hidden.dtype)
         return d_hidden, d_weight, d_bias, None, None, None
 
 

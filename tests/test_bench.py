@@ -89,3 +89,52 @@ def test_scoring_memory_only():
     out = bench.bench_scoring(2, 32, 16, 2000, torch.device("cpu"), 0, chunk_size=8)
     assert "speed" not in out and "time_s" not in out["full"]
     assert out["full"]["peak_bytes"] > 0 and 0 < out["memory"] < 0.5
+
+
+def test_matmul_decode_attention_equals_sdpa_and_is_removed_after():
+    """The decode-attention experiment of the GPU suite: the same greedy tokens and near-equal log-probs as SDPA
+    on a GQA toy decoder with left-padded prompts, the matmul path taken on every decode step (not on the
+    prefill), and the registry as it was afterwards."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from mapo.rollout import generate_rollout
+
+    torch.manual_seed(0)
+    model = bench_gpu.build_model(bench_gpu.WIDTHS_TOY, torch.device("cpu"), torch.float32)
+    ids = torch.randint(10, 500, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the decode mask blocks those keys
+
+    def rollout():
+        return generate_rollout(model, {"input_ids": ids, "attention_mask": mask}, group_size=2, max_new_tokens=6,
+                                eos_token_id=510, pad_token_id=0, do_sample=False)
+
+    expected = rollout()
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with bench_gpu.matmul_decode_attention() as attention:
+        calls = []
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda *a, **k: calls.append(a[1].shape[2]) or attention(*a, **k)
+        got = rollout()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+    assert torch.equal(got.completion_ids, expected.completion_ids)
+    assert calls.count(1) == 2 * (got.completion_ids.shape[1] - 1) and calls[0] == 9  # 2 layers per step; prefill
+
+
+def test_matmul_decode_attention_values():
+    """One decode call against SDPA itself: GQA (4 query heads on 2 KV heads), blocked keys, a custom scale."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, h, n, 16, generator=gen) for h, n in ((4, 1), (2, 7), (2, 7)))
+    allowed = torch.rand(3, 1, 1, 7, generator=gen) > 0.3
+    allowed[..., -1] = True
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    expected, _ = sdpa(module, query, key, value, allowed, scaling=0.3)
+    with bench_gpu.matmul_decode_attention() as attention:
+        got, _ = attention(module, query, key, value, allowed, scaling=0.3)
+    assert got.shape == expected.shape == (3, 1, 4, 16)
+    assert torch.allclose(got, expected, atol=1e-5)
+    masked_out, _ = sdpa(module, query, key, value, torch.ones_like(allowed), scaling=0.3)
+    assert not torch.allclose(masked_out, expected, atol=1e-3)  # the blocked keys matter here

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Second GPU pass (after the first gpu_check.sh run): the 7B-width suite again after the fused-scoring fix,
-# and the tiny Qwen3-Omni thinker on CUDA after the transformers-5.17 layout fix.
+# The GPU checks still open (issue 10), one short run: the 7B-width suite (decode step vs its bound with the
+# per-category kernel profile and the matmul decode-attention experiment; the scoring after the vocabulary-sliced
+# backward), then the tiny Qwen3-Omni thinker on CUDA (not rerun since its transformers-5.17 layout fix).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site"

@@ -18,6 +18,11 @@ Sections (each fails soft: an error or the time budget is recorded and the next 
   device time per step, next to the bound and the timed step (CUDA graphs remove the host's launch gaps,
   not kernel time, so the graph step is at least the summed kernel time). On CPU (--toy) the categories are
   the operators' own CPU time.
+- decode_64rows_graph_matmul_attention: an experiment for the decode gap, the same as decode_64rows_graph with
+  the one-query attention of each decode step done as two batched matmuls and an fp32 softmax over the
+  [rows, heads, 1, L] scores (`matmul_decode_attention`) instead of SDPA's fused kernel. With a mask and one
+  query per row, SDPA takes a kernel tiled for many queries; the two matmuls read K and V once each. If it
+  wins, the rollout should take it (it is not used outside this section yet).
 - update: forward + backward of the policy's log-probs and entropies (`hidden_states` +
   `logprobs_from_hidden`, every position scored) on rows × sequence tokens; model-FLOPs utilisation =
   6 · N · tokens / time / peak dense bf16 FLOP/s, N = the decoder layers' and LM head's parameters
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -150,6 +156,37 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
         out["bound_s"] = (weights + kv) / bandwidth
         out["step_over_bound"] = step_s / out["bound_s"]
     return out
+
+
+@contextmanager
+def matmul_decode_attention():
+    """While inside: transformers' "sdpa" attention computes one-query calls with a boolean mask (our decode
+    steps) as softmax(q·Kᵀ·scale, masked) · V with two batched matmuls, the scores [B, h_kv, h/h_kv, L] in fp32;
+    every other call (prefill, scoring) goes to the original function. Query heads that share a KV head
+    (GQA) are batched against it, so K and V are read once, never repeated."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        batch, heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        scale = dim ** -0.5 if scaling is None else scaling
+        grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, h_kv, rep, d]
+        scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scale)  # [B, h_kv, rep, L]
+        scores.masked_fill_(~attention_mask, float("-inf"))  # mask [B, 1, 1, L] broadcasts
+        out = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)  # [B, h_kv, rep, d]
+        return out.reshape(batch, 1, heads, dim), None  # transformers' layout: [B, q, h, d]
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention  # a local override of the registry's class-wide entry
+    try:
+        yield attention
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        if ALL_ATTENTION_FUNCTIONS["sdpa"] is not original:  # it was a local override already
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = original
 
 
 #: Kernel-name fragments (lower case) of each category of `profile_decode`, first match wins.
@@ -283,6 +320,12 @@ def time_update(model, widths: dict, *, rows: int, seq: int, checkpointing: bool
     return out
 
 
+def _with(context, fn):
+    """fn() inside `context`."""
+    with context:
+        return fn()
+
+
 def run_gpu_suite(args) -> dict:
     """All sections, in order of importance, each failing soft, within `args.budget_s` seconds of starting."""
     from mapo.bench import bench_scoring, machine_name
@@ -331,6 +374,8 @@ def run_gpu_suite(args) -> dict:
     decode = dict(model=model, widths=widths, group=8, bandwidth=bandwidth, dtype=dtype)
     section("decode_64rows_graph", lambda: time_decode(prompts=8, cuda_graph="on", **small, **decode))
     section("decode_profile", lambda: profile_decode(prompts=8, **{**small, "new_tokens": 17 if not toy else 6}, **decode))
+    section("decode_64rows_graph_matmul_attention", lambda: _with(matmul_decode_attention(), lambda: time_decode(
+        prompts=8, cuda_graph="on", **small, **decode)))
     section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
     update = dict(model=model, widths=widths, peak_flops=peak_flops, repeats=2 if toy else 3)
     seq = 64 if toy else 1024

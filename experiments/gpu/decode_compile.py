@@ -1,0 +1,60 @@
+"""GPU experiment for the decode gap (issue 10): the decode step with the text decoder compiled by
+`torch.compile` (Inductor fuses the norms, rotary, residual adds and cache writes that run as separate small
+kernels), against the same step uncompiled, both under our CUDA graph, in one process on one model.
+
+    python3 experiments/gpu/decode_compile.py                 # 7B widths, 64 rows, prompt 512, 128 tokens
+    python3 experiments/gpu/decode_compile.py --toy           # the same code at toy widths (CPU: needs a C++ compiler)
+
+Why: the recorded H200 runs put the non-KV part of a 32-row step at ~8 ms against ~3 ms for reading the
+weights at peak bandwidth (experiments/RESULTS.md); at ~40 kernels per layer and 32 layers, the small kernels
+alone can take milliseconds even when a graph replays them. Prints one JSON line: both steps, their ratio,
+the bound, and how long compiling took (it happens in the untimed warm-up). Not part of `make bench`: a
+compile of the full-depth decoder takes minutes, and the rollout does not compile yet; this says whether
+it should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from mapo.bench_gpu import WIDTHS_7B, WIDTHS_TOY, build_model, card_peaks, time_decode  # noqa: E402
+from mapo.models.adapter import get_adapter  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--toy", action="store_true")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts; rows = prompts × 8")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    widths = WIDTHS_TOY if args.toy else WIDTHS_7B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bandwidth, _ = card_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else (None, None)
+    model = build_model(widths, device, dtype)
+    shape = dict(prompt_len=32, new_tokens=12) if args.toy else dict(prompt_len=512, new_tokens=128)
+    setting = dict(model=model, widths=widths, prompts=args.prompts, group=8, cuda_graph="on", bandwidth=bandwidth,
+                   dtype=dtype, **shape)
+    out: dict = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+                 "torch": torch.__version__, "widths": widths}
+    out["eager_kernels"] = time_decode(**setting)
+    text = get_adapter(model).text_model(model)
+    # dynamic=True: the cache's visible length changes by bucket, and one compiled graph should serve them all.
+    text.forward = torch.compile(text.forward, dynamic=True)
+    started = time.perf_counter()
+    out["compiled"] = time_decode(**setting)  # its warm-up rollouts do the compiling
+    out["compiled_total_s"] = time.perf_counter() - started
+    out["compiled_over_eager_kernels"] = out["compiled"]["step_s"] / out["eager_kernels"]["step_s"]
+    print(json.dumps(out, default=float))
+    return out
+
+
+if __name__ == "__main__":
+    main()

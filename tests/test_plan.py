@@ -16,7 +16,7 @@ from test_preflight import REAL_CONFIG, cfg_of
 
 from mapo import plan as plan_mod
 from mapo.models.adapter import Qwen2AudioAdapter
-from mapo.plan import GIB, check_memory_at_start, fixes, inputs_from_config, lora_parameters, memory_plan, trainable_parts
+from mapo.plan import GIB, check_memory_at_start, fixes, format_plan, inputs_from_config, lora_parameters, memory_plan, trainable_parts
 
 DIMS = Qwen2AudioAdapter().dims(REAL_CONFIG)
 
@@ -62,9 +62,49 @@ def test_options_take_effect():
     assert grpo.components["reference"] == 0  # no KL, no ablated reference
     evaluation = memory_plan(DIMS, q_inputs(8, "trainer.steps=0"))  # make eval
     assert evaluation.components["reference"] == evaluation.components["gradients"] == evaluation.components["optimizer state"] == 0
-    assert set(evaluation.phases) == {"evaluation"}
+    assert set(evaluation.phases) == {"load", "evaluation"}
     longer = memory_plan(DIMS, q_inputs(8, "rollout.max_new_tokens=1024"))
     assert longer.components["rollout KV cache"] == base.components["rollout KV cache"] * (750 + 128 + 1024) // (750 + 128 + 512)
+
+
+def test_the_load_phase_holds_the_whole_model_on_every_rank():
+    """Before FSDP shards anything, each rank holds the whole fp32 model (8 397 094 912 parameters) and, for
+    a frozen reference without LoRA, its whole bf16 copy: bytes that no world size divides."""
+    for world in (1, 8):
+        full = memory_plan(DIMS, q_inputs(world))  # β = 0.02: a frozen reference copy
+        assert full.phases["load"] == full.components["load (before sharding)"] == 8_397_094_912 * (4 + 2) == 50_382_569_472
+        # LoRA: no copy (the reference is the model with adapters off), but the adapters, 32 layers × 2 targets
+        # × rank 8 × (4096 in + 4096 out) = 4 194 304 parameters, are injected in fp32 before the cast
+        lora = memory_plan(DIMS, q_inputs(world, "model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"))
+        assert lora.phases["load"] == (8_397_094_912 + 4_194_304) * 4 == 33_605_156_864
+        assert memory_plan(DIMS, q_inputs(world, "trainer.steps=0")).phases["load"] == 8_397_094_912 * 4  # make eval: no reference
+    assert memory_plan(DIMS, q_inputs(8)).peak_phase == "load"  # the sharded phases are smaller on 8 GPUs
+
+
+def test_the_load_phase_alone_decides_the_verdict():
+    """8 × 48 GiB: every sharded phase fits (rollout 39.84 GiB + reserve 2.99 = 42.83 GiB), loading does
+    not (46.92 + 3.35 = 50.27 GiB); more GPUs cannot help it, LoRA (no second copy) does."""
+    eight, capacity = q_inputs(8), 48 * GIB
+    plan = memory_plan(DIMS, eight, capacity)
+    sharded = max(v for k, v in plan.phases.items() if k != "load")
+    assert sharded + int(1 * GIB + 0.05 * sharded) <= capacity < plan.total == 50_382_569_472 + int(1 * GIB + 0.05 * 50_382_569_472)
+    assert not plan.fits and not plan.load_fits and memory_plan(DIMS, q_inputs(8), 80 * GIB).load_fits
+    assert not memory_plan(DIMS, dataclasses.replace(eight, world_size=64, prompts_per_step=64), capacity).fits
+    advice = fixes(DIMS, eight, capacity)
+    assert advice == ["model.lora.rank=64"]
+    # rank 64 on every linear layer: 32 layers × 64 × (4·(4096 + 4096) + 3·(4096 + 11008)) = 159 907 840 adapter parameters
+    assert memory_plan(DIMS, _apply(eight, advice[0]), capacity).phases["load"] == (8_397_094_912 + 159_907_840) * 4
+    assert memory_plan(DIMS, _apply(eight, advice[0]), capacity).fits
+    text = format_plan(plan, "x", advice)
+    assert "\n  load, before sharding              46.92 GiB  whole model float32 + reference bfloat16\n" in text
+    assert "phases: load 46.92, " in text and "total: peak 46.92 GiB (load)" in text
+    assert "\n  loading alone needs 46.9 GiB + reserve per GPU: every rank holds the whole model before FSDP shards it, " \
+           "so more GPUs do not lower it\n  would fit with: model.lora.rank=64" in text
+    cfg = cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", "trainer.device_memory_gib=48")
+    with pytest.raises(plan_mod.MemoryPlanError, match=r"would fit with: model.lora.rank=64; loading alone needs 46.9 GiB \+ reserve"):
+        check_memory_at_start(cfg, REAL_CONFIG, SimpleNamespace(device=torch.device("cuda"), world_size=8, is_main=False))
+    # with LoRA the load still needs (8 397 094 912 + 159 907 840) · 4 B = 31.88 GiB + reserve: no fix on 32 GiB cards
+    assert fixes(DIMS, eight, 32 * GIB) == []
 
 
 def test_lora_counts_from_dims_and_targets():
@@ -102,9 +142,7 @@ def _apply(inputs, advice: str):
         elif key == "model.gradient_checkpointing":
             inputs = dataclasses.replace(inputs, gradient_checkpointing=value == "true")
         else:
-            inputs = dataclasses.replace(inputs, **{fields[key]: int(value)})
-            if key == "model.lora.rank":
-                inputs = dataclasses.replace(inputs, reference=False)
+            inputs = dataclasses.replace(inputs, **{fields[key]: int(value)})  # LoRA drops the reference copy by itself
     return inputs
 
 
@@ -189,7 +227,7 @@ def test_the_plan_is_within_20_percent_of_a_measured_rl_step(tiny_env):
     inputs = dataclasses.replace(inputs, max_new_tokens=lengths["new"], warm_start_batch=0)
     dims = get_adapter(model).dims(json.loads((Path(cfg.model.path) / "config.json").read_text()))
     planned = memory_plan(dims, inputs)
-    peak = max(v for k, v in planned.phases.items() if k != "evaluation")
+    peak = max(v for k, v in planned.phases.items() if k not in ("evaluation", "load"))  # the step's phases only
     ratio = peak / probe.peak
     print(f"\n[plan check] tiny RL step: planned {peak / 2**20:.2f} MiB, measured {probe.peak / 2**20:.2f} MiB, ratio {ratio:.3f}")
     assert 0.8 <= ratio <= 1.2, (planned.phases, probe.peak)

@@ -18,6 +18,9 @@ What is counted, per GPU (N ranks; FSDP2 shards over all of them when N > 1):
   reference      a frozen copy of the whole model in the frozen dtype, sharded 1/N, when β > 0 or the
                  audio-ablated reference is the frozen model; none under LoRA (adapters off) or when
                  the run never trains (`trainer.steps=0`).
+  load           before FSDP shards anything (`mapo.train`), every rank holds the whole model in the master
+                 dtype (with its LoRA adapters) and, when there is a reference copy, that whole copy in the
+                 frozen dtype: not divided by N, so more GPUs never lower it.
   compute copy   bf16 weights the compute needs besides the masters: on one GPU autocast's cast of the
                  trainable weights (kept for the autocast region); under FSDP the rollout and evaluation
                  gather the whole model once (full bf16 model per GPU) and the update holds the root unit
@@ -32,7 +35,7 @@ What is counted, per GPU (N ranks; FSDP2 shards over all of them when N > 1):
                  re-encoded with grad, the captured layers' extra, and the chunked log-prob workspace.
   evaluation     greedy batches of `rollout.eval_batch_size` prompts: KV cache + sampling buffers.
 
-The total is the largest of the phases (rollout, scoring, update, optimizer step, evaluation, warm
+The total is the largest of the phases (load, rollout, scoring, update, optimizer step, evaluation, warm
 start) plus, on CUDA, a reserve for the CUDA context and allocator fragmentation. Assumptions that
 depart from the real run are said in the printed plan: every row is as long as the budget allows, and
 every prompt carries one clip of a full window.
@@ -88,7 +91,7 @@ class PlanInputs:
     lora_dropout: float = 0.0
     freeze_audio_tower: bool = True
     freeze_projector: bool = False
-    reference: bool = True
+    reference: bool = True  # the algorithm uses a frozen reference model (β > 0, or the ablated reference is frozen)
     old_pass: bool = False
     keep_hidden: bool = False
     capture_layers: int = 0
@@ -97,6 +100,12 @@ class PlanInputs:
     warm_start_batch: int = 0  # supervised warm start before RL (0 = none)
     prompt_text_tokens: int = PROMPT_TEXT_TOKENS
     chunk_size: int = CHUNK_SIZE
+
+    @property
+    def reference_copy(self) -> bool:
+        """A second, frozen copy of the model exists: an RL run whose algorithm uses a frozen reference,
+        without LoRA (under LoRA the reference is the same model with its adapters off; `mapo.train`)."""
+        return self.reference and self.phase == "rl" and self.lora_rank == 0
 
 
 def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: int = PROMPT_TEXT_TOKENS) -> PlanInputs:
@@ -109,7 +118,6 @@ def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: in
     phase = "eval" if trainer.steps == 0 else ("sft" if algo.name == "sft" else "rl")
     lora = model.lora
     targets = lora.targets if isinstance(lora.targets, str) else tuple(lora.targets)
-    needs_ref = phase == "rl" and needs_frozen_reference(algo)
     warm = trainer.warm_start
     return PlanInputs(
         world_size=world_size,
@@ -129,7 +137,7 @@ def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: in
         lora_dropout=float(lora.dropout),
         freeze_audio_tower=bool(model.freeze_audio_tower),
         freeze_projector=bool(model.freeze_projector),
-        reference=needs_ref and int(lora.rank) == 0,
+        reference=needs_frozen_reference(algo),
         old_pass=algo.updates_per_rollout > 1,
         keep_hidden=uses_ablated_reference(algo) and algo.mask.score == "kl_full",
         capture_layers=len(algo.attn.layers) if phase == "rl" and algo.attn.eta > 0 else 0,
@@ -266,6 +274,25 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.capacity is None or self.total <= self.capacity
 
+    @property
+    def load_fits(self) -> bool:
+        """The load phase with its own reserve fits: no number of GPUs changes this (nothing is sharded yet)."""
+        load = self.phases["load"]
+        return self.capacity is None or load + _reserve(self.inputs.device, load) <= self.capacity
+
+
+def load_note(plan: MemoryPlan) -> str:
+    """Why more GPUs cannot help when the load phase alone does not fit ("" when it fits)."""
+    if plan.load_fits:
+        return ""
+    return (f"loading alone needs {plan.phases['load'] / GIB:.1f} GiB + reserve per {'GPU' if plan.inputs.device == 'cuda' else 'process'}: "
+            "every rank holds the whole model before FSDP shards it, so more GPUs do not lower it")
+
+
+def _reserve(device: str, peak: int) -> int:
+    """Bytes added to a `peak` of bytes before comparing with the card: CUDA context + fragmentation."""
+    return int(CUDA_RESERVE_FIXED + CUDA_RESERVE_FRACTION * peak) if device == "cuda" else 0
+
 
 def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None) -> MemoryPlan:
     """The plan of `inputs` for a model of `dims` against `capacity` bytes per device (None: no check)."""
@@ -285,7 +312,10 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         optimizer_step = trainable * mb // n  # foreach AdamW: one master-sized temporary (sqrt of v)
     else:
         optimizer_step = 2 * min(trainable, dims.largest_param) * mb  # per-tensor loop: the largest tensor's temporaries
-    reference = total_params * fb // n if inputs.reference else 0
+    reference = total_params * fb // n if inputs.reference_copy else 0
+    # Loading (mapo.train): the whole master-dtype model, its LoRA adapters (injected in the masters' dtype
+    # before the base is cast down) and the whole reference copy, all before FSDP shards them.
+    load = (total_params + lora_params) * mb + (total_params * fb if inputs.reference_copy else 0)
 
     # Compute copies: what the bf16 compute needs besides the stored weights.
     cast_trainable = trainable * cb if cb < mb else 0  # one-GPU autocast: bf16 copy of the trainable masters
@@ -387,7 +417,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     evaluation = eval_rows * seq * kv_per_token + eval_rows * seq * kv_per_token // dims.num_layers + eval_rows * vocab * 12
 
     persistent = weights + optimizer + reference
-    phases: dict[str, int] = {"evaluation": persistent + generation_copy + evaluation}
+    phases: dict[str, int] = {"load": load, "evaluation": persistent + generation_copy + evaluation}
     if inputs.phase == "rl":
         persistent += batch
         phases["rollout"] = persistent + generation_copy + rollout_extra
@@ -396,7 +426,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         phases["update"] = persistent + grads + update_copy + activations
         phases["optimizer step"] = persistent + grads + optimizer_step
     if inputs.warm_start_batch:
-        ws_inputs = dataclasses.replace(inputs, phase="sft", warm_start_batch=0, reference=False, lora_rank=0)
+        ws_inputs = dataclasses.replace(inputs, phase="sft", warm_start_batch=0, lora_rank=0)
         phases["warm start"] = memory_plan(dims, ws_inputs).phases["update"]
 
     components = {
@@ -404,6 +434,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         "gradients": grads,
         "optimizer state": optimizer,
         "reference": reference,
+        "load (before sharding)": load,
         "compute copy (rollout/eval)": generation_copy,
         "compute copy (update)": update_copy,
         "step batch (features, ids)": batch if inputs.phase == "rl" else 0,
@@ -414,7 +445,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         "optimizer step temporary": optimizer_step,
         "evaluation batch": evaluation,
     }
-    reserve = int(CUDA_RESERVE_FIXED + CUDA_RESERVE_FRACTION * max(phases.values())) if inputs.device == "cuda" else 0
+    reserve = _reserve(inputs.device, max(phases.values()))
     plan = MemoryPlan(inputs, dims, components, phases, act_with, act_without, reserve, capacity)
     plan.notes.append(
         f"rows at their longest: prompt = {dims.audio_tokens_per_window} audio + {inputs.prompt_text_tokens} text tokens, "
@@ -426,25 +457,36 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ advice
+#: The settings a move changes on the same number of GPUs (PlanInputs field: its override), in the order advice
+#: lists them; the greedy search prefers the earlier of two equal moves.
 _SETTING = {"micro_batch_size": "trainer.micro_batch_size", "prompts_per_step": "rollout.prompts_per_step",
             "max_new_tokens": "rollout.max_new_tokens", "eval_batch_size": "rollout.eval_batch_size",
             "gradient_checkpointing": "model.gradient_checkpointing", "lora_rank": "model.lora.rank"}
 
 
-def _moves(inputs: PlanInputs, more_gpus: bool, max_world: int) -> list[PlanInputs]:
-    """One step of each change that lowers memory: halve a batch or length, checkpointing on, LoRA, 2× GPUs."""
-    out = []
-    if more_gpus and inputs.world_size * 2 <= max_world and inputs.prompts_per_step % (inputs.world_size * 2) == 0:
-        out.append(dataclasses.replace(inputs, world_size=inputs.world_size * 2))
-    for key, lower in (("micro_batch_size", 1), ("prompts_per_step", inputs.world_size), ("max_new_tokens", 64), ("eval_batch_size", 1)):
-        value = getattr(inputs, key) // 2
-        if value >= lower and (key != "prompts_per_step" or value % inputs.world_size == 0):
-            out.append(dataclasses.replace(inputs, **{key: value}))
-    if not inputs.gradient_checkpointing:
-        out.append(dataclasses.replace(inputs, gradient_checkpointing=True))
-    if inputs.lora_rank == 0 and inputs.phase != "eval":
-        out.append(dataclasses.replace(inputs, lora_rank=64, reference=False))
-    return out
+def _step(inputs: PlanInputs, move: str, max_world: int) -> PlanInputs | None:
+    """`inputs` after one step of `move` (a PlanInputs field: double the GPUs, halve a batch or length, turn
+    checkpointing on, LoRA rank 64), or None when that move has no step left from `inputs`."""
+    if move == "world_size":
+        world = inputs.world_size * 2  # prompts must still split evenly over the ranks
+        ok = world <= max_world and inputs.prompts_per_step % world == 0
+        return dataclasses.replace(inputs, world_size=world) if ok else None
+    if move == "gradient_checkpointing":
+        return None if inputs.gradient_checkpointing else dataclasses.replace(inputs, gradient_checkpointing=True)
+    if move == "lora_rank":
+        return dataclasses.replace(inputs, lora_rank=64) if inputs.lora_rank == 0 and inputs.phase != "eval" else None
+    value = getattr(inputs, move) // 2
+    if move == "prompts_per_step":  # at least one prompt per rank, the same number on each
+        ok = value >= inputs.world_size and value % inputs.world_size == 0
+    else:
+        ok = value >= _LOWEST[move]
+    return dataclasses.replace(inputs, **{move: value}) if ok else None
+
+
+#: The smallest value a halving move may reach.
+_LOWEST = {"micro_batch_size": 1, "max_new_tokens": 64, "eval_batch_size": 1}
+#: Every move: more GPUs first, then the same-GPU settings.
+_MOVES = ("world_size", *_SETTING)
 
 
 def _describe(base: PlanInputs, changed: PlanInputs) -> str:
@@ -464,38 +506,31 @@ def fixes(dims: ModelDims, inputs: PlanInputs, capacity: int, max_world: int = 6
     Every single change that fits alone (more GPUs, the largest micro-batch / prompts per step / new
     tokens / evaluation batch that fits, activation checkpointing, LoRA); then, when no single change
     fits on the current number of GPUs, the greedy combination there (each step the change that lowers
-    the total most), and when nothing fits alone, the greedy combination allowing more GPUs too.
+    the total most), and when nothing fits alone, the greedy combination allowing more GPUs too. Every
+    candidate is judged by recomputing its whole plan, so a change that does not lower the phase that
+    misses is never named (more GPUs against the load phase; see `load_note`).
     """
     def total(trial: PlanInputs) -> int:
         return memory_plan(dims, trial, capacity).total
 
     single = []
-    axes = [lambda t: dataclasses.replace(t, world_size=t.world_size * 2)
-            if t.world_size * 2 <= max_world and inputs.prompts_per_step % (t.world_size * 2) == 0 else None]
-    for key, lower in (("micro_batch_size", 1), ("prompts_per_step", inputs.world_size), ("max_new_tokens", 64), ("eval_batch_size", 1)):
-        axes.append(lambda t, key=key, lower=lower: dataclasses.replace(t, **{key: getattr(t, key) // 2})
-                    if getattr(t, key) // 2 >= lower and (key != "prompts_per_step" or (getattr(t, key) // 2) % inputs.world_size == 0) else None)
-    for step in axes:  # push one setting as far as it goes until the plan fits
-        trial = step(inputs)
+    for move in _MOVES:  # push one setting as far as it goes until the plan fits
+        trial = _step(inputs, move, max_world)
         while trial is not None and total(trial) > capacity:
-            trial = step(trial)
+            trial = _step(trial, move, max_world)
         if trial is not None:
             single.append(_describe(inputs, trial))
-    if not inputs.gradient_checkpointing and total(dataclasses.replace(inputs, gradient_checkpointing=True)) <= capacity:
-        single.append(_describe(inputs, dataclasses.replace(inputs, gradient_checkpointing=True)))
-    lora = dataclasses.replace(inputs, lora_rank=64, reference=False)
-    if inputs.lora_rank == 0 and inputs.phase != "eval" and total(lora) <= capacity:
-        single.append(_describe(inputs, lora))
     combos = []
     same_gpus_only = not single or all("GPUs" in option for option in single)
     for more_gpus in ((False,) if single else (False, True)):
         if not same_gpus_only:
             break
+        moves = _MOVES if more_gpus else tuple(_SETTING)
         current = inputs
         for _ in range(16):
             if total(current) <= capacity:
                 break
-            options = _moves(current, more_gpus, max_world)
+            options = [t for t in (_step(current, move, max_world) for move in moves) if t is not None]
             if not options:
                 break
             best = min(options, key=total)
@@ -545,6 +580,8 @@ def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None 
         ("gradients", c["gradients"], i.master_dtype),
         ("optimizer state", c["optimizer state"], f"AdamW m, v in {i.master_dtype}"),
         ("reference", c["reference"], "frozen copy" if c["reference"] else ("adapters off" if lora else "not needed")),
+        ("load, before sharding", c["load (before sharding)"],
+         f"whole model {i.master_dtype}" + (" + adapters" if lora else "") + (f" + reference {i.frozen_dtype}" if i.reference_copy else "")),
         ("compute copy (rollout/eval)", c["compute copy (rollout/eval)"], "gathered full model" if i.world_size > 1 else "autocast casts"),
         ("compute copy (update)", c["compute copy (update)"], "root unit + 2 layers" if i.world_size > 1 else "autocast casts"),
         ("rollout KV cache", c["rollout KV cache"], i.compute_dtype),
@@ -562,6 +599,8 @@ def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None 
         verdict = f" of {plan.capacity / GIB:.1f} GiB → " + ("fits" if plan.fits else "DOES NOT FIT")
     reserve = f" + reserve {plan.reserve / scale:.2f}" if plan.reserve else ""
     lines.append(f"  total: peak {plan.peak / scale:.2f} {unit} ({plan.peak_phase}){reserve} = {plan.total / scale:.2f} {unit}{verdict}")
+    if load_note(plan):
+        lines.append(f"  {load_note(plan)}")
     if suggestions:
         lines.append("  would fit with: " + "; or ".join(suggestions))
     elif suggestions is not None and not plan.fits:
@@ -628,6 +667,7 @@ def check_memory_at_start(cfg, config_dict: dict, ctx) -> MemoryPlan | None:
         where = "GPU" if device == "cuda" else "host RAM (available)"
         message = (f"the memory plan needs {plan.total / GIB:.1f} GiB per {where} of {capacity / GIB:.1f} GiB; "
                    + ("would fit with: " + "; or ".join(suggestions) if suggestions else "no single setting change makes it fit")
+                   + (f"; {load_note(plan)}" if load_note(plan) else "")
                    + " (trainer.memory_check=warn runs anyway)")
         if device == "cuda" and mode == "refuse":
             raise MemoryPlanError(message)

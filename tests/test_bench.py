@@ -138,3 +138,30 @@ def test_matmul_decode_attention_values():
     assert torch.allclose(got, expected, atol=1e-5)
     masked_out, _ = sdpa(module, query, key, value, torch.ones_like(allowed), scaling=0.3)
     assert not torch.allclose(masked_out, expected, atol=1e-3)  # the blocked keys matter here
+
+
+def test_harness_reference_with_lora_is_the_policy_with_adapters_off(tiny_env, monkeypatch):
+    """`model.lora.rank>0`: the bench's reference is built as training builds it (`mapo.train.build_setup`): the
+    policy itself with its adapters off, no frozen copy. Once the adapters differ from zero, the reference still
+    gives the base model's logits and the policy does not."""
+    from mapo import train
+    from mapo.bench_rl import RLHarness
+    from mapo.models.lora import adapter_parameters, adapters_disabled
+
+    copies: list[int] = []
+    monkeypatch.setattr(train, "frozen_copy", lambda *a, **k: copies.append(1))
+    harness = RLHarness(tiny_env["model"], tiny_env["data"], algo="mapo", overrides=["model.lora.rank=4"])
+    assert copies == [] and harness.ref_runner is not None
+    assert harness.ref_runner(lambda model: model) is harness.model  # the reference runs the policy's model
+    model = harness.model.eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter_parameters(model):  # peft starts B at zero: move every adapter off it
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        ids = torch.randint(10, 200, (2, 12), generator=gen)
+        logits = lambda m: m(input_ids=ids).logits
+        with adapters_disabled(model):
+            base = logits(model)
+        reference, policy = harness.ref_runner(logits), harness.runner(logits)
+    assert torch.equal(reference, base)
+    assert (policy - base).abs().max() > 1e-3

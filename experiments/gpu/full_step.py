@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mapo.bench_gpu import instantiate  # noqa: E402
+from mapo.bench_gpu import device_timer, random_qwen2_audio  # noqa: E402
 from mapo.config import LoraConfig  # noqa: E402
 from mapo.distributed import ModelRunner  # noqa: E402
 from mapo.models.adapter import get_adapter  # noqa: E402
@@ -65,15 +65,9 @@ def build_model(config: dict, device: torch.device, lora_rank: int, precision: P
     """The random model on `device` as the training program holds it: the trainable text model in the
     master dtype (fp32), the frozen audio tower in the frozen dtype; with LoRA every base weight is frozen
     (frozen dtype) and only the peft adapters train (fp32)."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    # the Hub file says torch_dtype bfloat16 (top level and text_config); the dtypes here are ours
-    plain = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype")}
-    plain["text_config"] = {k: v for k, v in config["text_config"].items() if k != "torch_dtype"}
-    hf_config = Qwen2AudioConfig(**plain)
-    hf_config._attn_implementation = "sdpa"
+    # the bundled Hub file says torch_dtype bfloat16; random_qwen2_audio ignores it, the dtypes here are ours
     base_dtype = precision.frozen if lora_rank > 0 else precision.master
-    model = instantiate(Qwen2AudioForConditionalGeneration, hf_config, device, base_dtype)
+    model = random_qwen2_audio(config, device, base_dtype)
     get_adapter(model).audio_tower(model).to(precision.frozen).requires_grad_(False)  # frozen tower, frozen dtype
     if lora_rank > 0:
         model.requires_grad_(False)
@@ -109,16 +103,13 @@ class Phases:
     def __call__(self, name):
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         elif self.probe is not None:
             self.probe.peak = self.probe.live
-        t0 = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize()
+        with device_timer(self.device) as timer:
+            yield
         peak = torch.cuda.max_memory_allocated() if cuda else (self.probe.peak if self.probe is not None else None)
-        self.rows[name] = {"seconds": time.perf_counter() - t0, "peak_bytes": peak}
+        self.rows[name] = {"seconds": timer.seconds, "peak_bytes": peak}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -37,9 +37,9 @@ runs the same code at toy widths (on CPU too) for the tests.
 
 from __future__ import annotations
 
-import statistics
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 
@@ -74,9 +74,7 @@ def card_peaks(name: str) -> tuple[float | None, float | None]:
 
 def build_model(widths: dict, device: torch.device, dtype: torch.dtype):
     """Qwen2-Audio with the given text widths and a one-layer audio stub, random weights made on `device`."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-
-    config = Qwen2AudioConfig(
+    config = dict(
         audio_config=dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
                           num_mel_bins=128, max_source_positions=50),
         text_config=dict(hidden_size=widths["hidden"], num_hidden_layers=widths["layers"],
@@ -85,20 +83,39 @@ def build_model(widths: dict, device: torch.device, dtype: torch.dtype):
                          max_position_embeddings=8192),
         audio_token_index=widths["vocab"] - 1,
     )
-    config._attn_implementation = "sdpa"
-    return instantiate(Qwen2AudioForConditionalGeneration, config, device, dtype).eval()
+    return random_qwen2_audio(config, device, dtype).eval()
 
 
-def instantiate(model_class, config, device: torch.device | str, dtype: torch.dtype):
-    """`model_class(config)` with its random weights made directly on `device` in `dtype` (no CPU fp32 copy
-    first: at 7B that copy alone is 28 GB)."""
+def random_qwen2_audio(config: dict, device: torch.device | str, dtype: torch.dtype):
+    """Qwen2-Audio of `config` (the fields of a config.json; its model_type and torch_dtype are ignored) with
+    SDPA attention and random weights made directly on `device` in `dtype` (no CPU fp32 copy first: at 7B that
+    copy alone is 28 GB)."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    plain = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype")}
+    if isinstance(plain.get("text_config"), dict):
+        plain["text_config"] = {k: v for k, v in plain["text_config"].items() if k != "torch_dtype"}
+    hf_config = Qwen2AudioConfig(**plain)
+    hf_config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return model_class(config)
+            return Qwen2AudioForConditionalGeneration(hf_config)
     finally:
         torch.set_default_dtype(previous)
+
+
+@contextmanager
+def device_timer(device: torch.device):
+    """Times its block in wall seconds (`timer.seconds` after the block), the device's queued work waited for
+    on entry and on exit, so the time covers the block's kernels and not just their launch."""
+    timer = SimpleNamespace(seconds=None)
+    sync_device(device)
+    start = time.perf_counter()
+    yield timer
+    sync_device(device)
+    timer.seconds = time.perf_counter() - start
 
 
 def weight_bytes_per_step(model) -> int:
@@ -134,11 +151,9 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
                                 temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph)
 
     def timed(n: int) -> tuple[float, int]:
-        sync_device(device)
-        start = time.perf_counter()
-        out = rollout(n)
-        sync_device(device)
-        return time.perf_counter() - start, int(out.completion_ids.shape[1])
+        with device_timer(device) as timer:
+            out = rollout(n)
+        return timer.seconds, int(out.completion_ids.shape[1])
 
     timed(min(new_tokens, 8))  # warm-up (kernels, allocator, graph capture path)
     one, _ = timed(1)
@@ -269,6 +284,7 @@ def profile_decode(model, widths: dict, *, prompts: int, group: int, prompt_len:
 def time_update(model, widths: dict, *, rows: int, seq: int, checkpointing: bool, peak_flops: float | None,
                 repeats: int) -> dict:
     """Forward + backward of log-probs and entropies at every position; MFU against `peak_flops`."""
+    from mapo.capture.bench import median_time
     from mapo.models.adapter import get_adapter
     from mapo.models.embed import position_ids_from_mask
     from mapo.scoring import hidden_states, logprobs_from_hidden
@@ -295,14 +311,7 @@ def time_update(model, widths: dict, *, rows: int, seq: int, checkpointing: bool
         (lp.sum() + ent.sum()).backward()
 
     try:
-        step()  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync_device(device)
-            start = time.perf_counter()
-            step()
-            sync_device(device)
-            times.append(time.perf_counter() - start)
+        seconds = median_time(step, device, repeats)  # after one warm-up call
     finally:
         for p in model.parameters():
             p.grad = None
@@ -310,7 +319,6 @@ def time_update(model, widths: dict, *, rows: int, seq: int, checkpointing: bool
         if checkpointing:
             for layer in layers:
                 layer.gradient_checkpointing = False
-    seconds = statistics.median(times)
     n_params = sum(p.numel() for p in params)
     flops = 6 * n_params * rows * seq
     out = {"rows": rows, "seq": seq, "tokens": rows * seq, "checkpointing": checkpointing, "time_s": seconds,

@@ -1,5 +1,5 @@
 """RL steps of the tiny model for `make bench`: the training program's own step (`mapo.rl.rl_step`), set up
-as `mapo.train` sets it up (warm start off, no logger), with its per-phase times (`mapo.timing`).
+by training's own `mapo.train.build_setup` (warm start off, no logger), with its per-phase times (`mapo.timing`).
 
 - `RLHarness(...).run_steps(n)`: n full RL steps (rollout, rewards, no-grad scoring, update).
 - `RLHarness.replay(rollout)`: the next steps reuse one rollout and one set of prompts, so two algorithms
@@ -24,6 +24,16 @@ def compose_config(experiment: str, overrides: list[str]):
     return OmegaConf.to_object(compose_overrides([f"experiment={experiment}", *overrides]))
 
 
+def harness_config(model_dir: Path, data_dir: Path, algo: str, overrides: list[str], device: str):
+    """The config of `RLHarness`: `experiment=tiny_<algo>` on these folders, warm start off, no logger, a
+    10,000-step phase at a constant learning rate, then `overrides`."""
+    return compose_config(f"tiny_{algo}", [
+        f"model.path={model_dir}", f"data.dir={data_dir}", "trainer.warm_start.enabled=false", "logger=none",
+        f"trainer.device={device}", "trainer.steps=10000", "trainer.warmup_steps=0", "trainer.schedule=constant",
+        *overrides,
+    ])
+
+
 class _ReplayRunner:
     """The policy's runner, except that a rollout request returns the stored rollout (the same batch again)."""
 
@@ -42,44 +52,30 @@ class _ReplayRunner:
 
 
 class RLHarness:
-    """One tiny-model RL setup: config `experiment=tiny_<algo>` + overrides, model, reference, phase, collator."""
+    """One tiny-model RL setup: config `experiment=tiny_<algo>` + overrides, and the state `mapo.train.build_setup`
+    builds from it (model, reference, runner, phase, collator, generation keywords, content mask), as training
+    holds it. The phase is long (10,000 steps) with a constant learning rate, so any number of steps runs alike.
+
+    model, processor: an already-loaded policy (`mapo.train.load_policy` of the same config) to use instead of
+    loading one; it is prepared for training in place."""
 
     def __init__(self, model_dir: Path, data_dir: Path, *, algo: str, overrides: list[str], model=None, processor=None,
                  device: str = "cpu"):
         from mapo import distributed as dist_utils
-        from mapo.algos.mapo import build_content_vocab_mask
         from mapo.assets import load_split
-        from mapo.data.collate import Collator, FeatureCache
-        from mapo.models.adapter import get_adapter
-        from mapo.models.loader import load_model_and_processor
-        from mapo.phase import Phase, prepare_policy
-        from mapo.precision import frozen_copy, resolve_precision
-        from mapo.step import needs_frozen_reference
-        from mapo.train import generation_kwargs
+        from mapo.precision import resolve_precision
+        from mapo.train import build_setup, load_policy
 
-        self.cfg = cfg = compose_config(f"tiny_{algo}", [
-            f"model.path={model_dir}", f"data.dir={data_dir}", "trainer.warm_start.enabled=false", "logger=none",
-            f"trainer.device={device}", *overrides,
-        ])
+        self.cfg = cfg = harness_config(model_dir, data_dir, algo, overrides, device)
         self.ctx = dist_utils.init_distributed(device)
         precision = resolve_precision(cfg.model, self.ctx.device)
         if model is None:
-            model, processor = load_model_and_processor(cfg.model.path, dtype=precision.master, device=self.ctx.device)
-        self.model, self.processor = model, processor
+            model, processor = load_policy(cfg, self.ctx, precision)
         self.train_items = load_split(cfg.data, cfg.data.train)
-        self.collator = Collator(processor, feature_cache=FeatureCache())
-        self.ref_runner = None
-        if needs_frozen_reference(cfg.algo):
-            self.ref_runner = dist_utils.ModelRunner(frozen_copy(model, precision.frozen), precision)
-        prepare_policy(model, cfg, precision, everything=False)
-        adapter = get_adapter(model)
-        audio_parts = [p for part in (adapter.audio_tower(model), adapter.audio_projector(model)) if part is not None
-                       for p in part.parameters()]
-        self.audio_input = "recompute" if any(p.requires_grad for p in audio_parts) else "cached"  # as mapo.train
-        self.runner = dist_utils.ModelRunner(model, precision)
-        self.phase = Phase("rl", self.runner, model, cfg.trainer.lr, 10_000, 0, "constant", cfg, self.train_items)
-        self.gen_kwargs = generation_kwargs(cfg, processor, self.ctx, adapter.vocab_size(model))
-        self.content_mask = build_content_vocab_mask(self.collator.tokenizer, adapter.vocab_size(model))
+        setup = build_setup(cfg, self.ctx, precision, model, processor, self.train_items)
+        self.model, self.processor, self.collator = setup.model, setup.processor, setup.collator
+        self.runner, self.ref_runner, self.phase = setup.runner, setup.ref_runner, setup.phase
+        self.gen_kwargs, self.content_mask, self.audio_input = setup.gen_kwargs, setup.content_mask, setup.audio_input
         model.train()
 
     def text_only_records(self, n: int) -> list:
@@ -136,14 +132,19 @@ def same_rollout_steps(model_dir: Path, data_dir: Path, algos: tuple[str, ...], 
     interleaving the algorithms so that load changes hit them alike. Returns {algo: {"time_s", phases...}}."""
     import statistics
 
-    from mapo.models.loader import load_model_and_processor
+    from mapo import distributed as dist_utils
+    from mapo.precision import resolve_precision
+    from mapo.train import load_policy
 
-    model, processor = load_model_and_processor(model_dir, device=device)
+    device = torch.device(device)
+    cfg = harness_config(model_dir, data_dir, algos[0], overrides, device.type)
+    ctx = dist_utils.init_distributed(device.type)
+    model, processor = load_policy(cfg, ctx, resolve_precision(cfg.model, ctx.device))
     harnesses = {}
     for algo in algos:
         # each algorithm trains its own copy of the same weights
         harnesses[algo] = RLHarness(model_dir, data_dir, algo=algo, overrides=overrides,
-                                    model=copy.deepcopy(model), processor=processor, device=torch.device(device).type)
+                                    model=copy.deepcopy(model), processor=processor, device=device.type)
     records, rollout = harnesses[algos[0]].sample_rollout()
     for h in harnesses.values():
         h.replay(records, rollout)

@@ -24,6 +24,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from mapo.models.loader import (
 from mapo.models.lora import adapters_off, lora_enabled
 from mapo.phase import Phase, prepare_policy
 from mapo.plan import check_memory_at_start
-from mapo.precision import frozen_copy, resolve_precision
+from mapo.precision import Precision, frozen_copy, resolve_precision
 from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
@@ -113,6 +114,70 @@ def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = 
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs
+
+
+def load_policy(cfg: MapoConfig, ctx, precision: Precision):
+    """(model, processor) of `cfg.model.path` on the run's device in the master dtype, with the configured
+    attention and activation checkpointing: the policy before warm start and `prepare_policy`."""
+    model, processor = load_model_and_processor(
+        cfg.model.path, dtype=precision.master, attn_implementation=cfg.model.attn_implementation, device=ctx.device
+    )
+    if cfg.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, processor
+
+
+@dataclass
+class TrainingSetup:
+    """What the main phase runs on (`build_setup`): the policy and its runner, the reference's runner (None
+    when the phase needs none), the phase (optimizer, schedule, data order), the collator, the rollout's
+    generation keywords, the content-vocabulary mask and how the audio reaches the scoring passes."""
+
+    model: torch.nn.Module
+    processor: object
+    precision: Precision
+    collator: Collator
+    runner: object
+    ref_runner: object | None
+    phase: Phase
+    gen_kwargs: dict
+    content_mask: torch.Tensor
+    audio_input: str
+
+
+def build_setup(cfg: MapoConfig, ctx, precision: Precision, model, processor, train_items,
+                collator: Collator | None = None) -> TrainingSetup:
+    """The main phase's state for a loaded (and warm-started) `model`, one process or sharded (FSDP) as
+    `ctx` says: the frozen reference (a copy in the frozen dtype, or with LoRA the same model with its
+    adapters off), `prepare_policy`, the runner, the phase, generation keywords (and the process-wide CUDA
+    graph default), the content mask. `mapo.train` and the bench (`mapo.bench_rl`) both build it here.
+    collator: the one warm start used (None: a new one)."""
+    is_sft = cfg.algo.name == "sft"
+    # a run that never trains (make eval: trainer.steps=0) never uses a reference
+    needs_ref = not is_sft and cfg.trainer.steps > 0 and needs_frozen_reference(cfg.algo)
+    use_lora = lora_enabled(cfg.model.lora)
+    ref_runner = None
+    if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
+        reference = frozen_copy(model, precision.frozen)
+        ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference, precision), ctx)
+    prepare_policy(model, cfg, precision, everything=is_sft)
+    adapter = get_adapter(model)
+    # cached audio embeddings are exact only while the tower and projector do not train
+    audio_parts = [adapter.audio_tower(model), adapter.audio_projector(model)]
+    audio_input = "recompute" if any(p.requires_grad for part in audio_parts if part is not None for p in part.parameters()) else "cached"
+    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model, precision), ctx)
+    if needs_ref and use_lora:  # the same model with its adapters off: no second copy
+        ref_runner = adapters_off(runner)
+    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items,
+                  optimizer_steps_per_step=1 if is_sft else optimizer_steps_per_rollout(cfg.algo))
+    collator = collator if collator is not None else Collator(processor, feature_cache=FeatureCache())
+    vocab_size = adapter.vocab_size(model)
+    set_default_cuda_graph(cfg.rollout.cuda_graph)  # every rollout of the run, evaluation's included
+    return TrainingSetup(
+        model=model, processor=processor, precision=precision, collator=collator, runner=runner, ref_runner=ref_runner,
+        phase=phase, gen_kwargs=generation_kwargs(cfg, processor, ctx, vocab_size), audio_input=audio_input,
+        content_mask=build_content_vocab_mask(collator.tokenizer, vocab_size).to(ctx.device),
+    )
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -180,51 +245,26 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     eval_sets = {s: evenly_by_task(records, cfg.data.eval_max_items) for s, records in data.eval_sets.items()}
 
     precision = resolve_precision(cfg.model, ctx.device)
-
-    def load():
-        model, processor = load_model_and_processor(
-            cfg.model.path, dtype=precision.master, attn_implementation=cfg.model.attn_implementation, device=ctx.device
-        )
-        if cfg.model.gradient_checkpointing:
-            enable_activation_checkpointing(model)
-        return model, processor
-
-    model, processor = load()
+    model, processor = load_policy(cfg, ctx, precision)
     collator = Collator(processor, feature_cache=FeatureCache())
     faults = RunFaults.for_run(cfg.trainer.max_nonfinite_steps, ctx, collator.clip_features, data.counts, flag)
     flag.deferring = True  # from here on a signal ends the run after a step, with a checkpoint
     if cfg.trainer.warm_start.enabled and cfg.algo.name != "sft":
         weights = run_warm_start(cfg, model, collator, train_items, ctx, precision, faults=faults)
         if ctx.enabled:  # FSDP sharded it in place during a fresh warm start
-            model, _ = load()
+            model, _ = load_policy(cfg, ctx, precision)
         model.load_state_dict(load_file(str(weights)))
     seed_everything(cfg.trainer.seed)
 
     is_sft = cfg.algo.name == "sft"
-    # a run that never trains (make eval: trainer.steps=0) never uses a reference
-    needs_ref = not is_sft and cfg.trainer.steps > 0 and needs_frozen_reference(cfg.algo)
-    use_lora = lora_enabled(cfg.model.lora)
-    ref_runner = None
-    if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
-        reference = frozen_copy(model, precision.frozen)
-        ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference, precision), ctx)
-    prepare_policy(model, cfg, precision, everything=is_sft)
-    # cached audio embeddings are exact only while the tower and projector do not train
-    audio_parts = [get_adapter(model).audio_tower(model), get_adapter(model).audio_projector(model)]
-    audio_input = "recompute" if any(p.requires_grad for part in audio_parts if part is not None for p in part.parameters()) else "cached"
-    runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(model, precision), ctx)
-    if needs_ref and use_lora:  # the same model with its adapters off: no second copy
-        ref_runner = adapters_off(runner)
-    phase = Phase("sft" if is_sft else "rl", runner, model, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.warmup_steps, cfg.trainer.schedule, cfg, train_items,
-                  optimizer_steps_per_step=1 if is_sft else optimizer_steps_per_rollout(cfg.algo))
+    setup = build_setup(cfg, ctx, precision, model, processor, train_items, collator)
+    runner, ref_runner, phase = setup.runner, setup.ref_runner, setup.phase
+    gen_kwargs, content_mask, audio_input = setup.gen_kwargs, setup.content_mask, setup.audio_input
     resume = resolve_resume(run_dir, cfg.trainer.resume)
     if resume is not None:
         phase.resume(resume, ctx)
         say(ctx, f"[mapo] resumed from {resume} at step {phase.step}")
 
-    gen_kwargs = generation_kwargs(cfg, processor, ctx, get_adapter(model).vocab_size(model))
-    set_default_cuda_graph(cfg.rollout.cuda_graph)  # every rollout of the run, evaluation's included
-    content_mask = build_content_vocab_mask(collator.tokenizer, get_adapter(model).vocab_size(model)).to(ctx.device)
     plain_cfg = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = make_logger(cfg.logger.kind, run_dir, plain_cfg, project=cfg.logger.project,
                          run_name=cfg.logger.run_name or f"{cfg.experiment_name}-{run_dir.name}",

@@ -15,8 +15,9 @@ import json
 import time
 
 import torch
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+from transformers import Qwen2AudioForConditionalGeneration
 
+from mapo.bench_gpu import random_qwen2_audio
 from mapo.config import AlgoConfig
 from mapo.models.loader import enable_activation_checkpointing
 from mapo.rollout import generate_rollout
@@ -26,18 +27,15 @@ AUDIO_TOKEN = 151646
 
 
 def build(text_layers: int, audio_layers: int, device) -> Qwen2AudioForConditionalGeneration:
-    cfg = Qwen2AudioConfig(
+    """Qwen2-Audio-7B's widths with `text_layers` / `audio_layers` layers, random bf16 weights made on `device`."""
+    return random_qwen2_audio(dict(
         audio_config=dict(d_model=1280, encoder_layers=audio_layers, encoder_attention_heads=20,
                           encoder_ffn_dim=5120, num_mel_bins=128, max_source_positions=1500),
         text_config=dict(hidden_size=4096, num_hidden_layers=text_layers, num_attention_heads=32,
                          num_key_value_heads=32, intermediate_size=11008, vocab_size=156032,
                          max_position_embeddings=8192),
         audio_token_index=AUDIO_TOKEN,
-    )
-    cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = Qwen2AudioForConditionalGeneration(cfg)
-    return model.to(torch.bfloat16)
+    ), device, torch.bfloat16)
 
 
 def timed(fn):

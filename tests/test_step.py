@@ -77,6 +77,12 @@ def norms_for(prepared, rollout, rows=None) -> Normalisers:
     return normalisers_from_counts(local_counts(prepared, rollout, rows), max_len=10)
 
 
+def independent_delta_h(reference, model, rollout):
+    """Δh computed outside the step: H(reference, audio dropped) − H(policy, audio), 0 off the mask."""
+    entropy_gap = reference_pass(reference, rollout, "drop_features").entropy - score_tokens(model, rollout).entropy
+    return entropy_gap * rollout.completion_mask.bool()
+
+
 def total_loss(model, rollout, prepared, algo, micro=None):
     rows = torch.arange(rollout.completion_ids.shape[0])
     chunks = [rows] if micro is None else list(rows.split(micro))
@@ -156,15 +162,43 @@ def test_attention_loss_alone_trains_the_captured_query_and_key(setup):
         assert attn.k_proj.weight.grad.abs().sum() > 0, f"layer {i} k_proj"
 
 
-def test_mask_weights_follow_delta_h(setup):
-    """ω̃ is not uniform once the ablated reference differs from the policy (soft mask, cap 5)."""
-    model, _, rollout, content = setup
+@pytest.mark.parametrize("old_pass", [True, False], ids=["delta_h_from_pi_old", "delta_h_per_micro_batch"])
+def test_mask_weights_follow_delta_h(setup, old_pass):
+    """ω̃ is not uniform once the ablated reference differs from the policy (soft mask, cap 5); the logged
+    mean |Δh| (and mean Δh) is pooled over the valid tokens of every micro-batch, and equals Δh computed
+    outside the step."""
+    model, collator, rollout, content = setup
+    eos = collator.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # completions of 1 to 10 tokens: the micro-batches of 5, 5 and 2 rows hold 47, 15 and 3 valid tokens
+    rollout = with_eos_at(rollout, eos, int(content.nonzero()[200]), [None, 8, None, 7, None, 3, 2, 1, 4, 0, 0, 1])
     algo = mapo_algo()
-    prepared = prepared_for(model, rollout, algo, content)
-    _, metrics = total_loss(model, rollout, prepared, algo)
-    m = metrics[0]
-    assert float(m["mapo/abs_delta_h"][0]) > 0
-    assert 1.0 < float(m["mapo/omega_max"][0]) <= 5.0
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # |Δh| well above float noise (the tiny model barely hears its audio)
+        noise = torch.randn(reference.lm_head.weight.shape, generator=torch.Generator().manual_seed(2))
+        reference.lm_head.weight.add_(0.05 * noise)
+    n = rollout.completion_ids.shape[0]
+    prepared = prepare_batch(
+        plain_call(model), rollout, torch.randn(n, generator=torch.Generator().manual_seed(0)),
+        (torch.arange(n) % 3 == 0).float(), algo, frozen_reference=plain_call(reference), feature_extractor=None,
+        content_vocab_mask=content, temperature=1.0, old_pass=old_pass,
+    )
+    assert (prepared.delta_h is not None) == old_pass  # without the π_old pass each micro-batch computes Δh
+    _, metrics = total_loss(model, rollout, prepared, algo, micro=5)
+    sums = MetricSums()
+    for m in metrics:
+        sums.add(m)
+    logged = MetricSums.finalize({k: float(v) for k, v in sums.flat().items()})
+    mask = rollout.completion_mask.bool()
+    delta_h = independent_delta_h(reference, model, rollout)
+    pooled = float(delta_h.abs()[mask].mean())
+    # a mean of the micro-batches' means is not the pooled mean
+    chunks = torch.arange(n).split(5)
+    assert [int(mask[r].sum()) for r in chunks] == [47, 15, 3]
+    mean_of_means = sum(float(delta_h[r].abs()[mask[r]].mean()) for r in chunks) / len(chunks)
+    assert pooled > 0 and abs(mean_of_means - pooled) > 1e-3, (pooled, mean_of_means)
+    assert logged["mapo/abs_delta_h"] == pytest.approx(pooled, abs=1e-5)
+    assert logged["mapo/delta_h"] == pytest.approx(float(delta_h[mask].mean()), abs=1e-5)
+    assert 1.0 < logged["mapo/omega_max"] <= 5.0
 
 
 @pytest.mark.parametrize(
@@ -263,9 +297,9 @@ def test_a_prompt_with_two_clips_keeps_its_audio_in_every_pass():
     )
     norms = Normalisers(num_tokens=rollout.completion_mask.sum().float(), num_seqs=n, max_len=6)
     losses = {}
-    for micro in (n, 1):
+    for micro, clips_of in ((n, None), (1, prompt_clips(rollout))):  # the loop computes the clips once per rollout
         losses[micro] = sum(
-            mapo_step(model, rollout, chunk, prepared, algo, norms, temperature=1.0, audio_input="recompute")[0]
+            mapo_step(model, rollout, chunk, prepared, algo, norms, temperature=1.0, audio_input="recompute", clips_of=clips_of)[0]
             for chunk in torch.arange(n).split(micro)
         )
     assert float(losses[n].detach()) != 0.0
@@ -291,9 +325,8 @@ def test_unsupported_clip_layouts_fail_clearly():
 def test_token_mean_normalises_by_the_global_sum_of_omega(setup):
     model, _, rollout, content = setup
     mask = rollout.completion_mask.bool()
-    # Δh computed independently: H(frozen copy, audio dropped) − H(policy, audio)
     reference = copy.deepcopy(model).requires_grad_(False)
-    delta_h = (reference_pass(reference, rollout, "drop_features").entropy - score_tokens(model, rollout).entropy) * mask
+    delta_h = independent_delta_h(reference, model, rollout)
     algo = mapo_algo()
     algo.loss_agg, algo.beta, algo.attn.eta = "token_mean", 0.0, 0.0
     # threshold ω̃ (1 above the median |Δh|, 0.1 below): Σ ω̃ is far from the token count
@@ -414,7 +447,9 @@ def test_mini_batch_rows_partition_and_seed():
         mini_batch_rows(12, 5, seed=0)
 
 
-def test_mini_batches_ratio_is_one_on_the_first_step_only(setup):
+def test_mini_batches_ratio_is_one_on_the_first_step_only(setup, monkeypatch):
+    import mapo.step
+
     model, _, rollout, content = setup
     model = copy.deepcopy(model).train()
     algo = mapo_algo()
@@ -429,25 +464,36 @@ def test_mini_batches_ratio_is_one_on_the_first_step_only(setup):
     )
     assert prepared.old_logprobs is not None
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
+    policy_first = score_tokens(model, rollout).logprobs  # log-probs of the policy step 1 sees
     policy_after = []  # log-probs of the policy each later step sees
+    rows_of_step = [*mini_batch_rows(n, 2, 11), *mini_batch_rows(n, 2, 12)]
+    assert rollout.input_features is not None  # the micro-batches select clips (prompt_clips)
+    clips_of = mapo.step.prompt_clips(rollout)
+    clip_calls = []
+    monkeypatch.setattr(mapo.step, "prompt_clips", lambda r: clip_calls.append(r is rollout) or clips_of)
+    step_alone = []  # each step's losses with its rows as one micro-batch, from the policy that step sees
 
     def optimizer_step():
+        rows = rows_of_step[len(step_alone)]
+        _, m = mapo_step(model, rollout, rows, prepared, algo, norms_for(prepared, rollout, rows), temperature=1.0, clips_of=clips_of)
+        step_alone.append({k: float(v[0]) for k, v in m.items() if k.startswith("loss/")})
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         policy_after.append(score_tokens(model, rollout).logprobs)
         return norm
 
+    step_losses = []
     sums, norms = update_on_rollout(
         model, rollout, prepared, algo, micro_batch_size=4, optimizer_step=optimizer_step, seed=11,
-        temperature=1.0, max_len=10,
+        temperature=1.0, max_len=10, on_step_loss=lambda loss: step_losses.append(float(loss)),
     )
     assert len(norms) == 4 and all(float(x) > 0 for x in norms)
+    assert clip_calls == [True]  # the clips of the prompts: once per rollout, not once per micro-batch
     v = sums.values
     assert float(v["ratio/dev_u1_max"][0]) <= 1e-6  # first step: exp(logp − old) = 1 to 1e-6
     assert float(v["clip/high_u1"][0]) == float(v["clip/low_u1"][0]) == 0
     mask = rollout.completion_mask.bool()
-    rows_of_step = [*mini_batch_rows(n, 2, 11), *mini_batch_rows(n, 2, 12)]
     for j in (2, 3, 4):
         rows = rows_of_step[j - 1]
         logp = policy_after[j - 2][rows]  # the policy after step j − 1
@@ -459,8 +505,30 @@ def test_mini_batches_ratio_is_one_on_the_first_step_only(setup):
         assert float(v[f"clip/high_u{j}"][1]) == float(mask[rows].sum())
     clipped = sum(float(v[f"clip/{side}_u{j}"][0]) for side in ("high", "low") for j in (2, 3, 4))
     assert clipped > 0
-    # loss/* are the mean over the 4 optimizer steps of each step's loss
-    assert set(MetricSums.finalize({k: float(x) for k, x in sums.flat().items()})) >= {"loss/pg", "clip/high_u4"}
+    # loss/* are the mean over the 4 optimizer steps of each step's loss. L_PG and the KL of each step by
+    # hand (ω̃ fixed from π_old, seq_mean_token_mean over the step's 6 rows); L_attn from the step's rows
+    # as one micro-batch (the loop ran micro-batches of 4 and 2)
+    logged = MetricSums.finalize({k: float(x) for k, x in sums.flat().items()})
+    assert "clip/high_u4" in logged
+    omega = prepared.omega * mask
+    by_hand = {"loss/pg": [], "loss/kl": [], "loss/attn": [], "loss/total": []}
+    for rows, logp, alone in zip(rows_of_step, [policy_first, *policy_after[:3]], step_alone):
+        w, m, a = omega[rows], mask[rows], adv[rows, None]
+        ratio = (logp[rows] - prepared.old_logprobs[rows]).exp()
+        per_token = -torch.minimum(ratio * a, ratio.clamp(1 - 0.02, 1 + 0.05) * a)
+        pg = float(((w * per_token).sum(-1) / w.sum(-1)).mean())
+        d = prepared.ref_logprobs[rows] - logp[rows]
+        kl = float((((d.exp() - d - 1) * m).sum(-1) / m.sum(-1)).mean())
+        assert alone["loss/pg"] == pytest.approx(pg, abs=1e-5) and alone["loss/kl"] == pytest.approx(kl, rel=1e-5, abs=1e-6)
+        for key, value in (("loss/pg", pg), ("loss/kl", kl), ("loss/attn", alone["loss/attn"]),
+                           ("loss/total", pg + algo.beta * kl + algo.attn.eta * alone["loss/attn"])):
+            by_hand[key].append(value)
+    assert step_losses == pytest.approx(by_hand["loss/total"], abs=1e-5)  # what the non-finite guard sees
+    # the steps' losses differ, and their mean is far from their sum: neither one step's loss nor the sum passes
+    assert max(by_hand["loss/pg"]) - min(by_hand["loss/pg"]) > 1e-3 and abs(sum(by_hand["loss/pg"])) > 1e-2
+    assert by_hand["loss/kl"][0] == pytest.approx(0.0, abs=1e-6) and by_hand["loss/kl"][3] > 1e-4  # the policy moved
+    for key, values in by_hand.items():
+        assert logged[key] == pytest.approx(sum(values) / 4, abs=1e-5), key
 
 
 def test_schedule_counts_optimizer_steps():

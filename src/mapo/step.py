@@ -290,12 +290,14 @@ def prompt_clips(rollout: Rollout) -> list[list[int]]:
     return clips
 
 
-def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+def select_rows(rollout: Rollout, rows: torch.Tensor, clips_of: list[list[int]] | None = None) -> Rollout:
     """The sub-rollout of `rows` ([n] long): whole aligned groups of the rollout stay groups of G, any other
     selection becomes n groups of one (cached audio embeddings shared, not copied).
 
     The clip features of each selected row's prompt (all of its clips, `prompt_clips`) come along, so
     passes that re-encode the audio (recompute, silence, noise) see the same audio as on the whole rollout.
+    clips_of: `prompt_clips(rollout)` when the caller selects several parts of one rollout (it is the same
+    for every part, and computing it reads the audio mask back to the host); None computes it here.
     """
     idx = rows.tolist()
     G = rollout.group_size
@@ -305,7 +307,8 @@ def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
     prompts = rollout.group_index[rows].tolist()[::group]  # the prompt of each group of the sub-rollout
     features = feature_mask = None
     if rollout.input_features is not None:
-        clips_of = prompt_clips(rollout)
+        if clips_of is None:
+            clips_of = prompt_clips(rollout)
         clips = [c for b in prompts for c in clips_of[b]]
         if clips:
             index = torch.tensor(clips, device=rollout.input_features.device)
@@ -381,6 +384,7 @@ def mapo_step(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backward_scale: float | None = None,
     call: Call | None = None,
+    clips_of: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of the micro-batch `rows` ([n] long indices into the rollout) and its metrics.
 
@@ -392,9 +396,10 @@ def mapo_step(
     the loop accumulates them over micro-batches and ranks (`MetricSums`).
     call: runs `fn(model, *args)`; under FSDP the loop passes its `ModelRunner` so the forward goes
     through the root module (default: a plain call).
+    clips_of: `prompt_clips(rollout)`, computed once per rollout by the loop (`select_rows`).
     """
     call = call or plain_call(model)
-    sub = select_rows(rollout, rows)
+    sub = select_rows(rollout, rows, clips_of)
     mask = sub.completion_mask.bool()
     adv = prepared.advantages[rows]
     keep = prepared.pg_rows[rows]  # [n] rows in L_PG and L_attn
@@ -560,6 +565,7 @@ def update_on_rollout(
     if num_updates > 1 and prepared.old_logprobs is None:
         raise ValueError("several optimizer steps per rollout need π_old: prepare_batch(old_pass=True)")
     device = rollout.completion_ids.device
+    clips_of = prompt_clips(rollout)  # the same for every micro-batch of the rollout
     sums, grad_norms, update = MetricSums(), [], 0
     for pass_index in range(algo.updates_per_rollout):
         batches = mini_batch_rows(num_rows, algo.mini_batches, seed + pass_index, device)
@@ -571,7 +577,7 @@ def update_on_rollout(
             for chunk in rows.split(max(1, micro_batch_size)):
                 loss, m = mapo_step(
                     model, rollout, chunk, prepared, algo, norms, temperature=temperature, audio_input=audio_input,
-                    chunk_size=chunk_size, backward_scale=backward_scale, call=call,
+                    chunk_size=chunk_size, backward_scale=backward_scale, call=call, clips_of=clips_of,
                 )
                 if num_updates > 1:  # loss/* become the mean over the optimizer steps (no host copy)
                     for key in [k for k in m if k.startswith("loss/")]:

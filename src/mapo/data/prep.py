@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mapo.atomic import write_jsonl_atomic
 from mapo.data.audio import AudioError, probe_audio
 
 AVQA_REQUIRED = ("id", "video_name", "question_text", "multi_choice", "answer")
@@ -144,7 +144,7 @@ def prep_avqa(src: Path, out: Path, videos: Path | None = None, workers: int = 1
                 "audio_path": f"audio/{row['video_name']}.wav",
             })
         manifest = out / f"{file.stem}.jsonl"
-        _write_jsonl(manifest, kept)
+        write_jsonl_atomic(manifest, kept)
         manifests.append(manifest)
     return manifests, problems
 
@@ -167,14 +167,8 @@ def prep_mmsu(src: Path, out: Path) -> tuple[list[Path], list[str]]:
                 row["audio_path"] = Path(row["audio_path"]).relative_to(out.absolute()).as_posix()
             rows.append(row)
     manifest = out / "mmsu.jsonl"
-    _write_jsonl(manifest, rows)
+    write_jsonl_atomic(manifest, rows)
     return [manifest], problems
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    from mapo.eval.predictions import write_jsonl
-
-    write_jsonl(path, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,28 +15,17 @@ MMAR's scripts (and MMAU's test-split leaderboard) take.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from mapo.atomic import write_text_atomic
 
 OUTPUT_KEYS = ("model_output", "model_prediction")
 
 
 class PredictionsError(ValueError):
     """A predictions file that cannot be used; the message names the file and line."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _output_of(row: Mapping[str, Any], where: str) -> str | None:

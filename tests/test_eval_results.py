@@ -141,6 +141,29 @@ def test_read_predictions_layouts(tmp_path):
         read_predictions(bad)
 
 
+def test_read_predictions_errors_name_the_file_and_line(tmp_path):
+    """The manifest reader's container rules and file:line messages, as PredictionsError."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'\xef\xbb\xbf{"id": "a", "model_output": "x"}\n{"id": "b", "model_output": \n')
+    with pytest.raises(PredictionsError, match=r"bad\.jsonl:2: invalid JSON: Expecting value at column 29$"):
+        read_predictions(bad)  # the byte-order mark of line 1 is tolerated
+    bad.write_bytes(b'{"id": "a", "model_output": "\xff"}\n')
+    with pytest.raises(PredictionsError, match=r"bad\.jsonl:1: not valid UTF-8: byte 0xff at byte column 30"):
+        read_predictions(bad)
+    array = tmp_path / "out.json"
+    array.write_text('[\n  {"id": "a", "model_output": "x"},\n  {"id": "b"}\n]\n')
+    with pytest.raises(PredictionsError, match=r"out\.json:3: no model_output or model_prediction field"):
+        read_predictions(array)  # an array element is named by the line it starts on
+    array.write_text('[\n  {"id": "a", "model_output": "x"}\n  {"id": "b"}\n]\n')
+    with pytest.raises(PredictionsError, match=r"out\.json:3: invalid JSON: expected ',' or ']' after an element"):
+        read_predictions(array)
+    array.write_text("\n")
+    with pytest.raises(PredictionsError, match=r"out\.json: predictions file holds no rows"):
+        read_predictions(array)
+    with pytest.raises(PredictionsError, match=r"missing\.jsonl: predictions file not found"):
+        read_predictions(tmp_path / "missing.jsonl")
+
+
 def test_score_cli_rescoring_a_plain_list(tmp_path, capsys):
     pred = tmp_path / "outputs.json"
     pred.write_text(json.dumps([{"id": f"mmau-{k + 1}", "model_output": text} for k, text in enumerate(AUDIO[:3])]

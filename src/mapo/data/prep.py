@@ -98,7 +98,7 @@ def _extract(job: tuple[str, str]) -> str | None:
 
 def prep_avqa(src: Path, out: Path, videos: Path | None = None, workers: int = 1) -> tuple[list[Path], list[str]]:
     """Write one AVQA-layout manifest per annotation file; returns (manifests, problem lines)."""
-    from mapo.data.validate import ManifestFormatError, _rows  # the manifest reader's container parser
+    from mapo.data.validate import ManifestFormatError, read_rows  # the manifest reader's container parser
 
     files = _annotation_files(src)
     if not files:
@@ -108,7 +108,7 @@ def prep_avqa(src: Path, out: Path, videos: Path | None = None, workers: int = 1
     parsed: list[tuple[Path, list[tuple[int, Any]]]] = []
     for file in files:
         try:
-            parsed.append((file, _rows(file)))
+            parsed.append((file, read_rows(file)))
         except ManifestFormatError as err:
             problems.append(str(err))
     # Every distinct video once, in parallel when asked.

@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mapo.atomic import replacing, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from mapo.atomic import (
+    replacing,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 
 
 class _Boom(RuntimeError):

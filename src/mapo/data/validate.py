@@ -330,7 +330,8 @@ def _leaves_folder(raw: Any, resolved: str, folder: str) -> bool:
 
 
 def check_clip(path: str, audio_check: str = "decode") -> AudioInfo:
-    """One clip's info, or AudioError when it cannot be used (too short counts: it gives no audio token)."""
+    """One clip's info, or AudioError when it cannot be used (too short counts: it gives no audio token in
+    some supported family; the manifest check has no model, so it uses the strictest, `MIN_TARGET_SAMPLES`)."""
     info = verify_audio(path) if audio_check == "decode" else audio_info(path)
     if info.frames * TARGET_SR / info.samplerate < MIN_TARGET_SAMPLES:
         raise AudioError(path, "too_short", f"audio too short ({info.frames} frames at {info.samplerate} Hz, "

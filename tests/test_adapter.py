@@ -45,3 +45,24 @@ def test_unknown_family_is_a_clear_error(tmp_path):
     assert not has_adapter(plain)
     with pytest.raises(ValueError, match="Linear: model_type None has no mapo adapter"):
         get_adapter(plain)
+
+
+def test_min_target_samples_is_the_strictest_families_shortest_clip():
+    """The manifest check's model-free minimum: one audio position in every registered family (Whisper
+    features, ceil(n / 160) valid frames), and one sample fewer gives none in the strictest family."""
+    import math
+
+    import mapo.models.omni  # noqa: F401 — registers the Omni families
+    from mapo.data.audio import MIN_TARGET_SAMPLES
+    from mapo.models.adapter import adapter_for_config, registered_model_types
+
+    adapters = {adapter_for_config({"model_type": t}).family: adapter_for_config({"model_type": t})
+                for t in registered_model_types()}
+    assert set(adapters) == {"qwen2_audio", "qwen2_5_omni", "qwen3_omni_moe"}
+
+    def positions(adapter, n_samples):
+        return adapter.num_audio_tokens(None, math.ceil(n_samples / 160))  # None: the processor's defaults
+
+    shortest = {family: next(n for n in range(1, 1000) if positions(a, n) >= 1) for family, a in adapters.items()}
+    assert shortest == {"qwen2_audio": 321, "qwen2_5_omni": 321, "qwen3_omni_moe": 1}
+    assert MIN_TARGET_SAMPLES == max(shortest.values())

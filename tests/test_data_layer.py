@@ -396,3 +396,19 @@ def test_cli_clean_manifest_exits_0_and_usage_errors_exit_2(clips):
     (clips / "broken.json").write_text("[\n{]\n")
     broken = run_check(str(clips / "broken.json"), cwd=clips)
     assert broken.returncode == 2 and "broken.json:2: invalid JSON" in broken.stderr
+
+
+def test_an_answer_text_matches_its_choice_but_for_stray_spaces_in_every_text_layout(tmp_path):
+    """Ours and the benchmark layouts share the text match: exact, else the one choice equal but for spaces."""
+    from mapo.data.adapters import RowError, parse_mmau, parse_ours
+
+    ours = {"id": "o", "audio": None, "question": "q", "choices": ["yes ", "no"], "answer": " yes"}
+    assert parse_ours(ours, tmp_path).answer == "yes "
+    two = {**ours, "choices": ["yes ", " yes"], "answer": "yes"}
+    with pytest.raises(RowError, match=r"answer 'yes' is not among the choices \['yes ', ' yes'\]"):
+        parse_ours(two, tmp_path)
+    # A benchmark file may repeat a choice: two equal strings are one match, not an ambiguous pair.
+    mmau = {"id": "m", "audio_id": "a.wav", "question": "q", "choices": ["dog ", "cat", "dog "],
+            "answer": "dog", "task": "sound"}
+    record = parse_mmau(mmau, tmp_path)
+    assert record.answer == "dog " and record.meta == {"duplicate_choices": ["dog "]}

@@ -141,6 +141,31 @@ def test_read_predictions_layouts(tmp_path):
         read_predictions(bad)
 
 
+_PREDICTION_FILE_ERRORS = [
+    # (file, bytes, message): the byte-order mark of line 1 is tolerated; an array element is named by
+    # the line it starts on; nothing written means no file.
+    ("bad.jsonl", b'\xef\xbb\xbf{"id": "a", "model_output": "x"}\n{"id": "b", "model_output": \n',
+     r"bad\.jsonl:2: invalid JSON: Expecting value at column 29$"),
+    ("bad.jsonl", b'{"id": "a", "model_output": "\xff"}\n', r"bad\.jsonl:1: not valid UTF-8: byte 0xff at byte column 30"),
+    ("out.json", b'[\n  {"id": "a", "model_output": "x"},\n  {"id": "b"}\n]\n',
+     r"out\.json:3: no model_output or model_prediction field"),
+    ("out.json", b'[\n  {"id": "a", "model_output": "x"}\n  {"id": "b"}\n]\n',
+     r"out\.json:3: invalid JSON: expected ',' or ']' after an element"),
+    ("out.json", b"\n", r"out\.json: predictions file holds no rows"),
+    ("missing.jsonl", None, r"missing\.jsonl: predictions file not found"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "message"), _PREDICTION_FILE_ERRORS)
+def test_read_predictions_errors_name_the_file_and_line(tmp_path, name, data, message):
+    """The manifest reader's container rules and file:line messages, as PredictionsError."""
+    path = tmp_path / name
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(PredictionsError, match=message):
+        read_predictions(path)
+
+
 def test_score_cli_rescoring_a_plain_list(tmp_path, capsys):
     pred = tmp_path / "outputs.json"
     pred.write_text(json.dumps([{"id": f"mmau-{k + 1}", "model_output": text} for k, text in enumerate(AUDIO[:3])]

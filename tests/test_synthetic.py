@@ -359,7 +359,7 @@ def test_rewriting_smaller_removes_stale_clips(tmp_path):
     write_benchmark(SyntheticConfig(out_dir=str(tmp_path), **TINY))
     write_benchmark(SyntheticConfig(out_dir=str(tmp_path), n_train=2, n_test=1, n_counter_prior=1))
     assert len(list((tmp_path / "audio" / "train").iterdir())) == 6 * 2
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.tmp*"))
 
 
 def test_with_filler_places_the_sentences_hand_worked():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mapo.atomic import write_json_atomic
 from mapo.data.collate import Collator, FeatureCache
 from mapo.data.schema import Record
 from mapo.eval.collapse import batch_diagnostics, pooled_curves
@@ -38,7 +39,6 @@ from mapo.evaluate import answer_sharded, evenly_by_task, generation_tokens
 from mapo.models.adapter import get_adapter
 from mapo.models.loader import load_model_and_processor
 from mapo.run_groups import COLLAPSE_FILE
-from mapo.run_logging import write_json_atomic
 
 QUARTERS = 4
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from mapo import distributed as dist_utils
+from mapo.atomic import replacing
 from mapo.checkpoint import checkpoint_dir_name
 from mapo.models import lora as lora_utils
 
@@ -52,10 +52,7 @@ def write_hf_folder(model: nn.Module, processor, state: dict[str, torch.Tensor],
     a temporary sibling first, then renamed (an existing folder of that name is replaced: the run's
     own `final_model` / `exports/step_*`; `make export` refuses a non-empty folder before this)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing(out) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         processor.save_pretrained(tmp)
         # save_pretrained records the dtype of the model's first parameter, which may be a frozen bf16
@@ -64,12 +61,6 @@ def write_hf_folder(model: nn.Module, processor, state: dict[str, torch.Tensor],
         config = json.loads(config_file.read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

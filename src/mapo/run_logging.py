@@ -29,7 +29,6 @@ scalars, completion texts and PNG plots are logged: no audio is ever uploaded to
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import netrc
@@ -37,12 +36,14 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+# mapo.train imports write_json_atomic from this module.
+from mapo.atomic import json_default, write_json_atomic, write_text_atomic
 
 LOGGER_KINDS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
@@ -224,37 +225,9 @@ def scrub_hydra_files(run_dir: str | Path, config: Any, env: Mapping[str, str] |
         for secret in secrets:
             text = text.replace(secret, REDACTED)
         if text != original:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text_atomic(path, text)
             rewritten.append(path)
     return rewritten
-
-
-def _json_default(obj: Any) -> Any:
-    """JSON fallback for config values: paths/enums as text, numeric scalars as numbers."""
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    raise TypeError(f"config value of type {type(obj).__name__} is not JSON serialisable: {obj!r}")
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write `payload` as JSON to `path` through a temp file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -319,7 +292,7 @@ class RunLogger:
         f = self._files.get(name)
         if f is None:
             f = self._files[name] = open(self.run_dir / name, "a", encoding="utf-8")
-        f.write(json.dumps(record, default=_json_default) + "\n")
+        f.write(json.dumps(record, default=json_default) + "\n")
         f.flush()
 
     def _check_open(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from mapo import distributed as dist_utils
+from mapo.atomic import replacing
 from mapo.checkpoint import resolve_resume
 from mapo.config import MapoConfig
 from mapo.data.collate import Collator
@@ -153,12 +153,10 @@ def run_warm_start(cfg: MapoConfig, model, collator: Collator, train_items, ctx,
         faults.exit_if_stopped()
     state = {k.removeprefix("model."): v for k, v in dist_utils.full_model_state(runner, ctx).items()}
     if ctx.is_main:
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
-        (tmp / "warm_start.json").write_text(json.dumps({"steps": ws.steps, "key": cache.name}) + "\n")
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+        with replacing(cache) as tmp:
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+            (tmp / "warm_start.json").write_text(json.dumps({"steps": ws.steps, "key": cache.name}) + "\n")
         shutil.rmtree(work, ignore_errors=True)
     if ctx.enabled:
         torch.distributed.barrier()

@@ -113,16 +113,23 @@ def _choices(row: dict[str, Any], key: str, allow_duplicates: bool = False) -> l
     return list(value)
 
 
+def _matching_choice(answer: str, choices: list[str]) -> str | None:
+    """The choice `answer` names as text: itself, else the one choice equal to it but for surrounding
+    spaces (hand-edited files often differ only in stray spaces); None when there is no such choice.
+    Equal choice strings count once (benchmark files may repeat a choice; scoring compares texts)."""
+    if answer in choices:
+        return answer
+    stripped = {choice for choice in choices if choice.strip() == answer.strip()}
+    return stripped.pop() if len(stripped) == 1 else None
+
+
 def _answer_text(row: dict[str, Any], key: str, choices: list[str]) -> str:
     """The answer given as text; returned as the matching choice, so `choices.index` finds it."""
     answer = _text(row, key)
-    if answer in choices:
-        return answer
-    # Hand-edited benchmark files often differ only in stray spaces; accept a unique stripped match.
-    stripped = [choice for choice in choices if choice.strip() == answer.strip()]
-    if len(stripped) == 1:
-        return stripped[0]
-    raise RowError(f"answer {answer!r} is not among the choices {choices!r}")
+    match = _matching_choice(answer, choices)
+    if match is None:
+        raise RowError(f"answer {answer!r} is not among the choices {choices!r}")
+    return match
 
 
 def _answer_index(row: dict[str, Any], key: str, choices: list[str]) -> str:
@@ -233,11 +240,9 @@ def _benchmark_answer(
             f"empty '{key}': the answer is hidden (as in the MMAU test split); such a file can only be "
             "evaluated (`make eval` writes a submission file), not trained on"
         )
-    if answer in choices:
-        return answer
-    stripped = {choice for choice in choices if choice.strip() == answer.strip()}
-    if len(stripped) == 1:
-        return stripped.pop()
+    match = _matching_choice(answer, choices)
+    if match is not None:
+        return match
     if letters is not None and answer.strip().upper() in letters:
         return choices[letters.index(answer.strip().upper())]
     from mapo.eval.matching import match_answer_to_choice  # the benchmarks' tokenisation

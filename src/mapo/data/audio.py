@@ -19,8 +19,14 @@ import soundfile as sf
 import soxr
 
 TARGET_SR = 16_000
-#: The shortest clip, in samples at TARGET_SR, that gives one audio position with Whisper-style
-#: features (hop 160 → ceil(n / 160) mel frames; conv stride 2 then pool 2 need ≥ 3 frames).
+#: The shortest clip, in samples at TARGET_SR, that gives one audio position in every supported family.
+#: All of them (Qwen2-Audio, Qwen2.5-Omni, Qwen3-Omni) use the Whisper feature extractor: hop 160, so
+#: ceil(n / 160) valid mel frames. Qwen2-Audio and Qwen2.5-Omni (conv stride 2 then pool 2) need 3 frames,
+#: Qwen3-Omni (three stride-2 convs, rounding up) needs 1: the strictest is kept. It is a constant, not an
+#: adapter method, because the manifest check has no model (`make check` has none; `read_manifest` is
+#: given only the window length); the collator applies each family's exact rule
+#: (`ModelAdapter.num_audio_tokens`) at batching. tests/test_adapter.py checks the value against every
+#: registered family's formula.
 MIN_TARGET_SAMPLES = 321
 
 

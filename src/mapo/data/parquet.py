@@ -14,10 +14,11 @@ Rows come back as (row number, dict) with 1-based row numbers, the way the JSON 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
+
+from mapo.atomic import replacing
 
 #: Batches of rows read at a time: bounds memory to a few dozen embedded clips.
 BATCH_ROWS = 64
@@ -44,9 +45,8 @@ def _suffix(audio: dict[str, Any]) -> str:
 def _write_clip(data: bytes, target: Path) -> None:
     if target.is_file() and target.stat().st_size == len(data):
         return
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        tmp.write_bytes(data)
 
 
 def parquet_rows(path: str | Path, audio_dir: str | Path | None = None) -> list[tuple[int, Any]]:

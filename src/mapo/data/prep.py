@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mapo.atomic import write_jsonl_atomic
 from mapo.data.audio import AudioError, probe_audio
 
 AVQA_REQUIRED = ("id", "video_name", "question_text", "multi_choice", "answer")
@@ -98,7 +98,7 @@ def _extract(job: tuple[str, str]) -> str | None:
 
 def prep_avqa(src: Path, out: Path, videos: Path | None = None, workers: int = 1) -> tuple[list[Path], list[str]]:
     """Write one AVQA-layout manifest per annotation file; returns (manifests, problem lines)."""
-    from mapo.data.validate import ManifestFormatError, _rows  # the manifest reader's container parser
+    from mapo.data.validate import ManifestFormatError, read_rows  # the manifest reader's container parser
 
     files = _annotation_files(src)
     if not files:
@@ -108,7 +108,7 @@ def prep_avqa(src: Path, out: Path, videos: Path | None = None, workers: int = 1
     parsed: list[tuple[Path, list[tuple[int, Any]]]] = []
     for file in files:
         try:
-            parsed.append((file, _rows(file)))
+            parsed.append((file, read_rows(file)))
         except ManifestFormatError as err:
             problems.append(str(err))
     # Every distinct video once, in parallel when asked.
@@ -144,7 +144,7 @@ def prep_avqa(src: Path, out: Path, videos: Path | None = None, workers: int = 1
                 "audio_path": f"audio/{row['video_name']}.wav",
             })
         manifest = out / f"{file.stem}.jsonl"
-        _write_jsonl(manifest, kept)
+        write_jsonl_atomic(manifest, kept)
         manifests.append(manifest)
     return manifests, problems
 
@@ -167,14 +167,8 @@ def prep_mmsu(src: Path, out: Path) -> tuple[list[Path], list[str]]:
                 row["audio_path"] = Path(row["audio_path"]).relative_to(out.absolute()).as_posix()
             rows.append(row)
     manifest = out / "mmsu.jsonl"
-    _write_jsonl(manifest, rows)
+    write_jsonl_atomic(manifest, rows)
     return [manifest], problems
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    from mapo.eval.predictions import write_jsonl
-
-    write_jsonl(path, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

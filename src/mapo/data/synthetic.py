@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import sys
 import time
@@ -60,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from mapo.atomic import replacing, write_jsonl_atomic, write_text_atomic
 from mapo.cli_args import parse_overrides
 from mapo.data.baselines import baseline_table, format_baseline_table
 from mapo.data.schema import Record
@@ -528,17 +528,8 @@ _WAV_NAME = re.compile(r"^[a-z_]+_\d{5}\.wav$")
 
 
 def _write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    sf.write(str(tmp), wave, sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, records: list[Record]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        sf.write(str(tmp), wave, sample_rate, subtype="PCM_16", format="WAV")
 
 
 def write_benchmark(cfg: SyntheticConfig) -> Summary:
@@ -566,13 +557,11 @@ def write_benchmark(cfg: SyntheticConfig) -> Summary:
             if _WAV_NAME.match(stale.name) and stale.name not in keep:
                 stale.unlink()
         manifest = root / f"{split}.jsonl"
-        _write_jsonl(manifest, records)
+        write_jsonl_atomic(manifest, (r.to_json() for r in records))
         total_bytes += manifest.stat().st_size
     settings = root / "benchmark.json"  # so a later user can tell which options made this folder
-    tmp = settings.with_name(settings.name + ".tmp")
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}  # same bytes wherever written
-    tmp.write_text(json.dumps(options, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, settings)
+    write_text_atomic(settings, json.dumps(options, indent=1) + "\n")
     durations = {r.id: content_seconds(r) for records in splits.values() for r in records}
     table = baseline_table(splits, lengths, durations)
     counts = {s: dict(Counter(r.task for r in recs)) for s, recs in splits.items()}

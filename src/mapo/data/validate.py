@@ -117,9 +117,9 @@ _WHITESPACE_BYTES = re.compile(rb"[ \t\n\r]*")
 _BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors write; tolerated at the start
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, what: str) -> bytes:
     if not path.is_file():
-        raise ManifestFormatError(f"{path}: manifest not found (or not a file)")
+        raise ManifestFormatError(f"{path}: {what} not found (or not a file)")
     data = path.read_bytes()
     return data[len(_BOM):] if data.startswith(_BOM) else data
 
@@ -198,19 +198,23 @@ def _decode_array(data: bytes, path: Path) -> str:
     )
 
 
-def _rows(path: Path) -> list[tuple[int, Any]]:
+def read_rows(path: Path, what: str = "manifest") -> list[tuple[int, Any]]:
+    """(line, row) for every row of a JSON array, JSONL or parquet file (the containers of the module
+    docstring), in file order. A JSONL line that cannot be parsed comes back as a `RowError` in its row's
+    place; what stops the whole file raises `ManifestFormatError` naming the file (and line). `what`
+    names the file in those messages ("manifest", "predictions file")."""
     if path.suffix.lower() == ".parquet":  # Hugging Face layout, audio embedded (mapo.data.parquet)
         from mapo.data.parquet import parquet_rows
 
         return parquet_rows(path)
-    data = _read_bytes(path)
+    data = _read_bytes(path, what)
     first = _WHITESPACE_BYTES.match(data).end()
     if data[first:first + 1] == b"[" and path.suffix.lower() not in (".jsonl", ".ndjson"):
         rows = list(_json_array_rows(_decode_array(data, path), path))
     else:
         rows = list(_jsonl_rows(data))
     if not rows:
-        raise ManifestFormatError(f"{path}: manifest holds no rows")
+        raise ManifestFormatError(f"{path}: {what} holds no rows")
     return rows
 
 
@@ -262,7 +266,7 @@ def scan_manifest(
     if audio_check not in AUDIO_CHECKS:
         raise ValueError(f"unknown audio_check {audio_check!r}; valid: {', '.join(AUDIO_CHECKS)}")
     path = Path(path)
-    rows = _rows(path)
+    rows = read_rows(path)
     adapter = ADAPTERS[_pick_layout(layout, rows, path)]
     base_dir = path.parent.absolute()
     folder = os.path.normpath(str(base_dir))
@@ -326,7 +330,8 @@ def _leaves_folder(raw: Any, resolved: str, folder: str) -> bool:
 
 
 def check_clip(path: str, audio_check: str = "decode") -> AudioInfo:
-    """One clip's info, or AudioError when it cannot be used (too short counts: it gives no audio token)."""
+    """One clip's info, or AudioError when it cannot be used (too short counts: it gives no audio token in
+    some supported family; the manifest check has no model, so it uses the strictest, `MIN_TARGET_SAMPLES`)."""
     info = verify_audio(path) if audio_check == "decode" else audio_info(path)
     if info.frames * TARGET_SR / info.samplerate < MIN_TARGET_SAMPLES:
         raise AudioError(path, "too_short", f"audio too short ({info.frames} frames at {info.samplerate} Hz, "

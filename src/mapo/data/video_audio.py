@@ -8,11 +8,11 @@ track, or no samples.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mapo.atomic import replacing
 from mapo.data.audio import TARGET_SR
 
 
@@ -62,9 +62,6 @@ def write_video_audio(video: str | Path, target: str | Path, sample_rate: int = 
     import soundfile as sf
 
     samples = video_audio(video, sample_rate)
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    sf.write(str(tmp), np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        sf.write(str(tmp), np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
     return int(samples.size)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mapo.atomic import write_json_atomic, write_text_atomic
 from mapo.report import CONDITION_LABELS
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -94,8 +95,6 @@ def step_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
 def write_step_outputs(out_dir: Path, entries: Sequence[tuple[Checkpoint, Mapping[str, Any]]], title: str) -> dict[str, Path]:
     """accuracy_vs_step.json / .md / .png (the plot only for checkpoints with a step and computable accuracy)."""
     from mapo.eval.charts import step_chart
-    from mapo.eval.predictions import write_text_atomic
-    from mapo.run_logging import write_json_atomic
 
     rows = step_table(entries)
     written = {"json": out_dir / "accuracy_vs_step.json", "md": out_dir / "accuracy_vs_step.md"}

@@ -6,6 +6,9 @@ Read (`read_predictions`), one of:
 - a JSON list of `{"id", "model_output"}` objects (what the benchmarks' own scripts are given), or of the
   benchmark's rows with `model_prediction` (MMAU's / MMAR's submission layout); rows without a condition
   are the `audio` condition.
+The file is parsed by the manifest reader's container parser (`mapo.data.validate.read_rows`): the same
+JSON array / JSONL rules (a leading "[" is an array unless the name ends in .jsonl), byte-order mark
+and UTF-8 handling, and every error names the file and line.
 
 Written: `predictions.jsonl` (rows from `mapo.eval.results`), and `submission.json`: the manifest's own
 rows, as released, each with `model_prediction` set to the model's raw output, the file MMAU's and
@@ -15,28 +18,17 @@ MMAR's scripts (and MMAU's test-split leaderboard) take.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from mapo.atomic import write_text_atomic
 
 OUTPUT_KEYS = ("model_output", "model_prediction")
 
 
 class PredictionsError(ValueError):
     """A predictions file that cannot be used; the message names the file and line."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _output_of(row: Mapping[str, Any], where: str) -> str | None:
@@ -60,26 +52,19 @@ def _prediction(row: Any, where: str) -> dict[str, Any]:
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """[{"id", "condition", "model_output"}] from any layout of the module docstring, in file order."""
+    from mapo.data.adapters import RowError
+    from mapo.data.validate import ManifestFormatError, read_rows
+
     path = Path(path)
-    if not path.is_file():
-        raise PredictionsError(f"{path}: predictions file not found")
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PredictionsError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        out = [_prediction(row, f"{path}: element {i}") for i, row in enumerate(rows)]
-    else:
-        out = []
-        for line_no, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PredictionsError(f"{path}:{line_no}: invalid JSON: {err.msg}") from None
-            out.append(_prediction(row, f"{path}:{line_no}"))
+    try:
+        rows = read_rows(path, what="predictions file")
+    except ManifestFormatError as err:
+        raise PredictionsError(str(err)) from None
+    out = []
+    for line, row in rows:
+        if isinstance(row, RowError):  # a JSONL line that is not JSON: one bad prediction stops the read
+            raise PredictionsError(f"{path}:{line}: {row}")
+        out.append(_prediction(row, f"{path}:{line}"))
     seen: set[tuple[str, str]] = set()
     for row in out:
         key = (row["id"], row["condition"])
@@ -91,9 +76,9 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 
 def source_rows(manifest: str | Path) -> list[dict[str, Any]]:
     """The manifest's rows as released (objects only), read the way the manifest reader reads them."""
-    from mapo.data.validate import _rows  # one container parser (JSON array / JSONL / parquet)
+    from mapo.data.validate import read_rows
 
-    return [row for _, row in _rows(Path(manifest)) if isinstance(row, dict)]
+    return [row for _, row in read_rows(Path(manifest)) if isinstance(row, dict)]
 
 
 def write_submission(source: Sequence[Mapping[str, Any]], outputs: Mapping[str, str | None], path: Path) -> int:

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mapo.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from mapo.data.schema import Record
 from mapo.eval.breakdowns import record_groups
 from mapo.eval.matching import benchmark_choice, benchmark_correct, extract_prediction
@@ -176,12 +177,11 @@ def write_evaluation(
 ) -> dict[str, Path]:
     """predictions.jsonl, summary.json, summary.md, charts/*.png, submission*.json, collapse.* in out_dir."""
     from mapo.eval.charts import breakdown_chart, condition_chart
-    from mapo.eval.predictions import source_rows, write_jsonl, write_submission, write_text_atomic
-    from mapo.run_logging import write_json_atomic
+    from mapo.eval.predictions import source_rows, write_submission
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"predictions": out_dir / "predictions.jsonl", "summary": out_dir / "summary.json", "summary_md": out_dir / "summary.md"}
-    write_jsonl(written["predictions"], rows)
+    write_jsonl_atomic(written["predictions"], rows)
     write_json_atomic(written["summary"], summary)
     write_text_atomic(written["summary_md"], summary_markdown(summary))
     if summary["accuracy_computable"]:

@@ -68,40 +68,51 @@ def test_options_take_effect():
 
 
 def test_the_load_phase_holds_the_whole_model_on_every_rank():
-    """Before FSDP shards anything, each rank holds the whole fp32 model (8 397 094 912 parameters) and, for
-    a frozen reference without LoRA, its whole bf16 copy: bytes that no world size divides."""
+    """Before FSDP shards anything, each rank holds the whole fp32 model (8 397 094 912 parameters): bytes that
+    no world size divides. A frozen reference (β = 0.02, no LoRA) is a whole bf16 copy on one process; under
+    FSDP it is staged in host memory and reaches the GPU as its 1/N shards plus the unit being sharded, the
+    largest being the root: everything outside the 32 text and 32 audio layers, 8 397 094 912 − 32 · 202 395 648
+    − 32 · 19 676 160 = 1 290 797 056 parameters (token table and LM head 2 · 156 032 · 4096, norm, projector,
+    the audio tower's stem)."""
+    one = memory_plan(DIMS, q_inputs(1))
+    assert one.phases["load"] == one.components["load (before sharding)"] == 8_397_094_912 * (4 + 2) == 50_382_569_472
+    eight = memory_plan(DIMS, q_inputs(8))
+    assert eight.phases["load"] == 8_397_094_912 * 4 + 8_397_094_912 * 2 // 8 + 1_290_797_056 * 2 == 38_269_247_488
+    assert any("each rank stages the reference (15.64 GiB)" in note for note in eight.notes)
+    assert not any("stages the reference" in note for note in one.notes)
     for world in (1, 8):
-        full = memory_plan(DIMS, q_inputs(world))  # β = 0.02: a frozen reference copy
-        assert full.phases["load"] == full.components["load (before sharding)"] == 8_397_094_912 * (4 + 2) == 50_382_569_472
         # LoRA: no copy (the reference is the model with adapters off), but the adapters, 32 layers × 2 targets
         # × rank 8 × (4096 in + 4096 out) = 4 194 304 parameters, are injected in fp32 before the cast
         lora = memory_plan(DIMS, q_inputs(world, "model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"))
         assert lora.phases["load"] == (8_397_094_912 + 4_194_304) * 4 == 33_605_156_864
         assert memory_plan(DIMS, q_inputs(world, "trainer.steps=0")).phases["load"] == 8_397_094_912 * 4  # make eval: no reference
-    assert memory_plan(DIMS, q_inputs(8)).peak_phase == "load"  # the sharded phases are smaller on 8 GPUs
+    assert eight.peak_phase == "rollout" and eight.phases["load"] < eight.phases["rollout"]  # staging keeps load under it
 
 
 def test_the_load_phase_alone_decides_the_verdict():
-    """8 × 48 GiB: every sharded phase fits (rollout 39.84 GiB + reserve 2.99 = 42.83 GiB), loading does
-    not (46.92 + 3.35 = 50.27 GiB); more GPUs cannot help it, LoRA (no second copy) does."""
-    eight, capacity = q_inputs(8), 48 * GIB
+    """8 × 38 GiB, 8 prompts per step: every sharded phase fits (rollout 34.21 GiB + reserve), loading does not
+    (35.64 GiB + reserve = 38.42 GiB); more GPUs cannot help it, LoRA (no second copy) does."""
+    small = ("rollout.prompts_per_step=8", "rollout.eval_batch_size=8")
+    eight, capacity = q_inputs(8, *small), 38 * GIB
     plan = memory_plan(DIMS, eight, capacity)
     sharded = max(v for k, v in plan.phases.items() if k != "load")
-    assert sharded + int(1 * GIB + 0.05 * sharded) <= capacity < plan.total == 50_382_569_472 + int(1 * GIB + 0.05 * 50_382_569_472)
-    assert not plan.fits and not plan.load_fits and memory_plan(DIMS, q_inputs(8), 80 * GIB).load_fits
-    assert not memory_plan(DIMS, dataclasses.replace(eight, world_size=64, prompts_per_step=64), capacity).fits
+    assert sharded + int(1 * GIB + 0.05 * sharded) <= capacity < plan.total == 38_269_247_488 + int(1 * GIB + 0.05 * 38_269_247_488)
+    assert not plan.fits and not plan.load_fits and memory_plan(DIMS, eight, 40 * GIB).load_fits
+    # 64 GPUs shrink only the reference's shards: the whole fp32 policy stays (8 397 094 912 · 4 B = 31.28 GiB)
+    wide = memory_plan(DIMS, dataclasses.replace(eight, world_size=64, prompts_per_step=64), capacity)
+    assert wide.phases["load"] == 8_397_094_912 * 4 + 8_397_094_912 * 2 // 64 + 1_290_797_056 * 2
     advice = fixes(DIMS, eight, capacity)
     assert advice == ["model.lora.rank=64"]
     # rank 64 on every linear layer: 32 layers × 64 × (4·(4096 + 4096) + 3·(4096 + 11008)) = 159 907 840 adapter parameters
     assert memory_plan(DIMS, _apply(eight, advice[0]), capacity).phases["load"] == (8_397_094_912 + 159_907_840) * 4
     assert memory_plan(DIMS, _apply(eight, advice[0]), capacity).fits
     text = format_plan(plan, "x", advice)
-    assert "\n  load, before sharding              46.92 GiB  whole model float32 + reference bfloat16\n" in text
-    assert "phases: load 46.92, " in text and "total: peak 46.92 GiB (load)" in text
-    assert "\n  loading alone needs 46.9 GiB + reserve per GPU: every rank holds the whole model before FSDP shards it, " \
-           "so more GPUs do not lower it\n  would fit with: model.lora.rank=64" in text
-    cfg = cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", "trainer.device_memory_gib=48")
-    with pytest.raises(plan_mod.MemoryPlanError, match=r"would fit with: model.lora.rank=64; loading alone needs 46.9 GiB \+ reserve"):
+    assert "\n  load, before sharding              35.64 GiB  whole model float32 + reference bfloat16 shards + 1 unit\n" in text
+    assert "phases: load 35.64, " in text and "total: peak 35.64 GiB (load)" in text
+    assert "\n  loading alone needs 35.6 GiB + reserve per GPU: every rank holds the whole model before FSDP shards it, " \
+           "so more GPUs lower only the reference's shards in it\n  would fit with: model.lora.rank=64" in text
+    cfg = cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", "trainer.device_memory_gib=38", *small)
+    with pytest.raises(plan_mod.MemoryPlanError, match=r"would fit with: model.lora.rank=64; loading alone needs 35.6 GiB \+ reserve"):
         check_memory_at_start(cfg, REAL_CONFIG, SimpleNamespace(device=torch.device("cuda"), world_size=8, is_main=False))
     # with LoRA the load still needs (8 397 094 912 + 159 907 840) · 4 B = 31.88 GiB + reserve: no fix on 32 GiB cards
     assert fixes(DIMS, eight, 32 * GIB) == []

@@ -101,6 +101,17 @@ def test_runner_without_mixed_precision_computes_in_float32():
     assert dtype == F32
 
 
+def test_frozen_copy_can_be_staged_on_another_device():
+    """device=: the copy's parameters go there in the frozen dtype (what `mapo.train` does with host memory
+    before FSDP shards the reference); its buffers, and the policy, stay where they were."""
+    model = tiny_model(seed=1)
+    staged = frozen_copy(model, BF16, device="meta")
+    assert {(p.device.type, p.dtype) for p in staged.parameters()} == {("meta", BF16)}
+    assert sum(p.numel() for p in staged.parameters()) == sum(p.numel() for p in model.parameters())
+    assert {b.device.type for b in staged.buffers()} == {b.device.type for b in model.buffers()} == {"cpu"}
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", F32)}
+
+
 def test_frozen_copy_and_frozen_tower_are_stored_in_the_frozen_dtype_and_still_score():
     model = tiny_model(seed=1, projector_gain=50.0)
     reference = frozen_copy(model, BF16)

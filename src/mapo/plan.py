@@ -19,8 +19,9 @@ What is counted, per GPU (N ranks; FSDP2 shards over all of them when N > 1):
                  audio-ablated reference is the frozen model; none under LoRA (adapters off) or when
                  the run never trains (`trainer.steps=0`).
   load           before FSDP shards anything (`mapo.train`), every rank holds the whole model in the master
-                 dtype (with its LoRA adapters) and, when there is a reference copy, that whole copy in the
-                 frozen dtype: not divided by N, so more GPUs never lower it.
+                 dtype (with its LoRA adapters): not divided by N, so more GPUs never lower it. A reference
+                 copy is whole on one process; under FSDP it is staged in host memory and only its shards
+                 plus the unit being sharded reach the GPU (the plan's notes give the host bytes).
   compute copy   bf16 weights the compute needs besides the masters: on one GPU autocast's cast of the
                  trainable weights (kept for the autocast region); under FSDP the rollout and evaluation
                  gather the whole model once (full bf16 model per GPU) and the update holds the root unit
@@ -276,7 +277,8 @@ class MemoryPlan:
 
     @property
     def load_fits(self) -> bool:
-        """The load phase with its own reserve fits: no number of GPUs changes this (nothing is sharded yet)."""
+        """The load phase with its own reserve fits. More GPUs shrink only a staged reference's shards in it: the
+        whole policy model is on every rank before FSDP shards it."""
         load = self.phases["load"]
         return self.capacity is None or load + _reserve(self.inputs.device, load) <= self.capacity
 
@@ -285,8 +287,10 @@ def load_note(plan: MemoryPlan) -> str:
     """Why more GPUs cannot help when the load phase alone does not fit ("" when it fits)."""
     if plan.load_fits:
         return ""
+    staged = plan.inputs.world_size > 1 and plan.inputs.reference_copy
     return (f"loading alone needs {plan.phases['load'] / GIB:.1f} GiB + reserve per {'GPU' if plan.inputs.device == 'cuda' else 'process'}: "
-            "every rank holds the whole model before FSDP shards it, so more GPUs do not lower it")
+            "every rank holds the whole model before FSDP shards it, so more GPUs "
+            + ("lower only the reference's shards in it" if staged else "do not lower it"))
 
 
 def _reserve(device: str, peak: int) -> int:
@@ -313,9 +317,18 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     else:
         optimizer_step = 2 * min(trainable, dims.largest_param) * mb  # per-tensor loop: the largest tensor's temporaries
     reference = total_params * fb // n if inputs.reference_copy else 0
-    # Loading (mapo.train): the whole master-dtype model, its LoRA adapters (injected in the masters' dtype
-    # before the base is cast down) and the whole reference copy, all before FSDP shards them.
-    load = (total_params + lora_params) * mb + (total_params * fb if inputs.reference_copy else 0)
+    # Loading (mapo.train): the whole master-dtype model and its LoRA adapters (injected in the masters' dtype
+    # before the base is cast down), before FSDP shards them; and the reference copy: on one process whole, on
+    # the device; under FSDP staged in host memory and moved one unit at a time as it is sharded (before the
+    # policy is), so the device holds its shards plus the unit being sharded (the largest: the root unit).
+    root_params = total_params - dims.num_layers * dims.layer_params - dims.audio_layers * dims.audio_layer_params
+    if not inputs.reference_copy:
+        load_reference = 0
+    elif fsdp:
+        load_reference = total_params * fb // n + max(root_params, dims.layer_params, dims.audio_layer_params) * fb
+    else:
+        load_reference = total_params * fb
+    load = (total_params + lora_params) * mb + load_reference
 
     # Compute copies: what the bf16 compute needs besides the stored weights.
     cast_trainable = trainable * cb if cb < mb else 0  # one-GPU autocast: bf16 copy of the trainable masters
@@ -323,8 +336,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         # gathered once for rollout / evaluation (the scale helper's design): the mixed-precision policy
         # casts the masters to the compute dtype; frozen weights come as stored (or cast down)
         generation_copy = trainable * cb + frozen * min(cb, fb)
-        root = total_params - dims.num_layers * dims.layer_params - dims.audio_layers * dims.audio_layer_params
-        update_copy = scoring_copy = (root + 2 * max(dims.layer_params, dims.audio_layer_params)) * cb
+        update_copy = scoring_copy = (root_params + 2 * max(dims.layer_params, dims.audio_layer_params)) * cb
     else:
         generation_copy = update_copy = scoring_copy = cast_trainable
 
@@ -453,6 +465,9 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     )
     if lora_params:
         plan.notes.append(f"LoRA rank {inputs.lora_rank}: {lora_params / 1e6:.1f} M trainable parameters; the reference is the model with adapters off")
+    if fsdp and inputs.reference_copy:
+        plan.notes.append(f"host memory at start: each rank stages the reference ({total_params * fb / GIB:.2f} GiB) "
+                          "while FSDP shards it")
     return plan
 
 
@@ -581,7 +596,8 @@ def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None 
         ("optimizer state", c["optimizer state"], f"AdamW m, v in {i.master_dtype}"),
         ("reference", c["reference"], "frozen copy" if c["reference"] else ("adapters off" if lora else "not needed")),
         ("load, before sharding", c["load (before sharding)"],
-         f"whole model {i.master_dtype}" + (" + adapters" if lora else "") + (f" + reference {i.frozen_dtype}" if i.reference_copy else "")),
+         f"whole model {i.master_dtype}" + (" + adapters" if lora else "") + (f" + reference {i.frozen_dtype}" + (" shards + 1 unit" if i.world_size > 1 else "")
+                                        if i.reference_copy else "")),
         ("compute copy (rollout/eval)", c["compute copy (rollout/eval)"], "gathered full model" if i.world_size > 1 else "autocast casts"),
         ("compute copy (update)", c["compute copy (update)"], "root unit + 2 layers" if i.world_size > 1 else "autocast casts"),
         ("rollout KV cache", c["rollout KV cache"], i.compute_dtype),

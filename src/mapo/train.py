@@ -158,7 +158,10 @@ def build_setup(cfg: MapoConfig, ctx, precision: Precision, model, processor, tr
     use_lora = lora_enabled(cfg.model.lora)
     ref_runner = None
     if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
-        reference = frozen_copy(model, precision.frozen)
+        # Under FSDP the copy is made in host memory: sharding moves it to the GPU one unit at a time, so a
+        # GPU holds the whole policy and the reference's shards at start, not both whole models (mapo.plan).
+        staged = torch.device("cpu") if ctx.enabled and ctx.device.type != "cpu" else None
+        reference = frozen_copy(model, precision.frozen, device=staged)
         ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference, precision), ctx)
     prepare_policy(model, cfg, precision, everything=is_sft)
     adapter = get_adapter(model)

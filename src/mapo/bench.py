@@ -284,7 +284,9 @@ def run_cpu_suite(args) -> dict:
     setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3, repeats=repeats + 2)
     section("rollout_audio", lambda: bench_rollout(model_dir, data_dir, text_only=False, device=device, **setting))
     section("rollout_text", lambda: bench_rollout(model_dir, data_dir, text_only=True, device=device, **setting))
-    section("step", lambda: same_rollout_steps(model_dir, data_dir, ("grpo", "mapo"), overrides=[], repeats=repeats + 2,
+    # 9 interleaved pairs (6 with --quick): a step is ~0.3 s, and a load change in the middle of 5 pairs moved the
+    # median ratio from 1.37 to 1.73 in one run.
+    section("step", lambda: same_rollout_steps(model_dir, data_dir, ("grpo", "mapo"), overrides=[], repeats=3 * repeats,
                                                device=device))
     if args.no_trl:
         results["trl"] = "skipped (--no-trl)"

@@ -116,3 +116,59 @@ def test_json_that_cannot_be_written_leaves_the_old_file(tmp_path):
         write_json_atomic(target, {"x": object()})
     assert target.read_text() == "{}\n"
     assert _names(tmp_path) == ["b.json"]
+
+
+def _dead_pid() -> int:
+    """A process id that no process has now (a finished child's)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_what_killed_writers_left_is_cleared_or_restored(tmp_path):
+    """Other processes' leftovers: a dead writer's temporary goes; a live one's stays (it may still be
+    writing); a folder a dead writer set aside is put back when its target is missing, deleted when not."""
+    dead = _dead_pid()
+    target = tmp_path / "final_model"
+    (tmp_path / f".final_model.tmp{dead}").mkdir()
+    (tmp_path / f".final_model.tmp{dead}" / "half.safetensors").write_text("half")
+    live = tmp_path / f".final_model.tmp{os.getppid()}"  # the test runner's parent: alive
+    live.mkdir()
+    (tmp_path / f".final_model.old{dead}").mkdir()
+    (tmp_path / f".final_model.old{dead}" / "weights.bin").write_text("previous")
+    (tmp_path / ".other.tmp1").write_text("another target's: not ours to judge")
+    write_text_atomic(tmp_path / "unrelated.txt", "x")  # another target's write clears nothing here
+    assert (tmp_path / f".final_model.tmp{dead}").exists()
+    with replacing(target) as tmp:  # the kill came between the two renames: the old folder is back first
+        assert (target / "weights.bin").read_text() == "previous"
+        tmp.mkdir()
+        (tmp / "weights.bin").write_text("new")
+    assert (target / "weights.bin").read_text() == "new"
+    assert _names(tmp_path) == sorted([".other.tmp1", live.name, "final_model", "unrelated.txt"])
+    live.rmdir()
+    (tmp_path / f".final_model.old{dead}").mkdir()  # target present: a stale set-aside copy is deleted
+    with replacing(target) as tmp:
+        tmp.mkdir()
+    assert _names(tmp_path) == sorted([".other.tmp1", "final_model", "unrelated.txt"])
+
+
+def test_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights.bin").write_text("old")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".model.tmp"):
+            raise OSError("disk went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk went away"), replacing(target) as tmp:
+        tmp.mkdir()
+        (tmp / "weights.bin").write_text("new")
+    assert (target / "weights.bin").read_text() == "old"
+    assert _names(tmp_path) == ["model"]

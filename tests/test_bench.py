@@ -91,10 +91,26 @@ def test_scoring_memory_only():
     assert out["full"]["peak_bytes"] > 0 and 0 < out["memory"] < 0.5
 
 
-def test_matmul_decode_attention_equals_sdpa_and_is_removed_after():
-    """The decode-attention experiment of the GPU suite: the same greedy tokens and near-equal log-probs as SDPA
-    on a GQA toy decoder with left-padded prompts, the matmul path taken on every decode step (not on the
-    prefill), and the registry as it was afterwards."""
+def _counting_sdpa(monkeypatch):
+    """Wrap the registry's "sdpa" entry so every call that reaches it records its query length: entered
+    before `matmul_decode_attention`, it is what the experiment falls back to."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    real = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    reached: list[int] = []
+
+    def counting(module, query, *args, **kwargs):
+        reached.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counting)
+    return real, counting, reached
+
+
+def test_matmul_decode_attention_equals_sdpa_and_is_removed_after(monkeypatch):
+    """The decode-attention experiment of the GPU suite: the same greedy tokens as SDPA on a GQA toy decoder
+    with left-padded prompts; inside it only the prefill reaches SDPA (every one-query step takes the matmul
+    path), and the registry is as it was afterwards."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from mapo.rollout import generate_rollout
@@ -109,59 +125,32 @@ def test_matmul_decode_attention_equals_sdpa_and_is_removed_after():
         return generate_rollout(model, {"input_ids": ids, "attention_mask": mask}, group_size=2, max_new_tokens=6,
                                 eos_token_id=510, pad_token_id=0, do_sample=False)
 
+    _, counting, reached = _counting_sdpa(monkeypatch)
     expected = rollout()
-    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    with bench_gpu.matmul_decode_attention() as attention:
-        calls = []
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda *a, **k: calls.append(a[1].shape[2]) or attention(*a, **k)
+    assert reached.count(1) == 2 * (expected.completion_ids.shape[1] - 1)  # without it, SDPA decodes
+    reached.clear()
+    with bench_gpu.matmul_decode_attention():
         got = rollout()
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
-    assert torch.equal(got.completion_ids, expected.completion_ids)
-    assert calls.count(1) == 2 * (got.completion_ids.shape[1] - 1) and calls[0] == 9  # 2 layers per step; prefill
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is counting
+    assert torch.equal(got.completion_ids, expected.completion_ids) and got.completion_ids.shape[1] > 1
+    assert reached == [9, 9]  # the prefill of each layer; no decode step fell back
 
 
-def test_matmul_decode_attention_values():
-    """One decode call against SDPA itself: GQA (4 query heads on 2 KV heads), blocked keys, a custom scale."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
+def test_matmul_decode_attention_values(monkeypatch):
+    """One decode call against SDPA itself: GQA (4 query heads on 2 KV heads), blocked keys, a custom scale;
+    the call is answered by the matmul path (it never reaches SDPA)."""
     gen = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(3, h, n, 16, generator=gen) for h, n in ((4, 1), (2, 7), (2, 7)))
     allowed = torch.rand(3, 1, 1, 7, generator=gen) > 0.3
     allowed[..., -1] = True
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 2, True
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    sdpa, _, reached = _counting_sdpa(monkeypatch)
     expected, _ = sdpa(module, query, key, value, allowed, scaling=0.3)
     with bench_gpu.matmul_decode_attention() as attention:
         got, _ = attention(module, query, key, value, allowed, scaling=0.3)
+    assert reached == []
     assert got.shape == expected.shape == (3, 1, 4, 16)
     assert torch.allclose(got, expected, atol=1e-5)
     masked_out, _ = sdpa(module, query, key, value, torch.ones_like(allowed), scaling=0.3)
     assert not torch.allclose(masked_out, expected, atol=1e-3)  # the blocked keys matter here
-
-
-def test_harness_reference_with_lora_is_the_policy_with_adapters_off(tiny_env, monkeypatch):
-    """`model.lora.rank>0`: the bench's reference is built as training builds it (`mapo.train.build_setup`): the
-    policy itself with its adapters off, no frozen copy. Once the adapters differ from zero, the reference still
-    gives the base model's logits and the policy does not."""
-    from mapo import train
-    from mapo.bench_rl import RLHarness
-    from mapo.models.lora import adapter_parameters, adapters_disabled
-
-    copies: list[int] = []
-    monkeypatch.setattr(train, "frozen_copy", lambda *a, **k: copies.append(1))
-    harness = RLHarness(tiny_env["model"], tiny_env["data"], algo="mapo", overrides=["model.lora.rank=4"])
-    assert copies == [] and harness.ref_runner is not None
-    assert harness.ref_runner(lambda model: model) is harness.model  # the reference runs the policy's model
-    model = harness.model.eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in adapter_parameters(model):  # peft starts B at zero: move every adapter off it
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        ids = torch.randint(10, 200, (2, 12), generator=gen)
-        logits = lambda m: m(input_ids=ids).logits
-        with adapters_disabled(model):
-            base = logits(model)
-        reference, policy = harness.ref_runner(logits), harness.runner(logits)
-    assert torch.equal(reference, base)
-    assert (policy - base).abs().max() > 1e-3

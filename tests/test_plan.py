@@ -80,6 +80,10 @@ def test_the_load_phase_holds_the_whole_model_on_every_rank():
     assert eight.phases["load"] == 8_397_094_912 * 4 + 8_397_094_912 * 2 // 8 + 1_290_797_056 * 2 == 38_269_247_488
     assert any("each rank stages the reference (15.64 GiB)" in note for note in eight.notes)
     assert not any("stages the reference" in note for note in one.notes)
+    # CPU processes (gloo): mapo.train stages nothing, so each holds both whole models before sharding
+    cpu8 = memory_plan(DIMS, dataclasses.replace(q_inputs(8), device="cpu"))
+    assert cpu8.phases["load"] == 50_382_569_472 and not any("stages the reference" in note for note in cpu8.notes)
+    assert "whole model float32 + reference bfloat16\n" in format_plan(cpu8, "x", [])
     for world in (1, 8):
         # LoRA: no copy (the reference is the model with adapters off), but the adapters, 32 layers × 2 targets
         # × rank 8 × (4096 in + 4096 out) = 4 194 304 parameters, are injected in fp32 before the cast

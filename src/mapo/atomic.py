@@ -12,7 +12,8 @@ of one; a writer that raises leaves the old file as it was and removes its tempo
   for the common cases.
 
 The temporary is `.<name>.tmp<pid>`: hidden from folder listings and globs of the real files, and per
-process, so two processes writing the same target never write into one temporary.
+process, so two processes writing the same target never write into one temporary. Temporaries of
+processes that no longer exist are deleted by the next write of the same target.
 
 No fsync: a power cut may lose the newest write (the old file or nothing stays, never a torn one);
 training checkpoints, which must survive that, sync their files themselves (`mapo.checkpoint`).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,25 +40,64 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _clear_stale(path: Path) -> None:
+    """Deal with what killed writers of `path` left beside it (their process no longer exists): temporaries
+    (`.<name>.tmp<pid>`) are deleted; an old folder set aside for a replacement (`.<name>.old<pid>`) is
+    put back when `path` is missing (the kill came between the two renames), else deleted."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)(\d+)")
+    if not path.parent.is_dir():
+        return
+    for sibling in sorted(path.parent.iterdir()):
+        match = pattern.fullmatch(sibling.name)
+        if match is None or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not path.exists():
+            os.replace(sibling, path)
+        else:
+            _remove(sibling)
+
+
 @contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; when the block ends normally, rename it to `path`.
 
     The block writes a file or makes a folder at the yielded path. If it raises, the temporary is
     removed and `path` is untouched. The target's folder is created if missing. A folder replaces an
-    existing folder of the same name, which is deleted just before the rename (`os.replace` cannot
-    rename onto a non-empty folder), so for folders there is a short window with neither: a crash there
-    leaves no folder, never a mixed one.
+    existing folder of the same name in two renames (`os.replace` cannot rename onto a non-empty folder):
+    the old one is set aside as `.<name>.old<pid>`, the new one renamed into place, then the old one
+    deleted; if the second rename fails the old folder is put back. What a killed writer leaves (its
+    temporary, or a folder set aside) is cleared or restored by the next write of the same target.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     _remove(tmp)  # left by a killed earlier process that had the same pid
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            aside = path.with_name(f".{path.name}.old{os.getpid()}")
+            _remove(aside)
+            os.replace(path, aside)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(aside, path)
+                raise
+            _remove(aside)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise

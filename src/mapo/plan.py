@@ -20,8 +20,8 @@ What is counted, per GPU (N ranks; FSDP2 shards over all of them when N > 1):
                  the run never trains (`trainer.steps=0`).
   load           before FSDP shards anything (`mapo.train`), every rank holds the whole model in the master
                  dtype (with its LoRA adapters): not divided by N, so more GPUs never lower it. A reference
-                 copy is whole on one process; under FSDP it is staged in host memory and only its shards
-                 plus the unit being sharded reach the GPU (the plan's notes give the host bytes).
+                 copy is whole on one process (and on CPU); under FSDP on CUDA it is staged in host memory
+                 and only its shards plus the unit being sharded reach the GPU (the notes give the host bytes).
   compute copy   bf16 weights the compute needs besides the masters: on one GPU autocast's cast of the
                  trainable weights (kept for the autocast region); under FSDP the rollout and evaluation
                  gather the whole model once (full bf16 model per GPU) and the update holds the root unit
@@ -101,6 +101,12 @@ class PlanInputs:
     warm_start_batch: int = 0  # supervised warm start before RL (0 = none)
     prompt_text_tokens: int = PROMPT_TEXT_TOKENS
     chunk_size: int = CHUNK_SIZE
+
+    @property
+    def staged_reference(self) -> bool:
+        """The reference copy is made in host memory and reaches each GPU as its shards (`mapo.train` does so
+        under FSDP on CUDA; on CPU processes the copy is whole in each process before sharding)."""
+        return self.reference_copy and self.world_size > 1 and self.device == "cuda"
 
     @property
     def reference_copy(self) -> bool:
@@ -287,7 +293,7 @@ def load_note(plan: MemoryPlan) -> str:
     """Why more GPUs cannot help when the load phase alone does not fit ("" when it fits)."""
     if plan.load_fits:
         return ""
-    staged = plan.inputs.world_size > 1 and plan.inputs.reference_copy
+    staged = plan.inputs.staged_reference
     return (f"loading alone needs {plan.phases['load'] / GIB:.1f} GiB + reserve per {'GPU' if plan.inputs.device == 'cuda' else 'process'}: "
             "every rank holds the whole model before FSDP shards it, so more GPUs "
             + ("lower only the reference's shards in it" if staged else "do not lower it"))
@@ -318,13 +324,13 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         optimizer_step = 2 * min(trainable, dims.largest_param) * mb  # per-tensor loop: the largest tensor's temporaries
     reference = total_params * fb // n if inputs.reference_copy else 0
     # Loading (mapo.train): the whole master-dtype model and its LoRA adapters (injected in the masters' dtype
-    # before the base is cast down), before FSDP shards them; and the reference copy: on one process whole, on
-    # the device; under FSDP staged in host memory and moved one unit at a time as it is sharded (before the
-    # policy is), so the device holds its shards plus the unit being sharded (the largest: the root unit).
+    # before the base is cast down), before FSDP shards them; and the reference copy: whole, except under FSDP
+    # on CUDA, where it is staged in host memory and moved one unit at a time as it is sharded (before the
+    # policy is), so the GPU holds its shards plus the unit being sharded (the largest: the root unit).
     root_params = total_params - dims.num_layers * dims.layer_params - dims.audio_layers * dims.audio_layer_params
     if not inputs.reference_copy:
         load_reference = 0
-    elif fsdp:
+    elif inputs.staged_reference:
         load_reference = total_params * fb // n + max(root_params, dims.layer_params, dims.audio_layer_params) * fb
     else:
         load_reference = total_params * fb
@@ -465,7 +471,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     )
     if lora_params:
         plan.notes.append(f"LoRA rank {inputs.lora_rank}: {lora_params / 1e6:.1f} M trainable parameters; the reference is the model with adapters off")
-    if fsdp and inputs.reference_copy:
+    if inputs.staged_reference:
         plan.notes.append(f"host memory at start: each rank stages the reference ({total_params * fb / GIB:.2f} GiB) "
                           "while FSDP shards it")
     return plan
@@ -596,7 +602,7 @@ def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None 
         ("optimizer state", c["optimizer state"], f"AdamW m, v in {i.master_dtype}"),
         ("reference", c["reference"], "frozen copy" if c["reference"] else ("adapters off" if lora else "not needed")),
         ("load, before sharding", c["load (before sharding)"],
-         f"whole model {i.master_dtype}" + (" + adapters" if lora else "") + (f" + reference {i.frozen_dtype}" + (" shards + 1 unit" if i.world_size > 1 else "")
+         f"whole model {i.master_dtype}" + (" + adapters" if lora else "") + (f" + reference {i.frozen_dtype}" + (" shards + 1 unit" if i.staged_reference else "")
                                         if i.reference_copy else "")),
         ("compute copy (rollout/eval)", c["compute copy (rollout/eval)"], "gathered full model" if i.world_size > 1 else "autocast casts"),
         ("compute copy (update)", c["compute copy (update)"], "root unit + 2 layers" if i.world_size > 1 else "autocast casts"),

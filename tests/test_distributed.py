@@ -92,8 +92,8 @@ def check_gather_once(rank: int) -> dict:
 
 def check_mixed_precision(rank: int) -> dict:
     """FSDP2 with fp32 masters and bf16 compute (`MixedPrecisionPolicy`, what several GPUs run): the shards
-    and their gradients stay fp32, the layers compute in bf16, the runner's own autocast is off, and the
-    log-probs stay close to the fp32 model's."""
+    and their gradients stay fp32, the layers compute in bf16, the runner's own autocast (on before sharding)
+    is off, and the log-probs stay close to the fp32 model's."""
     from toy_model import make_batch, tiny_model
 
     from mapo.distributed import DistContext, ModelRunner, all_done, apply_fsdp
@@ -105,7 +105,9 @@ def check_mixed_precision(rank: int) -> dict:
     ctx = DistContext(rank=rank, world_size=WORLD, fsdp=True)
     model = tiny_model(seed=0).requires_grad_(True)
     plain = copy.deepcopy(model)
-    runner = apply_fsdp(ModelRunner(model, Precision(master=torch.float32, compute=torch.bfloat16, frozen=torch.bfloat16)), ctx)
+    runner = ModelRunner(model, Precision(master=torch.float32, compute=torch.bfloat16, frozen=torch.bfloat16))
+    autocast_unsharded = runner.autocast
+    runner = apply_fsdp(runner, ctx)
     rollout = runner.decode(generate_rollout, make_batch(), group_size=2, max_new_tokens=6, eos_token_id=99, pad_token_id=0,
                             do_sample=False, sync_finished=lambda done: all_done(done, ctx, torch.device("cpu")))
     layer = get_adapter(model).decoder_layers(model)[0]
@@ -116,7 +118,8 @@ def check_mixed_precision(rank: int) -> dict:
     logprobs.sum().backward()
     weight = layer.self_attn.q_proj.weight
     fp32 = score_tokens(plain, rollout, temperature=1.0).logprobs
-    return {"autocast": runner.autocast, "layer_output": str(outputs[0]), "shard": str(weight.to_local().dtype),
+    return {"autocast_unsharded": autocast_unsharded, "autocast": runner.autocast, "layer_output": str(outputs[0]),
+            "shard": str(weight.to_local().dtype),
             "grad": str(weight.grad.to_local().dtype), "vs_fp32": float((logprobs.detach() - fp32).abs().max())}
 
 
@@ -225,8 +228,8 @@ def test_mixed_precision_policy_keeps_fp32_masters_and_computes_in_bf16(two_rank
     _, results = two_ranks
     for out in results:
         mixed = out["mixed_precision"]
-        assert (mixed["autocast"], mixed["layer_output"], mixed["shard"], mixed["grad"]) == (
-            False, "torch.bfloat16", "torch.float32", "torch.float32")
+        assert (mixed["autocast_unsharded"], mixed["autocast"], mixed["layer_output"], mixed["shard"], mixed["grad"]) == (
+            True, False, "torch.bfloat16", "torch.float32", "torch.float32")
         assert 0 < mixed["vs_fp32"] < 0.05  # bf16 compute: close to fp32, not equal
 
 

@@ -97,8 +97,12 @@ def test_fp32_master_weights_take_the_adamw_step_that_bf16_storage_rounds_away(d
 def test_runner_without_mixed_precision_computes_in_float32():
     model = tiny_model(seed=0)
     batch = make_batch((1,))
-    _, dtype = ModelRunner(model, Precision(F32, F32, F32))(lm_loss, batch["input_ids"], batch["attention_mask"])
+    runner = ModelRunner(model, Precision(F32, F32, F32))
+    _, dtype = runner(lm_loss, batch["input_ids"], batch["attention_mask"])
     assert dtype == F32
+    # autocast only with a compute dtype below the masters (one process; FSDP: tests/test_distributed.py)
+    assert (runner.autocast, ModelRunner(model).autocast, ModelRunner(model, Precision(F32, BF16, BF16)).autocast) == (
+        False, False, True)
 
 
 def test_frozen_copy_can_be_staged_on_another_device():

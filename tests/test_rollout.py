@@ -13,7 +13,6 @@ from mapo.rollout import (
     generate_rollout,
     graph_stats,
     resolve_cuda_graph,
-    set_default_cuda_graph,
 )
 
 torch.set_num_threads(1)
@@ -206,13 +205,16 @@ def test_cuda_graph_option():
     cpu = torch.device("cpu")
     assert resolve_cuda_graph("auto", cpu, multi_process=False) is False
     assert resolve_cuda_graph("auto", torch.device("cuda"), multi_process=False) is True
+    assert resolve_cuda_graph(None, torch.device("cuda"), multi_process=False) is True  # None = auto
+    assert resolve_cuda_graph(None, torch.device("cuda"), multi_process=True) is False
     assert resolve_cuda_graph("auto", torch.device("cuda"), multi_process=True) is False
     assert resolve_cuda_graph("on", torch.device("cuda"), multi_process=True) is True
     assert resolve_cuda_graph(False, torch.device("cuda"), multi_process=False) is False
     with pytest.raises(ValueError, match="cuda_graph"):
         resolve_cuda_graph("sometimes", cpu, multi_process=False)
-    with pytest.raises(ValueError, match="cuda_graph"):
-        set_default_cuda_graph("sometimes")
+    with pytest.raises(ValueError, match="cuda_graph"):  # refused by the rollout itself, CPU or not
+        generate_rollout(tiny_model(0), make_batch(), group_size=1, max_new_tokens=2, eos_token_id=EOS,
+                         pad_token_id=PAD, cuda_graph="sometimes")
     with pytest.raises(ValueError, match="cache"):
         generate_rollout(tiny_model(0), make_batch(), group_size=1, max_new_tokens=2, eos_token_id=EOS,
                          pad_token_id=PAD, cache="paged")

@@ -11,9 +11,9 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_000123/`:
     trainer_state.json   {"step": 123, ...}: data position, sampler state, run settings, anything JSON
     COMPLETE             written LAST, by rank 0: {"step", "world_size", "files"}; only folders holding it count
 
-What "the model weights that train" means: `TrainingState(trainable_only=True)` (the default) keeps only
-parameters with requires_grad (e.g. the LoRA adapters, or everything but a frozen audio tower); the
-frozen rest is rebuilt at resume exactly as at the start (same model folder, same cached warm start).
+What "the model weights that train" means: `TrainingState` keeps only parameters with requires_grad (e.g.
+the LoRA adapters, or everything but a frozen audio tower); the frozen rest is rebuilt at resume exactly
+as at the start (same model folder, same cached warm start).
 
 Atomicity: every rank writes into `checkpoints/.tmp-step_000123/` (rank 0 makes it, after deleting
 leftovers of saves that died); once every rank reports its files written (an all-reduce, not a barrier,
@@ -51,9 +51,7 @@ from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
@@ -188,32 +186,28 @@ class TrainingState(Stateful):
     plain tensors); keys are fully qualified parameter names, so a checkpoint written by N ranks loads
     on M ranks or on one process.
 
-    module:         the module whose weights are saved (the `ModelRunner` in the loop).
-    optimizer:      its optimizer, or None to save / load the weights alone (exports).
-    trainable_only: keep only parameters that require grad (and their optimizer state).
+    Only the parameters that require grad are kept, with their optimizer state; the weights alone are read
+    back for exports by `load_model_weights`.
+
+    module:    the module whose weights are saved (the `ModelRunner` in the loop).
+    optimizer: its optimizer.
     """
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, trainable_only: bool = True):
-        self.module, self.optimizer, self.trainable_only = module, optimizer, trainable_only
+    #: strict=False only because frozen weights are left out on purpose; DCP itself fails on any key it is
+    #: asked to load that the checkpoint does not hold.
+    OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
-    def _options(self) -> StateDictOptions:
-        # strict=False only because frozen weights are left out on purpose; DCP itself fails on any key
-        # it is asked to load that the checkpoint does not hold.
-        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        if self.optimizer is None:
-            return {"model": get_model_state_dict(self.module, options=self._options())}
-        model_state, optimizer_state = get_state_dict(self.module, self.optimizer, options=self._options())
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer, options=self.OPTIONS)
         return {"model": model_state, "optimizer": optimizer_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.optimizer is None:
-            set_model_state_dict(self.module, state_dict["model"], options=self._options())
-            return
         set_state_dict(
             self.module, self.optimizer, model_state_dict=state_dict["model"],
-            optim_state_dict=state_dict["optimizer"], options=self._options(),
+            optim_state_dict=state_dict["optimizer"], options=self.OPTIONS,
         )
 
 

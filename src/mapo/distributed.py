@@ -93,22 +93,25 @@ class ModelRunner(torch.nn.Module):
     parameters that belong to the root unit (embeddings, norms, LM head, audio convolutions, projector)
     in the root's forward hook, so every such function must run inside a forward of the root: this
     wrapper is that root. It is also the one place compute precision is entered (`mapo.precision`):
-    autocast to the compute dtype on one process; under FSDP2 `apply_fsdp` turns that off, since the
-    mixed-precision policy then gathers the weights in the compute dtype.
+    autocast to the compute dtype on one process (`autocast`).
     """
 
     def __init__(self, model: torch.nn.Module, precision: Precision | None = None):
         super().__init__()
         self.model = model
         self.precision = precision
-        self.autocast = precision is not None and precision.mixed
+
+    @property
+    def autocast(self) -> bool:
+        """Whether calls run under autocast: with a mixed precision, unless the runner is FSDP2-sharded
+        (`apply_fsdp`), whose mixed-precision policy then gathers the weights in the compute dtype."""
+        return self.precision is not None and self.precision.mixed and not fsdp_units([self])
 
     def forward(self, fn, *args, **kwargs):
         if not self.autocast:
             return fn(self.model, *args, **kwargs)
         with compute_context(self.precision, _module_device(self.model)):
             return fn(self.model, *args, **kwargs)
-
 
     def decode(self, fn, *args, **kwargs):
         """Like calling the runner, for a function that runs the model many times without gradients
@@ -167,7 +170,7 @@ def apply_fsdp(runner: ModelRunner, ctx: DistContext) -> ModelRunner:
 
     Mixed precision: when the runner's compute dtype is lower than its master dtype, FSDP2's policy
     gathers weights in the compute dtype and reduces gradients in float32 (`reduce_dtype`), and the
-    runner's own autocast is switched off. The audio tower is its own unit so that a frozen tower
+    runner, once sharded, enters no autocast of its own (`ModelRunner.autocast`). The audio tower is its own unit so that a frozen tower
     stored in the frozen dtype does not share a unit with trainable float32 weights (FSDP2 wants one
     dtype per unit for the weights that train).
     """
@@ -179,7 +182,6 @@ def apply_fsdp(runner: ModelRunner, ctx: DistContext) -> ModelRunner:
     precision = runner.precision
     if precision is not None and precision.mixed:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
-        runner.autocast = False
     adapter = get_adapter(runner.model)
     for unit in adapter.fsdp_units(runner.model):
         fully_shard(unit, **kwargs)

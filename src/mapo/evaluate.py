@@ -96,12 +96,14 @@ def generate_answers(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seeds: Sequence[int] | None = None,
+    cuda_graph: bool | str | None = None,
     on_batch: Callable[[Sequence[Record], Rollout], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Completions (decoded, special tokens skipped) for `records`, in order; greedy unless `do_sample`.
 
     seeds: one per record (sampling draws of record i come from seeds[i], whatever its batch);
+    cuda_graph: the decode's CUDA-graph option (`mapo.rollout.generate_rollout`; None = "auto");
     on_batch(batch_records, rollout) runs after each batch is generated (e.g. collapse diagnostics on
     the same completions); progress(n) is told how many records each batch finished.
     """
@@ -125,6 +127,7 @@ def generate_answers(
             seeds=None if seeds is None else seeds[start : start + batch_size],
             drop_audio=drop_audio,
             sync_finished=sync_finished,
+            cuda_graph=cuda_graph,
         )
         ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, pad_token_id)
         texts.extend(tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True))

@@ -158,17 +158,6 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: Sequence[int
 #: CUDA graphs captured, replays, failed captures (fallbacks to eager), process-wide: `graph_stats()`.
 _GRAPH_STATS = {"captured": 0, "replayed": 0, "failed": 0}
 
-#: `cuda_graph` of rollouts that do not pass one (the training program sets it from `rollout.cuda_graph`, so
-#: evaluation's rollouts follow the config too).
-_DEFAULT_CUDA_GRAPH = ["auto"]
-
-
-def set_default_cuda_graph(option: bool | str) -> None:
-    """The `cuda_graph` value used by every later rollout of this process that does not pass its own."""
-    resolve_cuda_graph(option, torch.device("cpu"), multi_process=False)  # validates
-    _DEFAULT_CUDA_GRAPH[0] = option
-
-
 def graph_stats() -> dict[str, int]:
     """Copies of the process-wide CUDA-graph counters (captured, replayed, failed), e.g. for a benchmark to
     report whether its decode steps really ran as graphs."""
@@ -180,8 +169,8 @@ def generated_tokens() -> int:
     return _GENERATED_TOKENS[0]
 
 
-def resolve_cuda_graph(option: bool | str, device: torch.device, multi_process: bool) -> bool:
-    """`rollout.cuda_graph`: "auto" (on for CUDA in a single process), "on"/True, "off"/False."""
+def resolve_cuda_graph(option: bool | str | None, device: torch.device, multi_process: bool) -> bool:
+    """`rollout.cuda_graph`: "auto"/None (on for CUDA in a single process), "on"/True, "off"/False."""
     value = str(option).strip().lower()
     if value in ("auto", "none"):
         return device.type == "cuda" and not multi_process
@@ -355,8 +344,8 @@ def generate_rollout(
     which FSDP needs. The rollout itself never touches torch.distributed.
     drop_audio: sample with the audio features dropped (placeholders keep their bare embedding, the
     "drop_features" ablation): the language-prior floor used by evaluation. The tower never runs.
-    cuda_graph: "auto" | "on" | "off" (see the module docstring); None = the process default
-    (`set_default_cuda_graph`, "auto" unless the training program set `rollout.cuda_graph`).
+    cuda_graph: "auto" | "on" | "off" (see the module docstring); None = "auto". The training program
+    passes `rollout.cuda_graph` (in `mapo.train.generation_kwargs`) to its rollouts and evaluations.
     cache: "auto" | "static" | "dynamic".
     finish_check_every: steps between "all done?" reads (default 1 on CPU, 8 on CUDA).
     Returns a Rollout with N = B·G rows and T ≤ max_new_tokens completion columns.
@@ -397,8 +386,7 @@ def generate_rollout(
     mask_kind = adapter.prepared_mask_kind(model) if cache != "dynamic" else None
     if cache == "static" and mask_kind is None:
         raise ValueError(f"{adapter.family}: this model's attention cannot decode with the static cache; use cache='auto'")
-    cuda_graph = _DEFAULT_CUDA_GRAPH[0] if cuda_graph is None else cuda_graph
-    use_graph = mask_kind is not None and resolve_cuda_graph(cuda_graph, device, sync_finished is not None)
+    use_graph = resolve_cuda_graph(cuda_graph, device, sync_finished is not None) and mask_kind is not None
     use_graph = use_graph and max_new_tokens > GRAPH_WARMUP_STEPS + 1
     check_every = finish_check_every or (8 if device.type == "cuda" else 1)
 

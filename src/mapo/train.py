@@ -57,7 +57,6 @@ from mapo.precision import Precision, frozen_copy, resolve_precision
 from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
-from mapo.rollout import set_default_cuda_graph
 from mapo.run_logging import make_logger, write_json_atomic
 from mapo.step import needs_frozen_reference, optimizer_steps_per_rollout
 from mapo.timing import timed_generation
@@ -109,8 +108,11 @@ def sampling_summary(cfg: MapoConfig, model_path: str | Path) -> str:
 
 
 def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = None) -> dict:
-    """Rollout and evaluation keywords; `vocab_size` (the LM head's rows) suppresses the rows past the tokenizer."""
+    """Rollout and evaluation keywords, passed to every rollout of the run (evaluation's included): stop, pad
+    and suppressed ids, `rollout.cuda_graph`, and under torchrun the finish sync; `vocab_size` (the LM head's
+    rows) suppresses the rows past the tokenizer."""
     kwargs = generation_tokens(processor, vocab_size)  # stop, pad and suppressed ids (shared with mapo.eval)
+    kwargs["cuda_graph"] = cfg.rollout.cuda_graph
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs
@@ -149,8 +151,8 @@ def build_setup(cfg: MapoConfig, ctx, precision: Precision, model, processor, tr
                 collator: Collator | None = None) -> TrainingSetup:
     """The main phase's state for a loaded (and warm-started) `model`, one process or sharded (FSDP) as
     `ctx` says: the frozen reference (a copy in the frozen dtype, or with LoRA the same model with its
-    adapters off), `prepare_policy`, the runner, the phase, generation keywords (and the process-wide CUDA
-    graph default), the content mask. `mapo.train` and the bench (`mapo.bench_rl`) both build it here.
+    adapters off), `prepare_policy`, the runner, the phase, generation keywords, the content mask.
+    `mapo.train` and the bench (`mapo.bench_rl`) both build it here.
     collator: the one warm start used (None: a new one)."""
     is_sft = cfg.algo.name == "sft"
     # a run that never trains (make eval: trainer.steps=0) never uses a reference
@@ -175,7 +177,6 @@ def build_setup(cfg: MapoConfig, ctx, precision: Precision, model, processor, tr
                   optimizer_steps_per_step=1 if is_sft else optimizer_steps_per_rollout(cfg.algo))
     collator = collator if collator is not None else Collator(processor, feature_cache=FeatureCache())
     vocab_size = adapter.vocab_size(model)
-    set_default_cuda_graph(cfg.rollout.cuda_graph)  # every rollout of the run, evaluation's included
     return TrainingSetup(
         model=model, processor=processor, precision=precision, collator=collator, runner=runner, ref_runner=ref_runner,
         phase=phase, gen_kwargs=generation_kwargs(cfg, processor, ctx, vocab_size), audio_input=audio_input,

@@ -19,6 +19,7 @@ loads.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -256,6 +257,12 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     if cfg.trainer.warm_start.enabled and cfg.algo.name != "sft":
         weights = run_warm_start(cfg, model, collator, train_items, ctx, precision, faults=faults)
         if ctx.enabled:  # FSDP sharded it in place during a fresh warm start
+            # Free that sharded copy (FSDP's state refers back to the module: a cycle) before a whole one
+            # loads, so the reload's peak is the plan's load phase and not that plus the old shards.
+            del model
+            gc.collect()
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
             model, _ = load_policy(cfg, ctx, precision)
         model.load_state_dict(load_file(str(weights)))
     seed_everything(cfg.trainer.seed)

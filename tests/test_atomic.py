@@ -128,31 +128,27 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_what_killed_writers_left_is_cleared_or_restored(tmp_path):
-    """Other processes' leftovers: a dead writer's temporary goes; a live one's stays (it may still be
-    writing); a folder a dead writer set aside is put back when its target is missing, deleted when not."""
+def test_what_killed_writers_of_a_folder_left_is_cleared(tmp_path):
+    """Other processes' leftovers beside a folder: a dead writer's temporary and set-aside old folder go when
+    the folder is next written; a live writer's temporary stays (it may still be writing); a file write and
+    another target's write leave them alone (they do not list the folder)."""
     dead = _dead_pid()
     target = tmp_path / "final_model"
+    target.mkdir()
     (tmp_path / f".final_model.tmp{dead}").mkdir()
     (tmp_path / f".final_model.tmp{dead}" / "half.safetensors").write_text("half")
+    (tmp_path / f".final_model.old{dead}").mkdir()
     live = tmp_path / f".final_model.tmp{os.getppid()}"  # the test runner's parent: alive
     live.mkdir()
-    (tmp_path / f".final_model.old{dead}").mkdir()
-    (tmp_path / f".final_model.old{dead}" / "weights.bin").write_text("previous")
-    (tmp_path / ".other.tmp1").write_text("another target's: not ours to judge")
-    write_text_atomic(tmp_path / "unrelated.txt", "x")  # another target's write clears nothing here
-    assert (tmp_path / f".final_model.tmp{dead}").exists()
-    with replacing(target) as tmp:  # the kill came between the two renames: the old folder is back first
-        assert (target / "weights.bin").read_text() == "previous"
+    (tmp_path / ".other.tmp1").write_text("another target's")
+    leftovers = sorted([f".final_model.old{dead}", f".final_model.tmp{dead}", ".other.tmp1", live.name])
+    write_text_atomic(tmp_path / "unrelated.txt", "x")
+    assert _names(tmp_path) == sorted([*leftovers, "final_model", "unrelated.txt"])
+    with replacing(target) as tmp:
         tmp.mkdir()
         (tmp / "weights.bin").write_text("new")
     assert (target / "weights.bin").read_text() == "new"
     assert _names(tmp_path) == sorted([".other.tmp1", live.name, "final_model", "unrelated.txt"])
-    live.rmdir()
-    (tmp_path / f".final_model.old{dead}").mkdir()  # target present: a stale set-aside copy is deleted
-    with replacing(target) as tmp:
-        tmp.mkdir()
-    assert _names(tmp_path) == sorted([".other.tmp1", "final_model", "unrelated.txt"])
 
 
 def test_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):

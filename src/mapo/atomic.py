@@ -12,8 +12,9 @@ of one; a writer that raises leaves the old file as it was and removes its tempo
   for the common cases.
 
 The temporary is `.<name>.tmp<pid>`: hidden from folder listings and globs of the real files, and per
-process, so two processes writing the same target never write into one temporary. Temporaries of
-processes that no longer exist are deleted by the next write of the same target.
+process, so two processes writing the same target never write into one temporary. A folder's write also
+deletes the temporaries of its earlier writers whose processes no longer exist on this machine (process
+ids are per machine: two machines must not write one target; under torchrun rank 0 writes exports).
 
 No fsync: a power cut may lose the newest write (the old file or nothing stays, never a torn one);
 training checkpoints, which must survive that, sync their files themselves (`mapo.checkpoint`).
@@ -52,19 +53,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clear_stale(path: Path) -> None:
-    """Deal with what killed writers of `path` left beside it (their process no longer exists): temporaries
-    (`.<name>.tmp<pid>`) are deleted; an old folder set aside for a replacement (`.<name>.old<pid>`) is
-    put back when `path` is missing (the kill came between the two renames), else deleted."""
+    """Delete what killed writers of `path` left beside it (their process no longer exists): temporaries
+    (`.<name>.tmp<pid>`) and old folders set aside for a replacement (`.<name>.old<pid>`)."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)(\d+)")
-    if not path.parent.is_dir():
-        return
-    for sibling in sorted(path.parent.iterdir()):
+    for sibling in path.parent.iterdir():
         match = pattern.fullmatch(sibling.name)
-        if match is None or _pid_alive(int(match.group(2))):
-            continue
-        if match.group(1) == "old" and not path.exists():
-            os.replace(sibling, path)
-        else:
+        if match is not None and not _pid_alive(int(match.group(2))):
             _remove(sibling)
 
 
@@ -76,16 +70,21 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     removed and `path` is untouched. The target's folder is created if missing. A folder replaces an
     existing folder of the same name in two renames (`os.replace` cannot rename onto a non-empty folder):
     the old one is set aside as `.<name>.old<pid>`, the new one renamed into place, then the old one
-    deleted; if the second rename fails the old folder is put back. What a killed writer leaves (its
-    temporary, or a folder set aside) is cleared or restored by the next write of the same target.
+    deleted; if the second rename fails the old folder is put back. A writer killed between the two renames
+    leaves the old folder as `.<name>.old<pid>` (and the new one as its temporary); what killed writers of a
+    folder left is deleted by the next write of that folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     _remove(tmp)  # left by a killed earlier process that had the same pid
     try:
         yield tmp
+        if tmp.is_dir():
+            # Folders (exports, caches: large, written rarely) are where a killed writer's leftovers cost
+            # space; clearing them lists the parent folder, which file writes skip (a data folder may hold
+            # many thousands of files written one by one).
+            _clear_stale(path)
         if tmp.is_dir() and path.is_dir():
             aside = path.with_name(f".{path.name}.old{os.getpid()}")
             _remove(aside)

@@ -76,7 +76,7 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	@if [ -z "$$VIRTUAL_ENV$$CONDA_PREFIX" ] && [ ! -x $(VENV)/bin/python ]; then \
 	  echo "[mapo] creating $(VENV)"; $(PYTHON) -m venv --system-site-packages $(VENV); fi
 	@if $(PY) -c "import torch" 2>/dev/null; then \

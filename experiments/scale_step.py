@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from transformers import Qwen2AudioForConditionalGeneration
 
-from mapo.bench_gpu import random_qwen2_audio
+from mapo.bench_gpu import device_timer, random_qwen2_audio
 from mapo.config import AlgoConfig
 from mapo.models.loader import enable_activation_checkpointing
 from mapo.rollout import generate_rollout
@@ -39,12 +38,11 @@ def build(text_layers: int, audio_layers: int, device) -> Qwen2AudioForCondition
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    """(fn(), seconds, peak GiB) on the current CUDA device."""
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    with device_timer(torch.device("cuda")) as timer:
+        out = fn()
+    return out, timer.seconds, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:

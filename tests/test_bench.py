@@ -88,7 +88,10 @@ def test_scoring_memory_only():
     """repeats = 0: peak memory of both sides, no timing; the fused chunks hold far less than full logits."""
     out = bench.bench_scoring(2, 32, 16, 2000, torch.device("cpu"), 0, chunk_size=8)
     assert "speed" not in out and "time_s" not in out["full"]
-    assert out["full"]["peak_bytes"] > 0 and 0 < out["memory"] < 0.5
+    assert out["full"]["peak_bytes"] > 0 and 0 < out["memory"] < 0.25
+    # chunk_size is taken: one chunk of all 64 positions holds several times the memory of 8-position chunks
+    whole = bench.bench_scoring(2, 32, 16, 2000, torch.device("cpu"), 0, chunk_size=64)
+    assert whole["memory"] > 2 * out["memory"]
 
 
 def _counting_sdpa(monkeypatch):
@@ -154,3 +157,12 @@ def test_matmul_decode_attention_values(monkeypatch):
     assert torch.allclose(got, expected, atol=1e-5)
     masked_out, _ = sdpa(module, query, key, value, torch.ones_like(allowed), scaling=0.3)
     assert not torch.allclose(masked_out, expected, atol=1e-3)  # the blocked keys matter here
+
+
+def test_per_step_categories_subtract_the_one_token_profile():
+    """Hand-worked: full − one per category over the 5 steps between a 1-token and a 6-token rollout; a
+    category that shrank (noise) counts 0, one seen only in the long run counts whole."""
+    one = {"matmul": 1.0, "other": 0.5}
+    full = {"matmul": 6.0, "other": 0.4, "attention": 2.0}
+    assert bench_gpu.per_step_categories(one, full, 6) == {"attention": 0.4, "matmul": 1.0, "other": 0.0}
+    assert bench_gpu.per_step_categories(one, full, 1) == {"attention": 2.0, "matmul": 5.0, "other": 0.0}

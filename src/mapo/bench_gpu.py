@@ -135,20 +135,39 @@ def kv_bytes_per_token(widths: dict, dtype: torch.dtype) -> int:
     return 2 * widths["layers"] * widths["kv_heads"] * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int, cuda_graph: str,
-                bandwidth: float | None, dtype: torch.dtype) -> dict:
-    """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring)."""
-    from mapo.rollout import generate_rollout, graph_stats
+def _decoder(model, widths: dict, *, prompts: int, group: int, prompt_len: int, cuda_graph: str):
+    """(device, rollout(n)): our rollout of n new tokens on `prompts` random prompts of `prompt_len` tokens.
+    Random weights: a row samples EOS with probability ~1/V per step, so a rollout runs all n steps (the
+    longest row decides), and rollouts of 1 and of n tokens differ by n − 1 whole decode steps."""
+    from mapo.rollout import generate_rollout
 
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, widths["vocab"] - 10, (prompts, prompt_len), generator=gen).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    eos = widths["vocab"] - 2  # random weights: EOS (like any token) has probability ~1/V per step
 
     def rollout(n: int):
-        return generate_rollout(model, batch, group_size=group, max_new_tokens=n, eos_token_id=eos, pad_token_id=0,
-                                temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph)
+        return generate_rollout(model, batch, group_size=group, max_new_tokens=n, eos_token_id=widths["vocab"] - 2,
+                                pad_token_id=0, temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph)
+
+    return device, rollout
+
+
+def _bound(model, widths: dict, dtype: torch.dtype, rows: int, prompt_len: int, steps: int,
+           bandwidth: float | None) -> dict:
+    """The step's bytes (weights read per step, KV cache at the mean context length) and, with a bandwidth,
+    the bound in seconds."""
+    weights = weight_bytes_per_step(model)
+    kv = kv_bytes_per_token(widths, dtype) * rows * (prompt_len + steps / 2)
+    return {"weight_bytes": weights, "kv_bytes_mean": kv, **({"bound_s": (weights + kv) / bandwidth} if bandwidth else {})}
+
+
+def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int, cuda_graph: str,
+                bandwidth: float | None, dtype: torch.dtype) -> dict:
+    """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring)."""
+    from mapo.rollout import graph_stats
+
+    device, rollout = _decoder(model, widths, prompts=prompts, group=group, prompt_len=prompt_len, cuda_graph=cuda_graph)
 
     def timed(n: int) -> tuple[float, int]:
         with device_timer(device) as timer:
@@ -162,13 +181,10 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
     graphs = {k: v - graphs_before[k] for k, v in graph_stats().items()}
     step_s = (full - one) / max(steps - 1, 1)
     rows = prompts * group
-    weights = weight_bytes_per_step(model)
-    kv = kv_bytes_per_token(widths, dtype) * rows * (prompt_len + steps / 2)
     out = {"rows": rows, "prompt_len": prompt_len, "new_tokens": steps, "cuda_graph": cuda_graph,
            "step_s": step_s, "tokens_per_s": rows / step_s, "prefill_and_first_token_s": one,
-           "weight_bytes": weights, "kv_bytes_mean": kv, "graphs": graphs}
-    if bandwidth:
-        out["bound_s"] = (weights + kv) / bandwidth
+           "graphs": graphs, **_bound(model, widths, dtype, rows, prompt_len, steps, bandwidth)}
+    if "bound_s" in out:
         out["step_over_bound"] = step_s / out["bound_s"]
     return out
 
@@ -244,39 +260,35 @@ def _profiled_category_seconds(run, device: torch.device) -> dict[str, float]:
     return totals
 
 
+def per_step_categories(one: dict[str, float], full: dict[str, float], steps: int) -> dict[str, float]:
+    """Seconds per decode step by category from the profiles of a 1-token and a `steps`-token rollout: the
+    difference, divided by the steps - 1 it holds (a category that shrank counts 0)."""
+    return {c: max(full.get(c, 0.0) - one.get(c, 0.0), 0.0) / max(steps - 1, 1) for c in sorted({*one, *full})}
+
+
 def profile_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int,
                    bandwidth: float | None, dtype: torch.dtype) -> dict:
     """Device time per eager decode step by kernel category (see the module docstring), and its sum over
     the bandwidth bound."""
-    from mapo.rollout import generate_rollout
-
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, widths["vocab"] - 10, (prompts, prompt_len), generator=gen).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    # Random weights: a row samples EOS with probability ~1/V per step, so the loop runs all n steps (the
-    # longest row decides) and the two profiles differ by n − 1 whole steps.
+    device, rollout = _decoder(model, widths, prompts=prompts, group=group, prompt_len=prompt_len, cuda_graph="off")
     steps: list[int] = []
 
-    def rollout(n: int):
-        out = generate_rollout(model, batch, group_size=group, max_new_tokens=n, eos_token_id=widths["vocab"] - 2,
-                               pad_token_id=0, temperature=1.0, seeds=list(range(prompts)), cuda_graph="off")
-        steps.append(int(out.completion_ids.shape[1]))
+    def run(n: int):
+        steps.append(int(rollout(n).completion_ids.shape[1]))
 
-    rollout(2)  # warm-up
-    one = _profiled_category_seconds(lambda: rollout(1), device)
-    full = _profiled_category_seconds(lambda: rollout(new_tokens), device)
+    run(2)  # warm-up
+    one = _profiled_category_seconds(lambda: run(1), device)
+    full = _profiled_category_seconds(lambda: run(new_tokens), device)
     n = steps[-1]
-    per_step = {c: max(full.get(c, 0.0) - one.get(c, 0.0), 0.0) / max(n - 1, 1) for c in sorted({*one, *full})}
+    per_step = per_step_categories(one, full, n)
     total = sum(per_step.values())
     rows = prompts * group
     out = {"rows": rows, "prompt_len": prompt_len, "new_tokens": n, "measure": "kernels" if device.type == "cuda" else "cpu ops",
            "per_step_s": per_step, "total_s": total,
            "share": {c: v / total for c, v in per_step.items()} if total else {}}
-    if bandwidth:
-        weights = weight_bytes_per_step(model)
-        kv = kv_bytes_per_token(widths, dtype) * rows * (prompt_len + n / 2)
-        out["bound_s"] = (weights + kv) / bandwidth
+    bound = _bound(model, widths, dtype, rows, prompt_len, n, bandwidth)
+    if "bound_s" in bound:
+        out["bound_s"] = bound["bound_s"]
         out["total_over_bound"] = total / out["bound_s"]
     return out
 

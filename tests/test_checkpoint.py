@@ -346,3 +346,32 @@ def test_non_tensor_state_loads_weights_only(tmp_path):
     load_checkpoint(path, TrainingState(fresh_model, fresh_optimizer))
     assert fresh_optimizer.param_groups[0]["note"] == "plain text is fine"
     assert torch.equal(fresh_model.weight, model.weight)
+
+
+def test_each_load_reads_the_metadata_once(tmp_path, monkeypatch):
+    """`.metadata` is unpickled once per load (the eager check's read is the one `dcp.load` reuses), and the
+    loads give the same result as before; a bf16/int checkpoint's metadata passes the allow-list."""
+    from mapo import dcp_reader
+    from mapo.checkpoint import load_model_weights
+
+    model, optimizer, scheduler = make_run()
+    model.register_buffer("steps", torch.arange(4, dtype=torch.int64))
+    model.register_buffer("bf16", torch.ones(2, dtype=torch.bfloat16))
+    optimizer.param_groups[0]["note"] = "plain text"  # a bytes entry
+    path = save(tmp_path, 1, model, optimizer, scheduler, {"data_position": 0})
+    reads = []
+    real_load = dcp_reader._MetadataUnpickler.load
+    monkeypatch.setattr(dcp_reader._MetadataUnpickler, "load", lambda self: reads.append(self.path) or real_load(self))
+
+    fresh_model, fresh_optimizer, _ = make_run(seed=1)
+    fresh_model.register_buffer("steps", torch.zeros(4, dtype=torch.int64))
+    fresh_model.register_buffer("bf16", torch.zeros(2, dtype=torch.bfloat16))
+    load_checkpoint(path, TrainingState(fresh_model, fresh_optimizer))
+    assert len(reads) == 1 and torch.equal(fresh_model.steps, model.steps) and torch.equal(fresh_model.bf16, model.bf16)
+    tensors = read_tensors(path, "training.model.")
+    assert len(reads) == 2 and torch.equal(tensors["training.model.weight"], model.weight.detach())
+    other = make_run(seed=2)[0]
+    other.register_buffer("steps", torch.zeros(4, dtype=torch.int64))
+    other.register_buffer("bf16", torch.zeros(2, dtype=torch.bfloat16))
+    assert sorted(load_model_weights(path, other)) == sorted(key.removeprefix("training.model.") for key in tensors)
+    assert len(reads) == 3 and torch.equal(other.weight, model.weight) and torch.equal(other.steps, model.steps)

@@ -145,7 +145,13 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
 
     from torch import nn
 
-    from mapo.checkpoint import STATE_DIR, TrainingState, load_checkpoint, read_tensors, save_checkpoint
+    from mapo.checkpoint import (
+        STATE_DIR,
+        TrainingState,
+        load_checkpoint,
+        read_tensors,
+        save_checkpoint,
+    )
     from mapo.dcp_reader import UnsafeCheckpointError
 
     model = nn.Linear(3, 2)
@@ -166,6 +172,65 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
     metadata.write_bytes(pickle.dumps({"not": "metadata"}))
     with pytest.raises(UnsafeCheckpointError, match="not DCP metadata"):
         read_tensors(path)
+
+
+
+def _short_str(text: str) -> bytes:
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def _call_pickle(module: str, name: str, args: tuple[str, ...], opcode: str) -> bytes:
+    """A hand-built protocol-4 pickle that calls `module`'s `name` with string `args`, naming it by a GLOBAL
+    or a STACK_GLOBAL opcode: pickle ≥ 4 resolves a dotted `name` attribute by attribute."""
+    if opcode == "GLOBAL":
+        target = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+    else:
+        target = _short_str(module) + _short_str(name) + b"\x93"
+    return (b"\x80\x04" + target + b"(" + b"".join(_short_str(a) for a in args) + b"t" + b"R" + b".")
+
+
+@pytest.mark.parametrize("opcode", ["GLOBAL", "STACK_GLOBAL"])
+@pytest.mark.parametrize("exploit", ["os.system", "torch_save_to_dcp"])
+def test_checkpoint_metadata_reaching_past_dcp_types_is_refused(tmp_path, exploit, opcode):
+    """Any name under `torch.distributed.checkpoint.` is not safe: a dotted name in one of its modules
+    reaches `os.system`, and `format_utils.torch_save_to_dcp` unpickles a file with `weights_only=False`.
+    Both are refused, naming the file and the name, and never run (the marker file is never made)."""
+    import os
+
+    from torch import nn
+
+    from mapo.checkpoint import (
+        STATE_DIR,
+        TrainingState,
+        load_checkpoint,
+        read_tensors,
+        save_checkpoint,
+    )
+    from mapo.dcp_reader import UnsafeCheckpointError
+
+    marker = tmp_path / "pwned"
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    path = save_checkpoint(tmp_path / "run", 1, TrainingState(model, optimizer), None, {"step": 1})
+    if exploit == "os.system":
+        module, name, args = "torch.distributed.checkpoint.filesystem", "os.system", ("touch " + str(marker),)
+    else:
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("touch " + str(marker),))
+
+        torch.save(Boom(), tmp_path / "boom.pt")  # what torch_save_to_dcp would torch.load(weights_only=False)
+        module, name, args = ("torch.distributed.checkpoint.format_utils", "torch_save_to_dcp",
+                              (str(tmp_path / "boom.pt"), str(tmp_path / "out")))
+    metadata = path / STATE_DIR / ".metadata"
+    metadata.write_bytes(_call_pickle(module, name, args, opcode))
+    for load in (lambda: load_checkpoint(path, TrainingState(model, optimizer)), lambda: read_tensors(path)):
+        with pytest.raises(UnsafeCheckpointError) as error:
+            load()
+        assert str(metadata) in str(error.value) and f"{module}.{name}" in str(error.value)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------ logs and W&B

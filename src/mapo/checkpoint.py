@@ -25,7 +25,9 @@ on rank 0 deletes its temporary folder. One job per run directory is assumed.
 
 Loading: non-tensor state goes through `torch.load(weights_only=True)` (a checkpoint from elsewhere must
 not run code on load), including the non-tensor entries inside the DCP folder (`_WeightsOnlyLoadPlanner`), and the DCP folder's
-`.metadata` pickle is read by `mapo.dcp_reader.SafeFileSystemReader` (DCP's plain reader would unpickle anything); DCP reads tensors into the live model and optimizer in place. After loading, call
+`.metadata` pickle is read once per load by `mapo.dcp_reader.SafeFileSystemReader`, which resolves only an exact
+allow-list of the globals DCP metadata holds and refuses dotted names (DCP's plain reader would unpickle
+anything; allowing whole `torch.distributed.checkpoint` modules would still reach `os.system`); DCP reads tensors into the live model and optimizer in place. After loading, call
 `restore_rng(ckpt.rng)` LAST, after anything else that may draw random numbers.
 """
 
@@ -49,6 +51,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -479,7 +482,8 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState | None) -> Che
     trainer_state = read_trainer_state(path)
     if state is not None:
         with _single_process_quietly():
-            dcp.load({"training": state}, storage_reader=_state_reader(path),
+            reader, _ = _state_reader(path)
+            dcp.load({"training": state}, storage_reader=reader,
                      planner=_WeightsOnlyLoadPlanner(), no_dist=_rank_world()[1] == 1)
     rank, _ = _rank_world()
     own = path / rng_file(rank)
@@ -494,12 +498,12 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState | None) -> Che
     )
 
 
-def _state_reader(path: str | os.PathLike) -> SafeFileSystemReader:
-    """The reader of a checkpoint's DCP folder, its metadata checked now: `dcp.load` catches a failed
-    metadata read and retries a per-rank file, which would bury the reason under a missing-file error."""
+def _state_reader(path: str | os.PathLike) -> tuple[SafeFileSystemReader, Metadata]:
+    """The reader of a checkpoint's DCP folder and its metadata, read and checked now: `dcp.load` catches a
+    failed metadata read and retries a per-rank file, which would bury the reason under a missing-file
+    error. The reader keeps the metadata, so `dcp.load` with it does not read the file again."""
     reader = SafeFileSystemReader(str(Path(path) / STATE_DIR))
-    reader.read_metadata()
-    return reader
+    return reader, reader.read_metadata()
 
 
 def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -509,8 +513,7 @@ def read_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.T
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     read_marker(path)
-    reader = _state_reader(path)
-    metadata = reader.read_metadata()
+    reader, metadata = _state_reader(path)
     out = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -531,20 +534,20 @@ def load_model_weights(path: str | os.PathLike, module: nn.Module) -> list[str]:
     """Load the model weights a checkpoint holds into `module` (one process, in place), whichever of its
     parameters trained when it was saved; returns their names. For exports: no optimizer needed."""
     prefix = "training.model."
-    stored = [key.removeprefix(prefix) for key in _tensor_keys(path) if key.startswith(prefix)]
+    read_marker(path)
+    reader, metadata = _state_reader(path)
+    stored = [key.removeprefix(prefix) for key in _tensor_keys(metadata) if key.startswith(prefix)]
     live = module.state_dict()
     unknown = [name for name in stored if name not in live]
     if unknown:
         raise ValueError(f"{path} holds weights this model does not have (another model or LoRA setting?): {unknown[:5]}")
     with _single_process_quietly():
         dcp.load({"training": {"model": {name: live[name] for name in stored}}},
-                 storage_reader=_state_reader(path), planner=_WeightsOnlyLoadPlanner(), no_dist=True)
+                 storage_reader=reader, planner=_WeightsOnlyLoadPlanner(), no_dist=True)
     return stored
 
 
-def _tensor_keys(path: str | os.PathLike) -> list[str]:
+def _tensor_keys(metadata: Metadata) -> list[str]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    read_marker(path)
-    metadata = _state_reader(path).read_metadata()
     return [key for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)]

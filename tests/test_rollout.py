@@ -214,7 +214,7 @@ def test_cuda_graph_option():
         resolve_cuda_graph("sometimes", cpu, multi_process=False)
     with pytest.raises(ValueError, match="cuda_graph"):  # refused by the rollout itself, CPU or not
         generate_rollout(tiny_model(0), make_batch(), group_size=1, max_new_tokens=2, eos_token_id=EOS,
-                         pad_token_id=PAD, cuda_graph="sometimes")
+                         pad_token_id=PAD, cuda_graph="sometimes", cache="dynamic")
     with pytest.raises(ValueError, match="cache"):
         generate_rollout(tiny_model(0), make_batch(), group_size=1, max_new_tokens=2, eos_token_id=EOS,
                          pad_token_id=PAD, cache="paged")

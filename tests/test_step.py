@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
 
-from mapo.algos.mapo import build_content_vocab_mask
+from mapo.algos.losses import clip_token_counts
+from mapo.algos.mapo import build_content_vocab_mask, relevance_weights
 from mapo.config import AlgoConfig
 from mapo.data.collate import Collator
 from mapo.data.validate import read_manifest
 from mapo.models.loader import generation_suppressed_token_ids, load_model_and_processor
-from mapo.rollout import generate_rollout
-from mapo.algos.losses import clip_token_counts
-from mapo.algos.mapo import relevance_weights
-from mapo.rollout import completion_mask_from_ids
+from mapo.rollout import completion_mask_from_ids, generate_rollout
 from mapo.scoring import reference_pass, score_tokens
 from mapo.step import (
     MetricSums,
@@ -447,6 +447,51 @@ def test_mini_batch_rows_partition_and_seed():
         mini_batch_rows(12, 5, seed=0)
 
 
+def _prepared_with_old_pass(model, rollout, content, algo):
+    """(advantages [N], the prepared batch) of the mini-batch tests: random advantages, every third row right."""
+    n = rollout.completion_ids.shape[0]
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    prepared = prepare_batch(
+        plain_call(model), rollout, adv, (torch.arange(n) % 3 == 0).float(), algo,
+        frozen_reference=plain_call(copy.deepcopy(model).requires_grad_(False)), feature_extractor=None,
+        content_vocab_mask=content, temperature=1.0,
+    )
+    return adv, prepared
+
+
+def test_update_loop_reads_no_rows_back_per_micro_batch(setup, monkeypatch):
+    """The loop keeps each pass's row order on the host: the number of `tolist` calls made in mapo.step (a
+    read-back, which on a GPU waits for the previous micro-batch's backward) does not grow with the number
+    of micro-batches."""
+    model, _, rollout, content = setup
+    model = copy.deepcopy(model).train()
+    algo = mapo_algo()
+    algo.mini_batches = 2
+    n = rollout.completion_ids.shape[0]
+    _, prepared = _prepared_with_old_pass(model, rollout, content, algo)
+    assert rollout.input_features is not None  # the micro-batches select clips too
+    calls = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):  # the read-backs of the update loop itself (mapo.step)
+        calls.append(sys._getframe(1).f_code.co_filename.endswith(os.path.join("mapo", "step.py")))
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def count(micro_batch_size):
+        calls.clear()
+        sums, _ = update_on_rollout(
+            model, rollout, prepared, algo, micro_batch_size=micro_batch_size, seed=3, temperature=1.0, max_len=10,
+            optimizer_step=lambda: model.zero_grad(set_to_none=True) or torch.zeros(()),
+        )
+        return sum(calls), sums
+
+    (many, sums), (few, _) = count(1), count(n)
+    assert many == few
+    assert "mapo/gate_mean" in sums.values
+
+
 def test_mini_batches_ratio_is_one_on_the_first_step_only(setup, monkeypatch):
     import mapo.step
 
@@ -456,12 +501,7 @@ def test_mini_batches_ratio_is_one_on_the_first_step_only(setup, monkeypatch):
     algo.mini_batches, algo.updates_per_rollout = 2, 2
     algo.eps_low, algo.eps_high = 0.02, 0.05  # asymmetric and small, so the later steps clip
     n = rollout.completion_ids.shape[0]
-    adv = torch.randn(n, generator=torch.Generator().manual_seed(0))
-    prepared = prepare_batch(
-        plain_call(model), rollout, adv, (torch.arange(n) % 3 == 0).float(), algo,
-        frozen_reference=plain_call(copy.deepcopy(model).requires_grad_(False)), feature_extractor=None,
-        content_vocab_mask=content, temperature=1.0,
-    )
+    adv, prepared = _prepared_with_old_pass(model, rollout, content, algo)
     assert prepared.old_logprobs is not None
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
     policy_first = score_tokens(model, rollout).logprobs  # log-probs of the policy step 1 sees

@@ -262,7 +262,8 @@ class _FusedTokenStats(torch.autograd.Function):
     scoring memory went to 0.27 of full logits on an H200) and ~7.7 GB of memory traffic per chunk, more than
     the chunk's matmuls (the speed was 0.58× of full logits there). Sliced by the vocabulary, the weight
     gradient is produced like autograd produces it (one matmul per row block, fp32 accumulation inside,
-    rounded once to the weight's dtype) and what accumulates is dh: [M, H], 32× smaller at those widths.
+    rounded once to the compute dtype: the weight's own, or under autocast the autocast dtype, then widened
+    to an fp32 weight's dtype) and what accumulates is dh: [M, H], 32× smaller at those widths.
     Peak extra memory is two fp32 [chunk, V]-sized buffers. Under autocast the matmuls run in the dtype the
     forward's linear produced (recorded at forward).
     Keeping the bf16 logits for backward instead of recomputing them was tried and not kept: on CPU in bf16

@@ -115,10 +115,9 @@ def completion_hidden(
     # 2. suffix: N rows, the last prompt token and completion tokens 0 … T−2
     suffix_ids = torch.cat([rollout.prompt_ids[:, prefix_len:], rollout.completion_ids[:, : num_tokens - 1]], dim=1)
     suffix_embeds = embed_tokens(suffix_ids.to(device))
-    causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril_()
     allowed = torch.cat([
         keys_ok[:, None, None, :prefix_len].expand(num_rows, 1, num_tokens, prefix_len),
-        causal[None, None] & keys_ok[:, None, None, prefix_len : prefix_len + num_tokens],
+        prefill_allowed(keys_ok[:, prefix_len : prefix_len + num_tokens]),
     ], dim=-1)  # [N, 1, T, P−1+T]
     cache.in_suffix = True
     return adapter.run_text_model(model, suffix_embeds, as_mask(allowed, kind, suffix_embeds.dtype),

@@ -290,7 +290,29 @@ def prompt_clips(rollout: Rollout) -> list[list[int]]:
     return clips
 
 
-def select_rows(rollout: Rollout, rows: torch.Tensor, clips_of: list[list[int]] | None = None) -> Rollout:
+def _selected_prompts(rollout: Rollout, idx: list[int]) -> tuple[int, list[int]]:
+    """(group size of the sub-rollout of rows `idx`, the prompt of each of its groups): whole aligned groups
+    stay groups (their rows share a prompt, which later passes then compute once), any other selection
+    becomes groups of one. Read on the host: a rollout's `group_index` is arange(B).repeat_interleave(G)."""
+    G = rollout.group_size
+    whole_groups = G > 1 and len(idx) % G == 0 and idx[0] % G == 0 and idx == list(range(idx[0], idx[0] + len(idx)))
+    group = G if whole_groups else 1
+    return group, [i // G for i in idx][::group]
+
+
+def _selected_clips(rollout: Rollout, idx: list[int], clips_of: list[list[int]]) -> list[int]:
+    """Indices into `rollout.input_features` of the clips of the prompts of rows `idx`, in sub-rollout order."""
+    return [c for b in _selected_prompts(rollout, idx)[1] for c in clips_of[b]]
+
+
+def select_rows(
+    rollout: Rollout,
+    rows: torch.Tensor,
+    clips_of: list[list[int]] | None = None,
+    *,
+    host_rows: list[int] | None = None,
+    clip_index: torch.Tensor | None = None,
+) -> Rollout:
     """The sub-rollout of `rows` ([n] long): whole aligned groups of the rollout stay groups of G, any other
     selection becomes n groups of one (cached audio embeddings shared, not copied).
 
@@ -298,22 +320,20 @@ def select_rows(rollout: Rollout, rows: torch.Tensor, clips_of: list[list[int]] 
     passes that re-encode the audio (recompute, silence, noise) see the same audio as on the whole rollout.
     clips_of: `prompt_clips(rollout)` when the caller selects several parts of one rollout (it is the same
     for every part, and computing it reads the audio mask back to the host); None computes it here.
+    host_rows: `rows` as a host list, and clip_index: the clips' indices (`_selected_clips`) on the features'
+    device, when the caller has them (the update loop): reading device rows back or copying an index to the
+    device would wait for the queued GPU work, once per micro-batch.
     """
-    idx = rows.tolist()
-    G = rollout.group_size
-    # Whole groups stay groups (their rows share a prompt, which later passes then compute once).
-    whole_groups = G > 1 and len(idx) % G == 0 and idx[0] % G == 0 and idx == list(range(idx[0], idx[0] + len(idx)))
-    group = G if whole_groups else 1
-    prompts = rollout.group_index[rows].tolist()[::group]  # the prompt of each group of the sub-rollout
+    idx = rows.tolist() if host_rows is None else host_rows
+    group, prompts = _selected_prompts(rollout, idx)
     features = feature_mask = None
     if rollout.input_features is not None:
-        if clips_of is None:
-            clips_of = prompt_clips(rollout)
-        clips = [c for b in prompts for c in clips_of[b]]
-        if clips:
-            index = torch.tensor(clips, device=rollout.input_features.device)
-            features = rollout.input_features[index]
-            feature_mask = rollout.feature_attention_mask[index.to(rollout.feature_attention_mask.device)]
+        if clip_index is None:
+            clips = _selected_clips(rollout, idx, prompt_clips(rollout) if clips_of is None else clips_of)
+            clip_index = torch.tensor(clips, dtype=torch.long, device=rollout.input_features.device)
+        if clip_index.numel():
+            features = rollout.input_features[clip_index]
+            feature_mask = rollout.feature_attention_mask[clip_index.to(rollout.feature_attention_mask.device)]
     return Rollout(
         prompt_ids=rollout.prompt_ids[rows],
         completion_ids=rollout.completion_ids[rows],
@@ -385,6 +405,8 @@ def mapo_step(
     backward_scale: float | None = None,
     call: Call | None = None,
     clips_of: list[list[int]] | None = None,
+    host_rows: list[int] | None = None,
+    clip_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of the micro-batch `rows` ([n] long indices into the rollout) and its metrics.
 
@@ -397,9 +419,11 @@ def mapo_step(
     call: runs `fn(model, *args)`; under FSDP the loop passes its `ModelRunner` so the forward goes
     through the root module (default: a plain call).
     clips_of: `prompt_clips(rollout)`, computed once per rollout by the loop (`select_rows`).
+    host_rows, clip_index: `rows` as a host list and the clips' device index, prepared once per pass by the
+    loop so that a micro-batch does not wait for the previous one's GPU work (`select_rows`).
     """
     call = call or plain_call(model)
-    sub = select_rows(rollout, rows, clips_of)
+    sub = select_rows(rollout, rows, clips_of, host_rows=host_rows, clip_index=clip_index)
     mask = sub.completion_mask.bool()
     adv = prepared.advantages[rows]
     keep = prepared.pg_rows[rows]  # [n] rows in L_PG and L_attn
@@ -485,7 +509,7 @@ def mapo_step(
             metrics["loss/attn"] = torch.stack([attn.detach(), torch.ones((), device=attn.device)])
             metrics["mapo/nu_mean"] = torch.stack(_masked_mean(nu, gate))
             metrics["mapo/nu_max"] = torch.stack([nu.max(), torch.ones((), device=nu.device)])
-            metrics["mapo/gate_mean"] = torch.stack([g.sum(), torch.tensor(float(len(g)), device=g.device)])
+            metrics["mapo/gate_mean"] = torch.stack([g.sum(), torch.full((), float(len(g)), device=g.device)])
             _mass_by_position(a_t.detach(), mask, metrics)
 
         if backward_scale is not None:
@@ -515,7 +539,7 @@ def mini_batch_rows(num_rows: int, mini_batches: int, seed: int, device: torch.d
 
     k = 1: all rows in order. k > 1: a permutation from `torch.Generator().manual_seed(seed)` split in k
     contiguous parts (a group's completions may be split). num_rows must be a multiple of k.
-    returns: k tensors [num_rows / k] long on `device`.
+    returns: k tensors [num_rows / k] long on `device` (the update loop keeps them on the host).
     """
     if mini_batches < 1 or num_rows % mini_batches:
         raise ValueError(
@@ -527,6 +551,33 @@ def mini_batch_rows(num_rows: int, mini_batches: int, seed: int, device: torch.d
     else:
         order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
     return list(order.to(device).split(num_rows // mini_batches))
+
+
+def _pass_rows(
+    rollout: Rollout, host_batches: list[torch.Tensor], micro_batch_size: int, clips_of: list[list[int]]
+) -> tuple[list[torch.Tensor], list[list[tuple[torch.Tensor, list[int], torch.Tensor | None]]]]:
+    """One pass's rows, moved to the device in one copy per pass rather than read back per micro-batch.
+
+    host_batches: `mini_batch_rows` on the host. Returns (each optimizer step's rows on the rollout's device,
+    each step's micro-batches as (rows on the device, the same rows as a host list, the index of their
+    clips on the features' device or None without features)).
+    """
+    device = rollout.completion_ids.device
+    steps = torch.cat(host_batches).to(device).split([len(rows) for rows in host_batches])
+    host = [[idx[i : i + micro_batch_size] for i in range(0, len(idx), micro_batch_size)]
+            for idx in (rows.tolist() for rows in host_batches)]
+    if rollout.input_features is None:
+        clip_parts = [[None] * len(step) for step in host]
+    else:
+        clips = [[_selected_clips(rollout, idx, clips_of) for idx in step] for step in host]
+        flat = torch.tensor([c for step in clips for part in step for c in part], dtype=torch.long)
+        parts = iter(flat.to(rollout.input_features.device).split([len(part) for step in clips for part in step]))
+        clip_parts = [[next(parts) for _ in step] for step in clips]
+    micro = [
+        list(zip(rows.split(micro_batch_size), step_host, step_clips))
+        for rows, step_host, step_clips in zip(steps, host, clip_parts)
+    ]
+    return list(steps), micro
 
 
 def update_on_rollout(
@@ -568,20 +619,22 @@ def update_on_rollout(
     clips_of = prompt_clips(rollout)  # the same for every micro-batch of the rollout
     sums, grad_norms, update = MetricSums(), [], 0
     for pass_index in range(algo.updates_per_rollout):
-        batches = mini_batch_rows(num_rows, algo.mini_batches, seed + pass_index, device)
+        batches, micro = _pass_rows(rollout, mini_batch_rows(num_rows, algo.mini_batches, seed + pass_index),
+                                    max(1, micro_batch_size), clips_of)
         counts = global_sum(torch.stack([local_counts(prepared, rollout, rows) for rows in batches]))  # [k, 3]
-        for rows, step_counts in zip(batches, counts):
+        for step_micro, step_counts in zip(micro, counts):
             update += 1
             norms = normalisers_from_counts(step_counts, max_len)
             step_loss = torch.zeros((), device=device)
-            for chunk in rows.split(max(1, micro_batch_size)):
+            for chunk, host_rows, clip_index in step_micro:
                 loss, m = mapo_step(
                     model, rollout, chunk, prepared, algo, norms, temperature=temperature, audio_input=audio_input,
                     chunk_size=chunk_size, backward_scale=backward_scale, call=call, clips_of=clips_of,
+                    host_rows=host_rows, clip_index=clip_index,
                 )
                 if num_updates > 1:  # loss/* become the mean over the optimizer steps (no host copy)
                     for key in [k for k in m if k.startswith("loss/")]:
-                        m[key] = torch.stack([m[key][0] / num_updates, m[key][1]])
+                        m[key] = m[key] / num_updates  # their count is never read (`MetricSums.finalize`)
                     m[f"clip/high_u{update}"] = m["clip/high"]
                     m[f"clip/low_u{update}"] = m["clip/low"]
                     m[f"ratio/dev_u{update}_max"] = m["ratio/dev_max"]

@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mapo.capture.kernels import audio_mass_eager, audio_mass_sdpa
+from mapo.timing import sync_device
 
 _METHODS: dict[str, Callable[..., torch.Tensor]] = {"eager": audio_mass_eager, "sdpa": audio_mass_sdpa}
 
@@ -66,12 +67,10 @@ def interleaved_times(steps: dict[str, Callable[[], None]], device: torch.device
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync_device(device)
             start = time.perf_counter()
             step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync_device(device)
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -79,11 +78,11 @@ def interleaved_times(steps: dict[str, Callable[[], None]], device: torch.device
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Peak bytes allocated by `step` above what was allocated before it."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync_device(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        torch.cuda.synchronize(device)
+        sync_device(device)
         return torch.cuda.max_memory_allocated(device) - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()

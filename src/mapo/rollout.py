@@ -127,9 +127,14 @@ class Rollout:
         """[B, P] one copy of each prompt (row b·G)."""
         return self.prompt_ids[:: self.group_size]
 
+    def row_prompts(self) -> list[int]:
+        """N host ints, the prompt of each row: `group_index` without reading it back from the device (rows
+        always come as `group_size` consecutive rows per prompt, as `group_index` is built)."""
+        return [b for b in range(self.num_prompts) for _ in range(self.group_size)]
+
     def row_audio_embeds(self) -> list[torch.Tensor | None]:
         """N entries: the cached audio embeddings of each row's prompt (shared, not copied)."""
-        return [self.prompt_audio_embeds[b] for b in self.group_index.tolist()]
+        return [self.prompt_audio_embeds[b] for b in self.row_prompts()]
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:

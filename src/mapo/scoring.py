@@ -145,7 +145,7 @@ def _encoded_rows(model: nn.Module, rollout: Rollout, features: torch.Tensor, ma
     """Encode C clips with `model`'s tower and hand each of the N rows its prompt's embeddings."""
     clips = encode_audio(model, features, mask)
     per_prompt = split_audio_by_row(clips, rollout.unique_prompt_ids(), audio_token_id(model))
-    return [per_prompt[b] for b in rollout.group_index.tolist()]
+    return [per_prompt[b] for b in rollout.row_prompts()]
 
 
 def audio_inputs(

@@ -33,8 +33,8 @@ from mapo.data import prompt
 from mapo.data.audio import AudioError, load_audio
 from mapo.data.schema import Record
 from mapo.models.adapter import adapter_for_processor
-from mapo.models.loader import audio_token_id
 from mapo.models.embed import audio_span_mask, position_ids_from_mask  # noqa: F401  (part of the batching API)
+from mapo.models.loader import audio_token_id
 
 IGNORE_INDEX = -100  # label value the loss skips
 TURN_END = "<|im_end|>"  # ends the assistant turn; the model must learn to emit it

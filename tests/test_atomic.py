@@ -168,3 +168,18 @@ def test_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
         (tmp / "weights.bin").write_text("new")
     assert (target / "weights.bin").read_text() == "old"
     assert _names(tmp_path) == ["model"]
+
+
+def test_a_file_write_does_not_list_the_folder_even_for_its_own_leftovers(tmp_path):
+    """File writes skip the listing (a data folder may hold many thousands of files written one by one): a
+    dead writer's temporary of the very file being written stays; a folder write clears its own."""
+    dead = _dead_pid()
+    own_file_leftover = tmp_path / f".out.txt.tmp{dead}"
+    own_file_leftover.write_text("half")
+    write_text_atomic(tmp_path / "out.txt", "new")
+    assert (tmp_path / "out.txt").read_text() == "new"
+    assert _names(tmp_path) == sorted([own_file_leftover.name, "out.txt"])
+    (tmp_path / f".cache.tmp{dead}").mkdir()
+    with replacing(tmp_path / "cache") as tmp:
+        tmp.mkdir()
+    assert _names(tmp_path) == sorted([own_file_leftover.name, "cache", "out.txt"])

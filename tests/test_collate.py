@@ -218,3 +218,24 @@ def test_long_clip_warns_once_and_is_cut_to_the_window(setup, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         collator.prompts([record])  # second time: no warning
+
+
+def test_audio_token_id_falls_back_to_the_tokenizer_when_the_processor_lacks_it(setup):
+    """Qwen3OmniMoeProcessor (transformers 5.17) names its placeholder but carries no `audio_token_id`:
+    `mapo.models.loader.audio_token_id` asks the tokenizer, and the collator uses it."""
+    import copy
+
+    from mapo.models.loader import audio_token_id
+
+    processor = copy.copy(setup["processor"])
+    del processor.audio_token_id
+    assert not hasattr(processor, "audio_token_id")
+    expected = processor.tokenizer.convert_tokens_to_ids(processor.audio_token)
+    assert audio_token_id(processor) == expected == setup["processor"].audio_token_id == 4
+    collator = Collator(processor)
+    assert collator.audio_token_id == 4
+    records = [r for r in setup["records"] if r.audio is not None]
+    assert audio_span_mask(collator.prompts(records)["input_ids"], 4).sum(-1).tolist() == [25, 75, 37]
+    processor.audio_token = "<|no such token|>"
+    with pytest.raises(ValueError, match="no id for its audio placeholder"):
+        audio_token_id(processor)

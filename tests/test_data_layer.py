@@ -412,3 +412,23 @@ def test_an_answer_text_matches_its_choice_but_for_stray_spaces_in_every_text_la
             "answer": "dog", "task": "sound"}
     record = parse_mmau(mmau, tmp_path)
     assert record.answer == "dog " and record.meta == {"duplicate_choices": ["dog "]}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_read_rows_names_the_file_as_asked_for_every_container(tmp_path, suffix):
+    """A missing file and a file without rows are refused the same way for every container, with `what`."""
+    missing = tmp_path / f"missing{suffix}"
+    with pytest.raises(ManifestFormatError, match=rf"missing\{suffix}: predictions file not found \(or not a file\)$"):
+        validate.read_rows(missing, what="predictions file")
+    empty = tmp_path / f"empty{suffix}"
+    if suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": pa.array([], pa.string()), "model_output": pa.array([], pa.string())}), empty)
+    else:
+        empty.write_text("[]\n" if suffix == ".json" else "\n")
+    with pytest.raises(ManifestFormatError, match=rf"empty\{suffix}: predictions file holds no rows$"):
+        validate.read_rows(empty, what="predictions file")
+    with pytest.raises(ManifestFormatError, match=rf"empty\{suffix}: manifest holds no rows$"):
+        validate.read_rows(empty)

@@ -458,6 +458,7 @@ def test_memory_plan_dims_count_the_thinker(omni, tmp_path):
     assert (dims.num_experts, dims.experts_per_token) == ((4, 2) if moe else (0, 0))
     assert dims.mlp_width == (2 * 64 if moe else 128)  # routed experts' widths | intermediate_size
     assert dims.audio_tokens_per_window == (390 if moe else 750)  # the released 30 s window
+    assert dims.audio_window_fixed is False and adapter.audio_window_fixed is False  # any clip length
     # A full Omni folder's config gives the thinker's dims (the talker is never loaded, never counted).
     full = _hub_style_folder(omni, tmp_path / "hub")
     assert adapter.dims(json.loads((full / "config.json").read_text())) == dims
@@ -469,3 +470,23 @@ def test_memory_plan_dims_count_the_thinker(omni, tmp_path):
     found = check_audio_window(cfg, CheckContext(world_size=1, dims=fixed, preprocessor_config=other_window))
     assert len(found) == 1 and found[0].startswith(
         f"preprocessor_config.json nb_max_frames=30000: the audio encoder takes exactly {dims.audio_frames} mel frames")
+
+
+@pytest.mark.parametrize("model_type, window", [("qwen2_audio", 30.0), ("qwen2_5_omni", None),
+                                                ("qwen3_omni_moe", None), ("qwen3_omni_moe_thinker", None)])
+def test_audio_window_is_read_without_building_a_model(model_type, window, tmp_path, monkeypatch):
+    """`audio_window_seconds` runs at the start of every run: whether the family's encoder has a fixed window
+    is a class attribute of its adapter, so no meta model is built for it (preflight and the plan build one)."""
+    from mapo.assets import audio_window_seconds
+    from mapo.models import adapter as adapter_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("audio_window_seconds built a model")
+
+    for cls in {type(a) for a in adapter_module._ADAPTERS.values()}:
+        monkeypatch.setattr(cls, "meta_model", no_model)
+        monkeypatch.setattr(cls, "dims", no_model)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"chunk_length": 30, "feature_size": 128}))
+    assert audio_window_seconds(tmp_path) == window
+    assert adapter_for_folder(tmp_path).audio_window_fixed is (window is not None)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import wandb
+import yaml
 
 from mapo.run_logging import (
     RunLogger,
@@ -20,6 +21,8 @@ from mapo.run_logging import (
     git_commit,
     has_wandb_api_key,
     make_logger,
+    redact_secrets,
+    scrub_hydra_files,
     to_number,
 )
 
@@ -252,3 +255,54 @@ def test_runlogger_without_wandb_run_is_usable_directly(tmp_path):
     logger.log(0, {"x": 2.5})
     logger.finish()
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 0, "x": 2.5}]
+
+
+# --- Hydra's files: structural redaction -------------------------------------------------------
+
+
+def _hydra_run(tmp_path, files: dict[str, str]) -> Path:
+    (tmp_path / ".hydra").mkdir()
+    for name, text in files.items():
+        (tmp_path / ".hydra" / name).write_text(text, encoding="utf-8")
+    return tmp_path / ".hydra"
+
+
+def test_short_secret_value_does_not_touch_other_numbers(tmp_path, monkeypatch):
+    """`extra.hf_token: 1` once turned `lr: 0.1` into `lr: 0.<redacted>` (text search, no minimum length)."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    hydra = _hydra_run(tmp_path, {"config.yaml": "optim:\n  lr: 0.1\n  steps: 100\nextra:\n  hf_token: 1\n  note: ü 1\n"})
+    make_logger("none", tmp_path, {"optim": {"lr": 0.1, "steps": 100}, "extra": {"hf_token": 1, "note": "ü 1"}}).finish()
+    text = (hydra / "config.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(text) == {"optim": {"lr": 0.1, "steps": 100}, "extra": {"hf_token": "<redacted>", "note": "ü 1"}}
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["optim"] == {"lr": 0.1, "steps": 100}
+
+
+def test_nested_credential_block_is_hidden_in_hydra_config_as_in_config_json(tmp_path):
+    config = {"credentials": {"user": "bob", "pw": "hunter2222"}, "rollout": {"max_new_tokens": 48}}
+    assert redact_secrets(config, env={}) == {"credentials": "<redacted>", "rollout": {"max_new_tokens": 48}}
+    hydra = _hydra_run(tmp_path, {"config.yaml": "credentials:\n  user: bob\n  pw: hunter2222\nrollout:\n  max_new_tokens: 48\n"})
+    assert scrub_hydra_files(tmp_path, env={}) == [hydra / "config.yaml"]
+    text = (hydra / "config.yaml").read_text(encoding="utf-8")
+    assert "hunter2222" not in text and "bob" not in text
+    assert yaml.safe_load(text) == {"credentials": "<redacted>", "rollout": {"max_new_tokens": 48}}
+
+
+def test_overrides_are_redacted_by_key_and_env_credentials_by_text(tmp_path):
+    env = {"HF_TOKEN": "hf_abcdefghijkl"}
+    hydra = _hydra_run(tmp_path, {
+        "overrides.yaml": "- +extra.wandb_api_key=abcdefgh12\n- extra.credentials.pw=x\n- optim.lr=0.1\n"
+                          "- extra.note=hf_abcdefghijkl\n- rollout.max_new_tokens=48\n",
+        "hydra.yaml": "hydra:\n  overrides:\n    task:\n    - +extra.wandb_api_key=abcdefgh12\n    - optim.lr=0.1\n",
+    })
+    assert scrub_hydra_files(tmp_path, env=env) == [hydra / "hydra.yaml", hydra / "overrides.yaml"]
+    assert yaml.safe_load((hydra / "overrides.yaml").read_text(encoding="utf-8")) == [
+        "+extra.wandb_api_key=<redacted>", "extra.credentials.pw=<redacted>", "optim.lr=0.1",
+        "extra.note=<redacted>", "rollout.max_new_tokens=48"]
+    assert yaml.safe_load((hydra / "hydra.yaml").read_text(encoding="utf-8")) == {
+        "hydra": {"overrides": {"task": ["+extra.wandb_api_key=<redacted>", "optim.lr=0.1"]}}}
+
+
+def test_disabled_logger_does_not_scrub(tmp_path):
+    hydra = _hydra_run(tmp_path, {"overrides.yaml": "- +extra.wandb_api_key=abcdefgh12\n"})
+    make_logger("none", tmp_path, {}, enabled=False).finish()
+    assert (hydra / "overrides.yaml").read_text() == "- +extra.wandb_api_key=abcdefgh12\n"

@@ -7,7 +7,6 @@ on that benchmark's text). Nothing is ever downloaded. Only rank 0 builds; the o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -106,10 +105,9 @@ def audio_window_seconds(model_path: str | Path) -> float | None:
     from mapo.models.loader import read_feature_extractor_settings
 
     folder = Path(model_path)
-    if (folder / "config.json").is_file():
-        dims = adapter_for_folder(folder).dims(json.loads((folder / "config.json").read_text()))
-        if not dims.audio_window_fixed:
-            return None
+    # A property of the family (no model is built: preflight and the plan build the meta model once).
+    if (folder / "config.json").is_file() and not adapter_for_folder(folder).audio_window_fixed:
+        return None
     settings = read_feature_extractor_settings(folder) or {}
     return float(settings["chunk_length"]) if isinstance(settings.get("chunk_length"), (int, float)) else None
 

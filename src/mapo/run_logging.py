@@ -23,7 +23,8 @@ Metrics arrive already reduced across ranks, once per step, so converting 0-d te
 
 Secrets: the config is written (config.json, W&B config) with the values of secret-looking keys
 (`api_key`, `token`, `secret`, `password`, …) and any text equal to the W&B API key replaced by
-"<redacted>", and the W&B fallback message is scrubbed the same way, so no log shows a key. Only
+"<redacted>", and the W&B fallback message is scrubbed the same way, so no log shows a key. Hydra's own
+files (`.hydra/*.yaml`) are redacted structurally by `scrub_hydra_files` (the same rule, `_is_secret`). Only
 scalars, completion texts and PNG plots are logged: no audio is ever uploaded to W&B.
 """
 
@@ -186,12 +187,17 @@ def redact_text(text: str, env: Mapping[str, str] | None = None) -> str:
     return text
 
 
+def _is_secret(key: Any, value: Any) -> bool:
+    """The one secret rule: a secret-looking key (`SECRET_KEY`) holding a value (anything but None or "").
+    The whole value is hidden, a nested block (`credentials: {user: …, pw: …}`) included."""
+    return isinstance(key, str) and SECRET_KEY.search(key) is not None and value not in (None, "")
+
+
 def redact_secrets(config: Any, env: Mapping[str, str] | None = None) -> Any:
     """A copy of a plain config (dicts, lists, scalars) with secret-looking keys' values and any
     credential from the environment replaced by <redacted>."""
     if isinstance(config, Mapping):
-        return {k: REDACTED if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "")
-                else redact_secrets(v, env) for k, v in config.items()}
+        return {k: REDACTED if _is_secret(k, v) else redact_secrets(v, env) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [redact_secrets(v, env) for v in config]
     if isinstance(config, str):
@@ -199,33 +205,51 @@ def redact_secrets(config: Any, env: Mapping[str, str] | None = None) -> Any:
     return config
 
 
-def config_secret_values(config: Any) -> list[str]:
-    """The values of a plain config's secret-looking keys (what `redact_secrets` hides), as text."""
-    if isinstance(config, Mapping):
-        found = []
-        for k, v in config.items():
-            if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "") and not isinstance(v, (Mapping, list, tuple)):
-                found.append(str(v))
-            else:
-                found += config_secret_values(v)
-        return found
-    if isinstance(config, (list, tuple)):
-        return [value for item in config for value in config_secret_values(item)]
-    return []
+#: A Hydra override as Hydra records it (`+extra.wandb_api_key=…`, `~key`, `++key=…`, `group@pkg=…`).
+_OVERRIDE = re.compile(r"([~+]{0,2})([\w.\-/@]+)=(.*)", re.DOTALL)
 
 
-def scrub_hydra_files(run_dir: str | Path, config: Any, env: Mapping[str, str] | None = None) -> list[Path]:
-    """Replace the config's secret values and the environment's credentials with <redacted> in Hydra's own
-    record of the run (`run_dir/.hydra/*.yaml`), which Hydra writes before mapo sees the config: a key given
-    on the command line (`+extra.wandb_api_key=…`) lands there verbatim. Returns the files rewritten."""
-    secrets = sorted({*config_secret_values(config), *_secret_values(env)}, key=len, reverse=True)
+def _redact_override(text: str, env: Mapping[str, str] | None = None) -> str:
+    """An override string `key=value` with the value replaced by <redacted> when a component of the key
+    path (`extra.wandb_api_key`, `extra.credentials.pw`) is secret-looking; environment credentials
+    replaced by <redacted> in any text."""
+    match = _OVERRIDE.fullmatch(text)
+    if match is not None and match.group(3) != "":
+        prefix, key, _ = match.groups()
+        if any(SECRET_KEY.search(part) for part in re.split(r"[./@]", key)):
+            return f"{prefix}{key}={REDACTED}"
+    return redact_text(text, env)
+
+
+def _redact_hydra_node(node: Any, env: Mapping[str, str] | None = None) -> Any:
+    """`redact_secrets` for a loaded Hydra file, whose strings may also be overrides (`overrides.yaml`,
+    `hydra.yaml`'s `hydra.overrides.task`)."""
+    if isinstance(node, Mapping):
+        return {k: REDACTED if _is_secret(k, v) else _redact_hydra_node(v, env) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_redact_hydra_node(v, env) for v in node]
+    if isinstance(node, str):
+        return _redact_override(node, env)
+    return node
+
+
+def scrub_hydra_files(run_dir: str | Path, env: Mapping[str, str] | None = None) -> list[Path]:
+    """Hide secrets in Hydra's own record of the run (`run_dir/.hydra/*.yaml`), which Hydra writes before
+    mapo sees the config: a key given on the command line (`+extra.wandb_api_key=…`) lands there verbatim.
+
+    Each file is loaded as YAML, redacted structurally (the values of secret-looking keys, as
+    `redact_secrets` does; override strings `key=value` whose key path has a secret-looking component; the
+    environment's credentials in any text) and written back as YAML (UTF-8) when something changed; other
+    text (numbers, names) is never touched. Returns the files rewritten."""
+    import yaml
+
     rewritten = []
     for path in sorted((Path(run_dir) / ".hydra").glob("*.yaml")):
-        text = original = path.read_text()
-        for secret in secrets:
-            text = text.replace(secret, REDACTED)
-        if text != original:
-            write_text_atomic(path, text)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        redacted = _redact_hydra_node(data, env)
+        if redacted != data:
+            write_text_atomic(path, yaml.safe_dump(redacted, sort_keys=False, allow_unicode=True,
+                                                   default_flow_style=False))
             rewritten.append(path)
     return rewritten
 
@@ -256,6 +280,8 @@ class RunLogger:
 
     Create it with `make_logger`; the constructor takes an already-started W&B run (or None) so the
     file logic is testable without W&B. Usable as a context manager (`finish()` on exit).
+    `config` is written to config.json as given: a plain dict, already redacted (`make_logger` passes
+    `redact_secrets` of the run config).
     """
 
     def __init__(
@@ -279,7 +305,7 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", {"config": redact_secrets(_plain_config(config)), "git": git})
+        write_json_atomic(self.run_dir / "config.json", {"config": config, "git": git})
         from tqdm.auto import tqdm
 
         # One bar on stderr; ETA comes from tqdm's rate estimate over the steps done so far.
@@ -449,11 +475,10 @@ def make_logger(
     if kind not in LOGGER_KINDS:
         raise ValueError(f"unknown logger {kind!r}; valid: {', '.join(LOGGER_KINDS)}")
     run_dir = Path(run_dir).resolve()
-    plain = redact_secrets(_plain_config(config))
-    if enabled:
-        scrub_hydra_files(run_dir, _plain_config(config))
     if not enabled:
-        return RunLogger(run_dir, plain, enabled=False)
+        return RunLogger(run_dir, {}, enabled=False)
+    scrub_hydra_files(run_dir)
+    plain = redact_secrets(_plain_config(config))
     git = git_commit()
     wandb_run = None
     if kind == "wandb":

@@ -34,6 +34,7 @@ from mapo.data.audio import AudioError, load_audio
 from mapo.data.schema import Record
 from mapo.models.adapter import adapter_for_processor
 from mapo.models.embed import audio_span_mask, position_ids_from_mask  # noqa: F401  (part of the batching API)
+from mapo.models.loader import audio_token_id
 
 IGNORE_INDEX = -100  # label value the loss skips
 TURN_END = "<|im_end|>"  # ends the assistant turn; the model must learn to emit it
@@ -126,13 +127,7 @@ class Collator:
         self.audio_loader = audio_loader
         self.feature_cache = feature_cache
         self.audio_token = processor.audio_token
-        # Some processor releases (Qwen3OmniMoeProcessor in transformers 5.17) name the placeholder but do not
-        # carry its id: the tokenizer knows it either way.
-        token_id = getattr(processor, "audio_token_id", None)
-        self.audio_token_id = token_id if token_id is not None else self.tokenizer.convert_tokens_to_ids(self.audio_token)
-        if self.audio_token_id is None or self.audio_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer of {type(processor).__name__} has no id for its audio placeholder "
-                             f"{self.audio_token!r}")
+        self.audio_token_id = audio_token_id(processor)  # the processor's, or its tokenizer's for the placeholder
         self.adapter = adapter_for_processor(processor)
         self.feature_kwargs = self.adapter.clip_feature_kwargs(processor)
         #: Clips longer than the window, cut to it (counted per distinct path; the loop reports the count).

@@ -49,8 +49,12 @@ def _write_clip(data: bytes, target: Path) -> None:
         tmp.write_bytes(data)
 
 
-def parquet_rows(path: str | Path, audio_dir: str | Path | None = None) -> list[tuple[int, Any]]:
-    """(row number, row dict) for every row of a parquet file, embedded audio written out (module docstring)."""
+def parquet_rows(path: str | Path, audio_dir: str | Path | None = None, what: str = "manifest") -> list[tuple[int, Any]]:
+    """(row number, row dict) for every row of a parquet file, embedded audio written out (module docstring).
+
+    `what` names the file in messages. A missing file is `mapo.data.validate.read_rows`'s to refuse (it
+    checks every container before reading); a file without rows is refused here too, for `mapo.data.prep`,
+    which reads parquet files directly (an MMSU file without rows must not become an empty manifest)."""
     from mapo.data.validate import ManifestFormatError  # the readers' whole-file error (imported late: no cycle)
 
     path = Path(path)
@@ -61,8 +65,6 @@ def parquet_rows(path: str | Path, audio_dir: str | Path | None = None) -> list[
         raise ManifestFormatError(
             f"{path}: reading parquet needs pyarrow; install the optional extra: pip install -e '.[parquet]'"
         ) from None
-    if not path.is_file():
-        raise ManifestFormatError(f"{path}: manifest not found (or not a file)")
     try:
         table = pq.ParquetFile(path)
     except (pa.ArrowException, OSError, ValueError) as err:
@@ -83,5 +85,5 @@ def parquet_rows(path: str | Path, audio_dir: str | Path | None = None) -> list[
                 row["audio_path"] = str(target.absolute())
             rows.append((number, row))
     if not rows:
-        raise ManifestFormatError(f"{path}: manifest holds no rows")
+        raise ManifestFormatError(f"{path}: {what} holds no rows")
     return rows

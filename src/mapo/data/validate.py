@@ -117,9 +117,7 @@ _WHITESPACE_BYTES = re.compile(rb"[ \t\n\r]*")
 _BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors write; tolerated at the start
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
-    if not path.is_file():
-        raise ManifestFormatError(f"{path}: {what} not found (or not a file)")
+def _read_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     return data[len(_BOM):] if data.startswith(_BOM) else data
 
@@ -202,17 +200,21 @@ def read_rows(path: Path, what: str = "manifest") -> list[tuple[int, Any]]:
     """(line, row) for every row of a JSON array, JSONL or parquet file (the containers of the module
     docstring), in file order. A JSONL line that cannot be parsed comes back as a `RowError` in its row's
     place; what stops the whole file raises `ManifestFormatError` naming the file (and line). `what`
-    names the file in those messages ("manifest", "predictions file")."""
+    names the file in those messages ("manifest", "predictions file"); a missing file and a file without
+    rows are refused here, the same for every container."""
+    if not path.is_file():
+        raise ManifestFormatError(f"{path}: {what} not found (or not a file)")
     if path.suffix.lower() == ".parquet":  # Hugging Face layout, audio embedded (mapo.data.parquet)
         from mapo.data.parquet import parquet_rows
 
-        return parquet_rows(path)
-    data = _read_bytes(path, what)
-    first = _WHITESPACE_BYTES.match(data).end()
-    if data[first:first + 1] == b"[" and path.suffix.lower() not in (".jsonl", ".ndjson"):
-        rows = list(_json_array_rows(_decode_array(data, path), path))
+        rows = parquet_rows(path, what=what)
     else:
-        rows = list(_jsonl_rows(data))
+        data = _read_bytes(path)
+        first = _WHITESPACE_BYTES.match(data).end()
+        if data[first:first + 1] == b"[" and path.suffix.lower() not in (".jsonl", ".ndjson"):
+            rows = list(_json_array_rows(_decode_array(data, path), path))
+        else:
+            rows = list(_jsonl_rows(data))
     if not rows:
         raise ManifestFormatError(f"{path}: {what} holds no rows")
     return rows

@@ -152,6 +152,10 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     #: Class names of the processors of this family (how the collator finds the adapter).
     processor_types: tuple[str, ...] = ()
+    #: The encoder takes exactly one fixed window of mel frames (Qwen2-Audio: clips are cut to it); False
+    #: when it takes clips of any length (the Omni towers). A property of the family, readable without a
+    #: model (`mapo.assets.audio_window_seconds`); `dims_of` copies it into `ModelDims.audio_window_fixed`.
+    audio_window_fixed: bool = True
 
     # ------------------------------------------------------------------ loading
     def load(self, folder: Path, *, dtype: torch.dtype, attn_implementation: str | dict, device) -> tuple[nn.Module, Any]:
@@ -204,6 +208,7 @@ class ModelAdapter:
             audio_frames=audio_frames,
             audio_tokens_per_window=audio_tokens_per_window,
             linears=linear_groups({"text": text_model, "lm_head": lm_head, "audio": tower, "projector": projector}),
+            audio_window_fixed=self.audio_window_fixed,
             **extra,
         )
 

@@ -120,11 +120,22 @@ def load_model_and_processor(
 
 
 def audio_token_id(source) -> int:
-    """Id of the audio placeholder, from a processor (its `audio_token_id`) or a model (its adapter)."""
-    if getattr(source, "audio_token_id", None) is not None and not isinstance(source, torch.nn.Module):
-        return int(source.audio_token_id)
+    """Id of the audio placeholder, from a processor or a model (its adapter).
+
+    A processor gives its `audio_token_id`; some processor releases (Qwen3OmniMoeProcessor in transformers
+    5.17) name the placeholder (`audio_token`) but do not carry its id: its tokenizer knows it then. Raises
+    ValueError when the tokenizer has no id for the placeholder, TypeError for anything else.
+    """
     if isinstance(source, torch.nn.Module):
         return get_adapter(source).audio_token_id(source)
+    if getattr(source, "audio_token_id", None) is not None:
+        return int(source.audio_token_id)
+    token, tokenizer = getattr(source, "audio_token", None), getattr(source, "tokenizer", None)
+    if token is not None and tokenizer is not None:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer of {type(source).__name__} has no id for its audio placeholder {token!r}")
+        return int(token_id)
     raise TypeError(f"cannot find the audio token id on {type(source).__name__}; pass a processor or a model")
 
 

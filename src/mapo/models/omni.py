@@ -83,6 +83,8 @@ class OmniThinkerAdapter(ModelAdapter):
     #: transformers class names (resolved lazily so importing mapo does not import every model).
     thinker_class: str = ""
     processor_class: str = ""
+    #: The Omni audio towers take clips of any length (nothing is cut).
+    audio_window_fixed = False
 
     # ------------------------------------------------------------------ config only (memory plan)
     def config_from_dict(self, config_dict: dict):
@@ -136,7 +138,6 @@ class OmniThinkerAdapter(ModelAdapter):
             audio_tokens_per_window=self.audio_tokens_per_window(audio),
             num_experts=int(getattr(text, "num_experts", 0) or 0),
             experts_per_token=int(getattr(text, "num_experts_per_tok", 0) or 0),
-            audio_window_fixed=False,
         )
 
     # ------------------------------------------------------------------ loading

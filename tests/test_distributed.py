@@ -322,3 +322,15 @@ def test_lora_checkpoint_holds_only_adapters_and_exports_merged(two_ranks, tiny_
         else:
             assert torch.equal(tensor, base[name]), name
     assert merged == len(stored) // 2 == 14  # 7 linear layers × 2 text layers, all trained
+
+
+def test_rank0_share_gives_rank_zeros_list_and_none_in_one_process(monkeypatch):
+    """The manifest readers' `share` (mapo.train, mapo.eval.cli): None alone; with several ranks, the
+    first of the all-gathered lists."""
+    import mapo.distributed as dist_utils
+
+    assert dist_utils.rank0_share(dist_utils.DistContext()) is None
+    ctx = dist_utils.DistContext(rank=1, world_size=2)
+    monkeypatch.setattr(dist_utils, "gather_objects", lambda items, c: [[3, 7], items] if c is ctx else None)
+    share = dist_utils.rank0_share(ctx)
+    assert share([5]) == [3, 7]

@@ -13,7 +13,14 @@ from mapo.distributed import ModelRunner
 from mapo.models.adapter import get_adapter
 from mapo.models.embed import position_ids_from_mask
 from mapo.optim import build_optimizer
-from mapo.precision import Precision, check_precision_config, frozen_copy, resolve_precision, store_frozen
+from mapo.precision import (
+    Precision,
+    check_precision_config,
+    frozen_copy,
+    reference_staging_device,
+    resolve_precision,
+    store_frozen,
+)
 from mapo.rollout import generate_rollout
 from mapo.scoring import score_tokens
 
@@ -103,6 +110,15 @@ def test_runner_without_mixed_precision_computes_in_float32():
     # autocast only with a compute dtype below the masters (one process; FSDP: tests/test_distributed.py)
     assert (runner.autocast, ModelRunner(model).autocast, ModelRunner(model, Precision(F32, BF16, BF16)).autocast) == (
         False, False, True)
+
+
+def test_the_reference_is_staged_in_host_memory_only_under_fsdp_on_cuda():
+    """One rule for `mapo.train` and the memory plan: several CUDA processes stage the copy on the host."""
+    assert reference_staging_device(2, "cuda") == torch.device("cpu")
+    assert reference_staging_device(8, "cuda") == torch.device("cpu")
+    assert reference_staging_device(1, "cuda") is None
+    assert reference_staging_device(2, "cpu") is None
+    assert reference_staging_device(1, "cpu") is None
 
 
 def test_frozen_copy_can_be_staged_on_another_device():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -224,6 +225,14 @@ def gather_objects(items: list, ctx: DistContext) -> list[list]:
     out: list = [None] * ctx.world_size
     dist.all_gather_object(out, items)
     return out
+
+
+def rank0_share(ctx: DistContext) -> Callable[[list], list] | None:
+    """The `share` of `mapo.data.validate.read_manifest`: rank 0's list on every rank (an all-gather);
+    None in a single process, where there is nothing to share (the read then skips the step)."""
+    if not ctx.enabled:
+        return None
+    return lambda items: gather_objects(items, ctx)[0]
 
 
 def all_done(local_done: bool, ctx: DistContext, device: torch.device) -> bool:

@@ -54,6 +54,7 @@ import torch
 
 from mapo.models.adapter import ModelDims, dims_for_config
 from mapo.models.loader import DTYPES
+from mapo.precision import reference_staging_device
 from mapo.scoring import lm_head_workspace_bytes
 from mapo.shared_prefix import expanded_kv_bytes, pass_positions
 
@@ -106,7 +107,7 @@ class PlanInputs:
     def staged_reference(self) -> bool:
         """The reference copy is made in host memory and reaches each GPU as its shards (`mapo.train` does so
         under FSDP on CUDA; on CPU processes the copy is whole in each process before sharding)."""
-        return self.reference_copy and self.world_size > 1 and self.device == "cuda"
+        return self.reference_copy and reference_staging_device(self.world_size, self.device) is not None
 
     @property
     def reference_copy(self) -> bool:
@@ -621,8 +622,9 @@ def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None 
         verdict = f" of {plan.capacity / GIB:.1f} GiB → " + ("fits" if plan.fits else "DOES NOT FIT")
     reserve = f" + reserve {plan.reserve / scale:.2f}" if plan.reserve else ""
     lines.append(f"  total: peak {plan.peak / scale:.2f} {unit} ({plan.peak_phase}){reserve} = {plan.total / scale:.2f} {unit}{verdict}")
-    if load_note(plan):
-        lines.append(f"  {load_note(plan)}")
+    loading = load_note(plan)
+    if loading:
+        lines.append(f"  {loading}")
     if suggestions:
         lines.append("  would fit with: " + "; or ".join(suggestions))
     elif suggestions is not None and not plan.fits:
@@ -687,9 +689,10 @@ def check_memory_at_start(cfg, config_dict: dict, ctx) -> MemoryPlan | None:
         print(text, flush=True)
     if not plan.fits:
         where = "GPU" if device == "cuda" else "host RAM (available)"
+        note = load_note(plan)
         message = (f"the memory plan needs {plan.total / GIB:.1f} GiB per {where} of {capacity / GIB:.1f} GiB; "
                    + ("would fit with: " + "; or ".join(suggestions) if suggestions else "no single setting change makes it fit")
-                   + (f"; {load_note(plan)}" if load_note(plan) else "")
+                   + (f"; {note}" if note else "")
                    + " (trainer.memory_check=warn runs anyway)")
         if device == "cuda" and mode == "refuse":
             raise MemoryPlanError(message)

@@ -128,6 +128,13 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def reference_staging_device(world_size: int, device_type: str) -> torch.device | None:
+    """Where `frozen_copy` stages the frozen reference: host memory when FSDP will shard it on CUDA
+    (several processes), else None (where the policy is). One rule for `mapo.train` and the memory plan
+    (`mapo.plan.PlanInputs.staged_reference`); on CPU processes the copy is whole in each process anyway."""
+    return torch.device("cpu") if world_size > 1 and device_type == "cuda" else None
+
+
 def frozen_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Module:
     """A deep copy of `model` in eval mode with every parameter frozen and stored in `dtype`.
 

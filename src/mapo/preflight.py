@@ -106,12 +106,19 @@ def check_rollout(cfg, ctx: CheckContext) -> list[str]:
 
 @config_check
 def check_sampler(cfg, ctx: CheckContext) -> list[str]:
-    """rollout.top_k, rollout.repetition_penalty, rollout.cuda_graph (mapo.sampling, mapo.rollout)."""
+    """rollout.top_k, rollout.repetition_penalty, rollout.cuda_graph (mapo.sampling; the last through
+    `mapo.rollout.resolve_cuda_graph`, the run's own reading of it)."""
+    import torch
+
+    from mapo.rollout import resolve_cuda_graph
+
     r, out = cfg.rollout, []
     if not (isinstance(r.top_k, int) and r.top_k >= 0):
         out.append(problem("rollout.top_k", r.top_k, "keeps the k most likely tokens", "an integer ≥ 0 (0 = off)"))
     out += _positive("rollout.repetition_penalty", r.repetition_penalty, "divides/multiplies the logits of seen tokens")
-    if str(r.cuda_graph).strip().lower() not in ("auto", "none", "on", "true", "1", "off", "false", "0"):
+    try:
+        resolve_cuda_graph(r.cuda_graph, torch.device("cpu"), multi_process=False)
+    except ValueError:
         out.append(problem("rollout.cuda_graph", r.cuda_graph, "unknown choice", "auto, on, off"))
     return out
 

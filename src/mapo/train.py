@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from mapo import distributed as dist_utils
 from mapo.algos.mapo import build_content_vocab_mask
 from mapo.assets import ensure_data, ensure_model, load_run_data
+from mapo.atomic import write_json_atomic
 from mapo.checkpoint import resolve_resume
 from mapo.cluster import export_job_environment
 from mapo.config import MapoConfig
@@ -54,11 +55,11 @@ from mapo.models.loader import (
 from mapo.models.lora import adapters_off, lora_enabled
 from mapo.phase import Phase, prepare_policy
 from mapo.plan import check_memory_at_start
-from mapo.precision import Precision, frozen_copy, resolve_precision
+from mapo.precision import Precision, frozen_copy, reference_staging_device, resolve_precision
 from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
-from mapo.run_logging import make_logger, write_json_atomic
+from mapo.run_logging import make_logger
 from mapo.step import needs_frozen_reference, optimizer_steps_per_rollout
 from mapo.timing import timed_generation
 from mapo.warm_start import run_warm_start, sft_phase
@@ -163,7 +164,7 @@ def build_setup(cfg: MapoConfig, ctx, precision: Precision, model, processor, tr
     if needs_ref and not use_lora:  # the initial policy, frozen, stored in the frozen dtype
         # Under FSDP the copy is made in host memory: sharding moves it to the GPU one unit at a time, so a
         # GPU holds the whole policy and the reference's shards at start, not both whole models (mapo.plan).
-        staged = torch.device("cpu") if ctx.enabled and ctx.device.type != "cpu" else None
+        staged = reference_staging_device(ctx.world_size, ctx.device.type)
         reference = frozen_copy(model, precision.frozen, device=staged)
         ref_runner = dist_utils.apply_fsdp(dist_utils.ModelRunner(reference, precision), ctx)
     prepare_policy(model, cfg, precision, everything=is_sft)
@@ -244,8 +245,7 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     if ctx.enabled:
         torch.distributed.barrier()
     # every manifest checked before any model loads (rank 0 decodes the audio; all ranks drop the same rows)
-    share = (lambda lines: dist_utils.gather_objects(lines, ctx)[0]) if ctx.enabled else None
-    data = load_run_data(cfg.data, cfg.model.path, is_main=ctx.is_main, share=share)
+    data = load_run_data(cfg.data, cfg.model.path, is_main=ctx.is_main, share=dist_utils.rank0_share(ctx))
     train_items = data.train
     eval_sets = {s: evenly_by_task(records, cfg.data.eval_max_items) for s, records in data.eval_sets.items()}
 
@@ -256,7 +256,7 @@ def _run(cfg: MapoConfig, flag: SignalFlag) -> dict:
     flag.deferring = True  # from here on a signal ends the run after a step, with a checkpoint
     if cfg.trainer.warm_start.enabled and cfg.algo.name != "sft":
         weights = run_warm_start(cfg, model, collator, train_items, ctx, precision, faults=faults)
-        if ctx.enabled:  # FSDP sharded it in place during a fresh warm start
+        if dist_utils.fsdp_units(model.modules()):  # FSDP sharded it in place (a fresh warm start, not a cached one)
             # Free that sharded copy (FSDP's state refers back to the module: a cycle) before a whole one
             # loads, so the reload's peak is the plan's load phase and not that plus the old shards.
             del model

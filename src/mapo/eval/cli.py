@@ -194,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = dist_utils.init_distributed(args.device)
     try:
         try:
-            share = (lambda lines: dist_utils.gather_objects(lines, ctx)[0]) if ctx.enabled else None
             bench = load_benchmark(args.data, args.layout, skip_bad=args.skip_bad, limit=args.limit,
-                                   is_main=ctx.is_main, share=share)
+                                   is_main=ctx.is_main, share=dist_utils.rank0_share(ctx))
             if args.model:
                 check_model_folder(args.model)
             else:

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-# mapo.train imports write_json_atomic from this module.
 from mapo.atomic import json_default, write_json_atomic, write_text_atomic
 
 LOGGER_KINDS = ("wandb", "none")

@@ -192,15 +192,17 @@ def _is_secret(key: Any, value: Any) -> bool:
     return isinstance(key, str) and SECRET_KEY.search(key) is not None and value not in (None, "")
 
 
-def redact_secrets(config: Any, env: Mapping[str, str] | None = None) -> Any:
+def redact_secrets(config: Any, env: Mapping[str, str] | None = None, *, strings=None) -> Any:
     """A copy of a plain config (dicts, lists, scalars) with secret-looking keys' values and any
-    credential from the environment replaced by <redacted>."""
+    credential from the environment replaced by <redacted>. strings(text, env): how a string value is
+    redacted (default `redact_text`: environment credentials; Hydra's files also redact overrides)."""
+    strings = redact_text if strings is None else strings
     if isinstance(config, Mapping):
-        return {k: REDACTED if _is_secret(k, v) else redact_secrets(v, env) for k, v in config.items()}
+        return {k: REDACTED if _is_secret(k, v) else redact_secrets(v, env, strings=strings) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
-        return [redact_secrets(v, env) for v in config]
+        return [redact_secrets(v, env, strings=strings) for v in config]
     if isinstance(config, str):
-        return redact_text(config, env)
+        return strings(config, env)
     return config
 
 
@@ -220,18 +222,6 @@ def _redact_override(text: str, env: Mapping[str, str] | None = None) -> str:
     return redact_text(text, env)
 
 
-def _redact_hydra_node(node: Any, env: Mapping[str, str] | None = None) -> Any:
-    """`redact_secrets` for a loaded Hydra file, whose strings may also be overrides (`overrides.yaml`,
-    `hydra.yaml`'s `hydra.overrides.task`)."""
-    if isinstance(node, Mapping):
-        return {k: REDACTED if _is_secret(k, v) else _redact_hydra_node(v, env) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_redact_hydra_node(v, env) for v in node]
-    if isinstance(node, str):
-        return _redact_override(node, env)
-    return node
-
-
 def scrub_hydra_files(run_dir: str | Path, env: Mapping[str, str] | None = None) -> list[Path]:
     """Hide secrets in Hydra's own record of the run (`run_dir/.hydra/*.yaml`), which Hydra writes before
     mapo sees the config: a key given on the command line (`+extra.wandb_api_key=…`) lands there verbatim.
@@ -245,7 +235,7 @@ def scrub_hydra_files(run_dir: str | Path, env: Mapping[str, str] | None = None)
     rewritten = []
     for path in sorted((Path(run_dir) / ".hydra").glob("*.yaml")):
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        redacted = _redact_hydra_node(data, env)
+        redacted = redact_secrets(data, env, strings=_redact_override)
         if redacted != data:
             write_text_atomic(path, yaml.safe_dump(redacted, sort_keys=False, allow_unicode=True,
                                                    default_flow_style=False))

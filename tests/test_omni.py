@@ -226,7 +226,8 @@ def test_rollout_greedy_equals_generate(omni, records):
     assert lengths.min() < 12 and lengths.max() == 12, lengths  # some rows stop early, some do not
 
 
-def test_capture_equals_eager_reference_in_value_and_gradient(omni, records):
+@pytest.mark.parametrize("method", ["fused", "sdpa"])
+def test_capture_equals_eager_reference_in_value_and_gradient(omni, records, method):
     folder = omni["folder"]
     reference_model, _ = load_model_and_processor(folder, attn_implementation="eager")
     model, _ = load_model_and_processor(folder, attn_implementation="sdpa")
@@ -244,7 +245,7 @@ def test_capture_equals_eager_reference_in_value_and_gradient(omni, records):
     def qk_grads(m):
         return [p.grad for layer in get_adapter(m).decoder_layers(m) for p in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight)]
 
-    with capture_audio_attention(model, keys, layers=(-2, -1), method="sdpa") as cap:
+    with capture_audio_attention(model, keys, layers=(-2, -1), method=method) as cap:
         model(**batch)
     torch.testing.assert_close(cap.mass[valid], reference[valid], atol=1e-5, rtol=0)
     (cap.mass * weights).sum().backward()

@@ -85,10 +85,15 @@ def test_the_load_phase_holds_the_whole_model_on_every_rank():
     assert cpu8.phases["load"] == 50_382_569_472 and not any("stages the reference" in note for note in cpu8.notes)
     assert "whole model float32 + reference bfloat16\n" in format_plan(cpu8, "x", [])
     for world in (1, 8):
-        # LoRA: no copy (the reference is the model with adapters off), but the adapters, 32 layers × 2 targets
-        # × rank 8 × (4096 in + 4096 out) = 4 194 304 parameters, are injected in fp32 before the cast
+        # LoRA: no copy (the reference is the model with adapters off), and no loaded weight trains, so the base
+        # loads in bf16; the adapters, 32 layers × 2 targets × rank 8 × (4096 in + 4096 out) = 4 194 304
+        # parameters, are fp32
         lora = memory_plan(DIMS, q_inputs(world, "model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"))
-        assert lora.phases["load"] == (8_397_094_912 + 4_194_304) * 4 == 33_605_156_864
+        assert lora.phases["load"] == 8_397_094_912 * 2 + 4_194_304 * 4 == 16_810_967_040
+        assert "whole model bfloat16 + adapters float32\n" in format_plan(lora, "x", [])
+        # a warm start trains every weight: then the base loads in fp32 (warm start 8 rows)
+        warm = memory_plan(DIMS, dataclasses.replace(lora.inputs, warm_start_batch=8))
+        assert warm.phases["load"] == (8_397_094_912 + 4_194_304) * 4
         assert memory_plan(DIMS, q_inputs(world, "trainer.steps=0")).phases["load"] == 8_397_094_912 * 4  # make eval: no reference
     assert eight.peak_phase == "rollout" and eight.phases["load"] < eight.phases["rollout"]  # staging keeps load under it
 
@@ -107,8 +112,9 @@ def test_the_load_phase_alone_decides_the_verdict():
     assert wide.phases["load"] == 8_397_094_912 * 4 + 8_397_094_912 * 2 // 64 + 1_290_797_056 * 2
     advice = fixes(DIMS, eight, capacity)
     assert advice == ["model.lora.rank=64"]
-    # rank 64 on every linear layer: 32 layers × 64 × (4·(4096 + 4096) + 3·(4096 + 11008)) = 159 907 840 adapter parameters
-    assert memory_plan(DIMS, _apply(eight, advice[0]), capacity).phases["load"] == (8_397_094_912 + 159_907_840) * 4
+    # rank 64 on every linear layer: 32 layers × 64 × (4·(4096 + 4096) + 3·(4096 + 11008)) = 159 907 840 adapter
+    # parameters in fp32, the base in bf16
+    assert memory_plan(DIMS, _apply(eight, advice[0]), capacity).phases["load"] == 8_397_094_912 * 2 + 159_907_840 * 4
     assert memory_plan(DIMS, _apply(eight, advice[0]), capacity).fits
     text = format_plan(plan, "x", advice)
     assert "\n  load, before sharding              35.64 GiB  whole model float32 + reference bfloat16 shards + 1 unit\n" in text
@@ -118,8 +124,11 @@ def test_the_load_phase_alone_decides_the_verdict():
     cfg = cfg_of("experiment=qwen2audio_mapo", "data.dir=/d", "trainer.device_memory_gib=38", *small)
     with pytest.raises(plan_mod.MemoryPlanError, match=r"would fit with: model.lora.rank=64; loading alone needs 35.6 GiB \+ reserve"):
         check_memory_at_start(cfg, REAL_CONFIG, SimpleNamespace(device=torch.device("cuda"), world_size=8, is_main=False))
-    # with LoRA the load still needs (8 397 094 912 + 159 907 840) · 4 B = 31.88 GiB + reserve: no fix on 32 GiB cards
-    assert fixes(DIMS, eight, 32 * GIB) == []
+    # with LoRA the load needs 8 397 094 912 · 2 B + 159 907 840 · 4 B = 16.24 GiB: LoRA fits 32 GiB cards too
+    # (its peak is the rollout's 23.74 GiB + reserve), and no fix is left for 16 GiB cards
+    assert fixes(DIMS, eight, 32 * GIB) == ["model.lora.rank=64"]
+    assert memory_plan(DIMS, _apply(eight, "model.lora.rank=64"), 32 * GIB).peak_phase == "rollout"
+    assert fixes(DIMS, eight, 16 * GIB) == []
 
 
 def test_lora_counts_from_dims_and_targets():

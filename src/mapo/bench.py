@@ -7,7 +7,9 @@ machine (DESIGN §9). Writes `experiments/bench/<machine>.json` and rewrites the
     python -m mapo.bench --tables-only                                        # README tables from the JSON files
 
 CPU suite (one thread; what the tiny model shows):
-1. capture:  audio-attention mass, eager softmax weights vs the SDPA indicator (one layer, fwd+bwd).
+1. capture:  audio-attention mass, eager softmax weights vs the SDPA indicator (one layer, fwd+bwd); and what
+             a captured layer's attention costs over an uncaptured one, with the mass in a second SDPA call
+             or fused into the layer's own call (`mapo.capture.bench.capture_overhead`).
 2. scoring:  log-prob + entropy of 8×128 positions, V = 32,000: the fused chunked function vs full fp32
              logits with autograd (fwd+bwd): speed and peak memory.
 3. rollout:  our decode loop vs `generate` on the G-repeated batch (8 prompts × G = 8, 40 new tokens,
@@ -31,8 +33,8 @@ from pathlib import Path
 import torch
 
 from mapo import paths
+from mapo.capture.bench import capture_overhead, interleaved_times, peak_bytes
 from mapo.capture.bench import compare as compare_capture
-from mapo.capture.bench import interleaved_times, peak_bytes
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "experiments" / "bench"
 #: Targets of issue 10, as (ratio key, comparison, threshold); the table marks each ratio met or not.
@@ -180,6 +182,11 @@ def _ratio_rows(results: dict) -> list[tuple[str, str, float, str]]:
     if isinstance(cap, dict):
         rows.append(("capture_speed", "capture: eager time / SDPA-indicator time", cap["time_ratio"], f"one layer, S = {cap['seq_len']}"))
         rows.append(("capture_memory", "capture: eager peak / SDPA-indicator peak", cap["memory_ratio"], f"one layer, S = {cap['seq_len']}"))
+    ov = results.get("capture_overhead")
+    if isinstance(ov, dict):
+        what = f"one layer's attention, fwd+bwd, {ov['setting']}"
+        rows.append(("capture_overhead_sdpa", "captured layer: mass in a second SDPA call / no capture", ov["sdpa_over_none"], what))
+        rows.append(("capture_overhead_fused", "captured layer: mass fused into the layer's call / no capture", ov["fused_over_none"], what))
     for key, label in (("rollout_audio", "audio"), ("rollout_text", "text")):
         ro = results.get(key)
         if isinstance(ro, dict):
@@ -275,6 +282,10 @@ def run_cpu_suite(args) -> dict:
         print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     section("capture", lambda: {"seq_len": 512 if args.quick else 1024, **compare_capture(512 if args.quick else 1024, device=device, repeats=repeats)})
+    # the tiny model's update shape: 16 rows of 188 positions, 4 query / 2 key-value heads of width 16
+    overhead = {"seq_len": 188, "batch": 16, "q_heads": 4, "kv_heads": 2, "head_dim": 16}
+    section("capture_overhead", lambda: {"setting": "16 rows × 188 positions, 4/2 heads × 16 (the tiny model's)",
+                                         **capture_overhead(**overhead, device=device, repeats=3 * repeats)})
     section("scoring", lambda: bench_scoring(8, 64 if args.quick else 128, 256, 32_000, device, repeats))
     # bf16 head and hidden states, as a GPU run holds them, in the GPU suite's proportions: positions = H (there
     # 4096 = 4096) and 8 chunks (there 8 × 512). Memory only: bf16 matmuls on a CPU say nothing of GPU speed.

@@ -30,6 +30,8 @@ Sections (each fails soft: an error or the time budget is recorded and the next 
   Without and with activation checkpointing (the latter is what the 7B configs train with).
 - scoring: the fused chunked log-prob/entropy vs full fp32 logits at V = 156,032 (`mapo.bench.bench_scoring`).
 - capture: eager vs SDPA-indicator audio mass on one layer at S = 4096 (`mapo.capture.bench.compare`).
+- capture_overhead: one layer's attention at S = 4096 without capture, with the mass in a second SDPA call,
+  and with it fused into the layer's own call (`mapo.capture.bench.capture_overhead`), fwd+bwd.
 
 Peaks: detected from the device name (`CARD_PEAKS`); override with --bandwidth-tbs / --peak-tflops. `--toy`
 runs the same code at toy widths (on CPU too) for the tests.
@@ -349,6 +351,7 @@ def _with(context, fn):
 def run_gpu_suite(args) -> dict:
     """All sections, in order of importance, each failing soft, within `args.budget_s` seconds of starting."""
     from mapo.bench import bench_scoring, machine_name
+    from mapo.capture.bench import capture_overhead
     from mapo.capture.bench import compare as compare_capture
 
     toy = getattr(args, "toy", False)
@@ -411,6 +414,8 @@ def run_gpu_suite(args) -> dict:
     heads = dict(q_heads=4, kv_heads=2, head_dim=16) if toy else {}
     section("capture", lambda: {"seq_len": 128 if toy else 4096,
                                 **compare_capture(128 if toy else 4096, device=device, repeats=2 if toy else 3, **heads)})
+    section("capture_overhead", lambda: {"seq_len": 128 if toy else 4096,
+                                         **capture_overhead(128 if toy else 4096, device=device, repeats=2 if toy else 3, **heads)})
     results["wall_s"] = time.perf_counter() - started
     return results
 
@@ -444,6 +449,9 @@ def markdown_table(results: dict) -> str:
         elif key == "scoring":
             lines.append(f"| scoring | fused chunked vs full logits, {sec['rows']}×{sec['tokens']}, V = {sec['vocab']:,}: "
                          f"speed {sec['speed']:.2f}×, memory {sec['memory']:.2f} of full |")
+        elif key == "capture_overhead":
+            lines.append(f"| capture_overhead | S = {sec['seq_len']}, one layer's attention fwd+bwd over no capture: "
+                         f"second SDPA call {sec['sdpa_over_none']:.2f}×, fused **{sec['fused_over_none']:.2f}×** |")
         elif key == "capture":
             lines.append(f"| capture | S = {sec['seq_len']}: eager/SDPA-indicator time {sec['time_ratio']:.2f}, "
                          f"memory {sec['memory_ratio']:.1f} |")

@@ -19,7 +19,7 @@ from mapo.data.sampler import EpochSampler
 from mapo.models import lora as lora_utils
 from mapo.models.adapter import get_adapter
 from mapo.optim import build_optimizer, build_scheduler
-from mapo.precision import Precision, store_frozen
+from mapo.precision import Precision, store_frozen, store_trainable
 from mapo.run_logging import redact_secrets
 
 
@@ -46,13 +46,15 @@ def set_trainable(model: torch.nn.Module, cfg: MapoConfig, everything: bool) -> 
 
 def prepare_policy(model: torch.nn.Module, cfg: MapoConfig, precision: Precision, everything: bool) -> torch.nn.Module:
     """Make a loaded model the policy a phase trains: add LoRA layers when `model.lora.rank > 0`, choose
-    what trains (`set_trainable`) and store the frozen rest (e.g. a frozen audio tower, the LoRA base
-    weights) in the frozen dtype. Training and `make export` both go through it, so an export rebuilds
+    what trains (`set_trainable`), store the frozen rest (e.g. a frozen audio tower, the LoRA base
+    weights) in the frozen dtype and what trains in the master dtype (LoRA adapters injected into a base
+    loaded in the frozen dtype). Training and `make export` both go through it, so an export rebuilds
     exactly what was trained. Returns the same model object."""
     if lora_utils.lora_enabled(cfg.model.lora):
         lora_utils.add_lora(model, cfg.model.lora)
     set_trainable(model, cfg, everything=everything)
     store_frozen(model, precision.frozen)  # e.g. a frozen audio tower
+    store_trainable(model, precision.master)
     return model
 
 

@@ -19,7 +19,8 @@ What is counted, per GPU (N ranks; FSDP2 shards over all of them when N > 1):
                  audio-ablated reference is the frozen model; none under LoRA (adapters off) or when
                  the run never trains (`trainer.steps=0`).
   load           before FSDP shards anything (`mapo.train`), every rank holds the whole model in the master
-                 dtype (with its LoRA adapters): not divided by N, so more GPUs never lower it. A reference
+                 dtype (with LoRA and no warm start: in the frozen dtype, plus its adapters in the master
+                 dtype): not divided by N, so more GPUs never lower it. A reference
                  copy is whole on one process (and on CPU); under FSDP on CUDA it is staged in host memory
                  and only its shards plus the unit being sharded reach the GPU (the notes give the host bytes).
   compute copy   bf16 weights the compute needs besides the masters: on one GPU autocast's cast of the
@@ -97,11 +98,17 @@ class PlanInputs:
     old_pass: bool = False
     keep_hidden: bool = False
     capture_layers: int = 0
-    capture_method: str = "sdpa"
+    capture_method: str = "fused"
     top_p: bool = False
     warm_start_batch: int = 0  # supervised warm start before RL (0 = none)
     prompt_text_tokens: int = PROMPT_TEXT_TOKENS
     chunk_size: int = CHUNK_SIZE
+
+    @property
+    def load_dtype(self) -> str:
+        """The dtype the policy loads in (`mapo.train.policy_load_dtype`): the frozen one with LoRA and no warm
+        start (no loaded weight trains), else the master one."""
+        return self.frozen_dtype if self.lora_rank > 0 and not self.warm_start_batch else self.master_dtype
 
     @property
     def staged_reference(self) -> bool:
@@ -228,6 +235,15 @@ def capture_bytes(dims: ModelDims, seq: int, act: int, device: str) -> int:
     return act * dims.num_heads * width + (act * h if grouped else 0) + seq * (1 + act) + 8 * dims.num_heads
 
 
+def fused_capture_bytes(dims: ModelDims, queries: int, keys: int, act: int) -> int:
+    """Extra bytes of one layer under the fused capture (`mapo.capture.kernels.fused_inputs`): the attention
+    kernel saves query, output and keys/values FUSED_EXTRA_WIDTH (8) channels wider than without capture
+    (keys/values counted at every query head: transformers repeats them for a masked grouped batch), plus
+    the fp32 mass per query and head. queries, keys: positions in the micro-batch."""
+    extra = 8 * act * dims.num_heads
+    return queries * (2 * extra + 4 * dims.num_heads) + keys * 2 * extra
+
+
 def nograd_layer_bytes(dims: ModelDims, act: int, residual: int) -> int:
     """Peak bytes per token inside one decoder layer without grad: residual in/out, normed input, q/k/v and
     the attention output, then the MLP's silu(gate), up and their product."""
@@ -324,8 +340,9 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     else:
         optimizer_step = 2 * min(trainable, dims.largest_param) * mb  # per-tensor loop: the largest tensor's temporaries
     reference = total_params * fb // n if inputs.reference_copy else 0
-    # Loading (mapo.train): the whole master-dtype model and its LoRA adapters (injected in the masters' dtype
-    # before the base is cast down), before FSDP shards them; and the reference copy: whole, except under FSDP
+    # Loading (mapo.train): the whole model before FSDP shards it, in the master dtype, or with LoRA and no warm
+    # start in the frozen dtype (`policy_load_dtype`: no loaded weight trains), plus its LoRA adapters in the
+    # master dtype; and the reference copy: whole, except under FSDP
     # on CUDA, where it is staged in host memory and moved one unit at a time as it is sharded (before the
     # policy is), so the GPU holds its shards plus the unit being sharded (the largest: the root unit).
     root_params = total_params - dims.num_layers * dims.layer_params - dims.audio_layers * dims.audio_layer_params
@@ -335,7 +352,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
         load_reference = total_params * fb // n + max(root_params, dims.layer_params, dims.audio_layer_params) * fb
     else:
         load_reference = total_params * fb
-    load = (total_params + lora_params) * mb + load_reference
+    load = total_params * DTYPE_BYTES[inputs.load_dtype] + lora_params * mb + load_reference
 
     # Compute copies: what the bf16 compute needs besides the stored weights.
     cast_trainable = trainable * cb if cb < mb else 0  # one-GPU autocast: bf16 copy of the trainable masters
@@ -407,15 +424,20 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     outside = tokens * (3 * residual * dims.hidden_size + 4 * dims.hidden_size)  # embeddings, final norm, hidden out
     capture_with = capture_without = 0
     if inputs.capture_layers:
-        if inputs.capture_method == "eager":
-            per = micro * dims.num_heads * seq * seq * (cb + 4)  # the full attention weights
+        if inputs.capture_method == "fused":
+            per = fused_capture_bytes(dims, captured_queries, micro * seq, cb)
+            # under checkpointing only the fp32 mass outlives a layer's recomputation
+            capture_with = inputs.capture_layers * captured_queries * 4 * dims.num_heads + per
         else:
-            per = captured_queries * capture_bytes(dims, seq, cb, inputs.device)
+            if inputs.capture_method == "eager":
+                per = micro * dims.num_heads * seq * seq * (cb + 4)  # the full attention weights
+            else:
+                per = captured_queries * capture_bytes(dims, seq, cb, inputs.device)
+            # Under checkpointing the captured layers' query and keys stay referenced by the capture until the
+            # end of backward; the extra above is transient, one layer's at a time as each is recomputed
+            # (measured with experiments/gpu/full_step.py --tiny: the capture adds 7 MiB, not 2 × the extra).
+            capture_with = inputs.capture_layers * tokens * 2 * cb * dims.hidden_size + per
         capture_without = inputs.capture_layers * per
-        # Under checkpointing the captured layers' query and keys stay referenced by the capture until the
-        # end of backward; the extra above is transient, one layer's at a time as each is recomputed
-        # (measured with experiments/gpu/full_step.py --tiny: the capture adds 7 MiB, not 2 × the extra).
-        capture_with = inputs.capture_layers * tokens * 2 * cb * dims.hidden_size + per
     logits_ws = lm_workspace(micro * inputs.max_new_tokens)
     audio_grad = not (inputs.freeze_audio_tower and inputs.freeze_projector) and not lora
     audio_with = audio_activation_bytes(dims, clips, cb, True) if audio_grad else 0
@@ -603,7 +625,7 @@ def format_plan(plan: MemoryPlan, name: str = "", suggestions: list[str] | None 
         ("optimizer state", c["optimizer state"], f"AdamW m, v in {i.master_dtype}"),
         ("reference", c["reference"], "frozen copy" if c["reference"] else ("adapters off" if lora else "not needed")),
         ("load, before sharding", c["load (before sharding)"],
-         f"whole model {i.master_dtype}" + (" + adapters" if lora else "") + (f" + reference {i.frozen_dtype}" + (" shards + 1 unit" if i.staged_reference else "")
+         f"whole model {i.load_dtype}" + (f" + adapters {i.master_dtype}" if lora else "") + (f" + reference {i.frozen_dtype}" + (" shards + 1 unit" if i.staged_reference else "")
                                         if i.reference_copy else "")),
         ("compute copy (rollout/eval)", c["compute copy (rollout/eval)"], "gathered full model" if i.world_size > 1 else "autocast casts"),
         ("compute copy (update)", c["compute copy (update)"], "root unit + 2 layers" if i.world_size > 1 else "autocast casts"),

@@ -128,6 +128,18 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def store_trainable(module: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every floating parameter of `module` that requires grad to `dtype` (the master dtype), in place;
+    returns how many. peft injects LoRA adapters in their base layer's dtype, which is the frozen dtype when
+    the base was loaded in it (`mapo.train.policy_load_dtype`). Call before FSDP wraps the module."""
+    count = 0
+    for param in module.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
 def reference_staging_device(world_size: int, device_type: str) -> torch.device | None:
     """Where `frozen_copy` stages the frozen reference: host memory when FSDP will shard it on CUDA
     (several processes), else None (where the policy is). One rule for `mapo.train` and the memory plan

@@ -177,7 +177,7 @@ def check_mini_batches(cfg, ctx: CheckContext) -> list[str]:
 @config_check
 def check_attention_loss(cfg, ctx: CheckContext) -> list[str]:
     from mapo.algos.mapo import TEMPORAL_SCHEDULES
-    from mapo.capture.attention import HEAD_REDUCTIONS, LAYER_REDUCTIONS, MASS_METHODS, SUPPORTED_IMPLEMENTATIONS
+    from mapo.capture.attention import CAPTURE_METHODS, HEAD_REDUCTIONS, LAYER_REDUCTIONS, SUPPORTED_IMPLEMENTATIONS
 
     t, out = cfg.algo.attn, []
     if not t.eta >= 0:
@@ -186,7 +186,7 @@ def check_attention_loss(cfg, ctx: CheckContext) -> list[str]:
         return out
     out += _one_of("algo.attn.head_reduce", t.head_reduce, HEAD_REDUCTIONS)
     out += _one_of("algo.attn.layer_reduce", t.layer_reduce, LAYER_REDUCTIONS)
-    out += _one_of("algo.attn.method", t.method, MASS_METHODS)
+    out += _one_of("algo.attn.method", t.method, CAPTURE_METHODS)
     out += _one_of("algo.attn.schedule", t.schedule, TEMPORAL_SCHEDULES)
     out += _at_least("algo.attn.kappa", t.kappa, 0)
     out += _one_of("algo.attn.token_gate", t.token_gate, ("content", "all"))

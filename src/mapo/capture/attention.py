@@ -18,14 +18,18 @@ How it is installed, and why this way:
 - Each chosen `Qwen2Attention` looks its attention function up by `self.config._attn_implementation`.
   Inside the context, *only the chosen attention modules* get a read-through view of the shared text
   config that reports a private implementation name, registered in the attention-function registry the
-  module's modeling file uses. The registered wrapper first calls the model's original function
-  (`sdpa` or `eager`, whatever the model was loaded with) with the unchanged arguments — so outputs and
-  gradients of the model are exactly as without the capture — then computes the mass from the same
-  query/key tensors (after rotary embedding) and the same attention mask.
+  module's modeling file uses. With methods "sdpa" and "eager" the registered wrapper first calls the
+  model's original function (`sdpa` or `eager`, whatever the model was loaded with) with the unchanged
+  arguments — so outputs and gradients of the model are exactly as without the capture — then computes
+  the mass from the same query/key tensors (after rotary embedding) and the same attention mask.
 - The attention mask is built by the text model from its own config, which is never touched, so the
   wrapper receives exactly the padding + causal mask the original function receives (a custom
   `_attn_implementation` on the model config would instead need its own mask function, and silently
   get `attention_mask=None` without one — FIELD-NOTES "Attention").
+- method "fused" (the default of `algo.attn.method`) changes the first point: the wrapper calls the original
+  function once, on query/key/value widened by `mapo.capture.kernels.fused_inputs`, and splits the result
+  into the layer's output and the mass. Same function, same mask, one attention instead of two per captured
+  layer; the model's outputs then equal the uncaptured ones up to floating-point rounding.
 - On exit (normal or exception) the original config objects are put back and the private name is
   removed from the registry; nothing stays installed. The recorded masses stay readable after exit.
 
@@ -48,11 +52,19 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mapo.capture.kernels import audio_mass_eager, audio_mass_sdpa
+from mapo.capture.kernels import (
+    audio_mass_eager,
+    audio_mass_sdpa,
+    fused_inputs,
+    split_fused_output,
+)
 from mapo.models.adapter import get_adapter, has_adapter
 from mapo.models.embed import audio_span_mask
 
+#: Methods that compute the mass in a second call after the layer's own attention (see `mapo.capture.kernels`).
 MASS_METHODS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": audio_mass_sdpa, "eager": audio_mass_eager}
+#: Every `method` of a capture: "fused" rides in the layer's own attention call, the others run after it.
+CAPTURE_METHODS = ("fused", *MASS_METHODS)
 HEAD_REDUCTIONS = ("max", "mean")
 LAYER_REDUCTIONS = ("mean", "max")
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -125,11 +137,11 @@ class AudioAttentionCapture:
         layers: Sequence[int] = (-3, -2, -1),
         head_reduce: str = "max",
         layer_reduce: str = "mean",
-        method: str = "sdpa",
+        method: str = "fused",
         key_length: int | None = None,
     ) -> None:
-        if method not in MASS_METHODS:
-            raise ValueError(f"method must be one of {list(MASS_METHODS)}; got {method!r}")
+        if method not in CAPTURE_METHODS:
+            raise ValueError(f"method must be one of {list(CAPTURE_METHODS)}; got {method!r}")
         if head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"head_reduce must be one of {list(HEAD_REDUCTIONS)}; got {head_reduce!r}")
         if layer_reduce not in LAYER_REDUCTIONS:
@@ -140,7 +152,8 @@ class AudioAttentionCapture:
         self.audio_key_mask = audio_key_mask
         self.head_reduce = head_reduce
         self.layer_reduce = layer_reduce
-        self._mass_fn = MASS_METHODS[method]
+        self.method = method
+        self._mass_fn = MASS_METHODS.get(method)  # None for "fused"
         self.key_length = key_length
         self._name = f"mapo_audio_capture_{id(self):x}"
         # Filled on enter: module -> (slot in layer_indices, original attention function).
@@ -231,16 +244,24 @@ class AudioAttentionCapture:
         if module not in self._slots:
             raise RuntimeError(f"{type(module).__name__} called the audio capture function but is not captured")
         slot, original = self._slots[module]
-        output = original(module, query, key, value, attention_mask, *args, **kwargs)
         if self.key_length is not None and key.shape[2] != self.key_length:
-            return output  # a call over other keys (the prompt-only call of a shared-prefix pass): not recorded
+            # a call over other keys (the prompt-only call of a shared-prefix pass): not recorded
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5  # SDPA's default, used by the original function too
+        audio_keys = self._audio_key_mask.to(key.device)
+        if self._mass_fn is None:
+            # fused: one call of the original on widened inputs; the scaling must stay the unwidened one
+            wide_q, wide_k, wide_v = fused_inputs(query, key, value, audio_keys)
+            wide_out, weights = original(module, wide_q, wide_k, wide_v, attention_mask, *args,
+                                         **{**kwargs, "scaling": scaling})
+            out, self._head_mass[slot] = split_fused_output(wide_out, value.shape[-1], attention_mask)
+            return out, weights
+        output = original(module, query, key, value, attention_mask, *args, **kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        audio_keys = self._audio_key_mask.to(key.device)
         self._head_mass[slot] = self._mass_fn(query, key, audio_keys, attention_mask, scaling, is_causal)
         return output
 
@@ -270,7 +291,7 @@ def capture_audio_attention(
     layers: Sequence[int] = (-3, -2, -1),
     head_reduce: str = "max",
     layer_reduce: str = "mean",
-    method: str = "sdpa",
+    method: str = "fused",
     key_length: int | None = None,
 ) -> AudioAttentionCapture:
     """Context manager recording the audio attention mass of `model`'s text decoder.
@@ -281,7 +302,8 @@ def capture_audio_attention(
         (see `audio_key_mask_from_ids`); S is the full sequence length (prompt + completion).
     layers: indices into the text decoder layers; negative counts from the end (default: last 3).
     head_reduce: "max" | "mean" over query heads; layer_reduce: "mean" | "max" over the chosen layers.
-    method: "sdpa" (indicator-value SDPA, no Q×S tensor) | "eager" (full softmax weights; reference).
+    method: "fused" (the indicator rides in the layer's own attention call) | "sdpa" (a second, indicator-value
+        SDPA call; no Q×S tensor; the model's outputs bit-identical) | "eager" (full softmax weights; reference).
     key_length: record only attention calls over exactly this many keys (None: every call). A shared-prefix
         pass (mapo.shared_prefix) calls each layer twice, for the prompt alone and for the completion
         queries over prompt + completion keys; only the second is wanted, its mass is then [B, T].

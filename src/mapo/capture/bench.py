@@ -1,7 +1,10 @@
-"""Micro-benchmark of the two audio-mass methods on one attention layer (for `make bench`).
+"""Micro-benchmarks of the audio-mass methods on one attention layer (for `make bench`).
 
-It times forward + backward of `audio_mass_eager` (full Q×S softmax) against `audio_mass_sdpa`
-(indicator-value SDPA) on random query/key states of a chosen size, and measures the peak extra memory
+`compare` times forward + backward of `audio_mass_eager` (full Q×S softmax) against `audio_mass_sdpa`
+(indicator-value SDPA) on random query/key states of a chosen size. `capture_overhead` times what a
+captured layer costs over an uncaptured one: the layer's own attention alone, then with the mass from a
+second SDPA call ("sdpa"), then fused into the one call ("fused", `mapo.capture.kernels.fused_inputs`).
+Both measure the peak extra memory
 each one allocates: `torch.cuda.max_memory_allocated` on a GPU; on CPU, the running sum of the torch
 profiler's allocation records (tracemalloc cannot see torch's allocator). Only ratios measured in one
 run are meaningful (DESIGN §9).
@@ -16,9 +19,15 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from mapo.capture.kernels import audio_mass_eager, audio_mass_sdpa
+from mapo.capture.kernels import (
+    audio_mass_eager,
+    audio_mass_sdpa,
+    fused_inputs,
+    split_fused_output,
+)
 from mapo.timing import sync_device
 
 _METHODS: dict[str, Callable[..., torch.Tensor]] = {"eager": audio_mass_eager, "sdpa": audio_mass_sdpa}
@@ -146,3 +155,74 @@ def compare(
         "memory_ratio": eager["peak_bytes"] / max(sdpa["peak_bytes"], 1.0),
         "max_abs_diff": (masses["eager"] - masses["sdpa"]).abs().max().item(),
     }
+
+
+def _layer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """The layer's own attention as transformers' SDPA function computes it: [B, Q, Hq, dv] (keys and values
+    repeated to the query heads when a mask is given, grouped heads otherwise)."""
+    n_rep = query.shape[1] // key.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=n_rep > 1)
+    else:
+        key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def capture_overhead(
+    seq_len: int,
+    batch: int = 1,
+    q_heads: int = 32,
+    kv_heads: int = 32,
+    head_dim: int = 128,
+    padded: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, dict[str, float] | float]:
+    """Forward + backward of one layer's attention without capture ("none"), with the second-call capture
+    ("sdpa") and with the fused one ("fused"); sizes and defaults as in `compare` (audio on half the keys).
+
+    The backpropagated functional is Σ out·u + Σ mass·w with random u, w, so both outputs carry gradient.
+    Returns {"none" | "sdpa" | "fused": {"time_s", "peak_bytes"}, "sdpa_over_none", "fused_over_none" (time
+    ratios), "fused_vs_sdpa_max_abs_diff" (mass) and "fused_output_max_abs_diff" (attention output vs none)}.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    query, key, audio_keys, mask, weights = _inputs(
+        seq_len, batch, q_heads, kv_heads, head_dim, seq_len // 2, padded, device, dtype, seed
+    )
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    value = torch.randn(key.shape, generator=gen).to(device, dtype).requires_grad_()
+    out_weights = torch.randn(batch, seq_len, q_heads, head_dim, generator=gen).to(device, dtype)
+    scaling = head_dim**-0.5
+    results: dict[str, torch.Tensor] = {}
+
+    def run(method: str) -> Callable[[], None]:
+        def step() -> None:
+            query.grad = key.grad = value.grad = None
+            if method == "fused":
+                wide = _layer_attention(*fused_inputs(query, key, value, audio_keys), mask, scaling)
+                out, mass = split_fused_output(wide, head_dim, mask)
+            else:
+                out = _layer_attention(query, key, value, mask, scaling)
+                mass = audio_mass_sdpa(query, key, audio_keys, mask, scaling) if method == "sdpa" else None
+            loss = (out.float() * out_weights.float()).sum()
+            if mass is not None:
+                loss = loss + (mass * weights).sum()
+                results[method + "_mass"] = mass.detach()
+            loss.backward()
+            results[method + "_out"] = out.detach()
+        return step
+
+    steps = {name: run(name) for name in ("none", "sdpa", "fused")}
+    times = interleaved_times(steps, device, repeats)
+    out: dict = {name: {"time_s": statistics.median(times[name]), "peak_bytes": float(peak_bytes(step, device))}
+                 for name, step in steps.items()}
+    out["sdpa_over_none"] = out["sdpa"]["time_s"] / out["none"]["time_s"]
+    out["fused_over_none"] = out["fused"]["time_s"] / out["none"]["time_s"]
+    out["fused_vs_sdpa_max_abs_diff"] = (results["fused_mass"] - results["sdpa_mass"]).abs().max().item()
+    out["fused_output_max_abs_diff"] = (results["fused_out"].float() - results["none_out"].float()).abs().max().item()
+    return out

@@ -1,6 +1,6 @@
 """Per-head attention mass on the audio keys, from one layer's query and key states.
 
-Two ways to compute the same number (DESIGN §4):
+Three ways to compute the same number (DESIGN §4):
 
 - `audio_mass_eager`: the reference. Builds softmax(QKᵀ·scale + mask) — a [B, Hq, Q, S] tensor — and
   sums it over the audio keys.
@@ -8,6 +8,12 @@ Two ways to compute the same number (DESIGN §4):
   0/1 indicator of the span, so one `scaled_dot_product_attention` call with the indicator as "value"
   returns it with O(B·H·Q·w) extra memory (w = value width, see `default_indicator_width`); fused
   kernels never materialise the Q×S matrix.
+- `fused_inputs` + `split_fused_output`: the indicator rides along in the layer's *own* attention call.
+  Query and key get `FUSED_EXTRA_WIDTH` zero channels (their dot products are unchanged), the value gets
+  the indicator in its first extra channel, so one call returns the layer's attention output and the mass
+  together: no second Q·Kᵀ, softmax or backward. The model's outputs equal the uncaptured ones up to
+  floating-point rounding (a kernel on a wider head may sum in another order); the other two methods leave
+  them bit-identical.
 
 Both take the attention mask exactly as a transformers attention function receives it (`None` =
 plain causal via SDPA's `is_causal`, a boolean mask with True = attend, or an additive float mask with
@@ -25,6 +31,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
+
+#: Zero channels the fused method appends to query, key and value (the value's first one holds the
+#: indicator). 8 keeps CUDA kernels' head widths a multiple of 8 (flash and memory-efficient kernels take
+#: widths up to 256 in such steps; Qwen2-Audio's 128 becomes 136).
+FUSED_EXTRA_WIDTH = 8
 
 
 def default_indicator_width(query: torch.Tensor) -> int:
@@ -176,3 +188,42 @@ def audio_mass_sdpa(
     if blocked is not None:
         mass = mass.masked_fill(blocked, 0.0)
     return mass
+
+
+def fused_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, audio_keys: torch.Tensor,
+    width: int = FUSED_EXTRA_WIDTH,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value widened for the fused capture, to go through the layer's own attention function.
+
+    query [B, Hq, Q, d], key [B, Hkv, S, d], value [B, Hkv, S, dv], audio_keys [B, S] bool.
+    Returns query [B, Hq, Q, d+w] and key [B, Hkv, S, d+w] with zeros in the new channels (so q·k, hence the
+    softmax, is unchanged; the caller must pass the original scaling, since a kernel's default would use the
+    new width), and value [B, Hkv, S, dv+w] with the audio indicator in channel dv and zeros after it.
+    The attention output's channel dv is then Σ_{k audio} α_{q,k}, differentiable in query and key.
+    """
+    _check_inputs(query, key, audio_keys)
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value must be [B, Hkv, S, dv] like key {tuple(key.shape)}; got {tuple(value.shape)}")
+    indicator = value.new_zeros(*value.shape[:-1], width)
+    indicator[..., 0] = audio_keys[:, None, :].to(value.dtype)
+    return (
+        torch.cat([query, query.new_zeros(*query.shape[:-1], width)], dim=-1),
+        torch.cat([key, key.new_zeros(*key.shape[:-1], width)], dim=-1),
+        torch.cat([value, indicator], dim=-1),
+    )
+
+
+def split_fused_output(
+    output: torch.Tensor, value_width: int, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The widened attention output of `fused_inputs`, in transformers' attention-function layout
+    [B, Q, Hq, dv+w], -> (the layer's attention output [B, Q, Hq, dv] (a view), mass [B, Hq, Q] float32).
+
+    attention_mask: the mask the attention function got (None | bool | additive float [B|1, 1|H, Q, S]);
+    a query row with every key blocked gets mass 0 and no gradient, as in the other methods.
+    """
+    mass = output[..., value_width].transpose(1, 2).float()
+    if attention_mask is not None:
+        mass = mass.masked_fill(_blocked_rows(attention_mask), 0.0)
+    return output[..., :value_width], mass

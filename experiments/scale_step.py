@@ -84,7 +84,7 @@ def main() -> None:
     enable_activation_checkpointing(model)
     report = {"device": torch.cuda.get_device_name(0), "rows": n, "seq_len": rollout.attention_mask.shape[1],
               "rollout_s": t_roll, "rollout_peak_gib": m_roll, "scoring_s": t_prep, "scoring_peak_gib": m_prep}
-    for method in ("sdpa", "eager"):
+    for method in ("fused", "sdpa", "eager"):
         algo.attn.method = method
 
         def update():

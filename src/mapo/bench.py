@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mapo import paths
-from mapo.capture.bench import capture_overhead, interleaved_times, peak_bytes
+from mapo.capture.bench import capture_overhead, interleaved_times, paired_ratio, peak_bytes
 from mapo.capture.bench import compare as compare_capture
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "experiments" / "bench"
@@ -97,7 +97,7 @@ def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch
         if times:
             out[name]["time_s"] = statistics.median(times[name])
     if times:
-        out["speed"] = out["full"]["time_s"] / out["chunked"]["time_s"]
+        out["speed"] = paired_ratio(times["full"], times["chunked"])
     out["memory"] = out["chunked"]["peak_bytes"] / max(out["full"]["peak_bytes"], 1.0)
     return out
 
@@ -159,8 +159,8 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
         key = "hf_generate" if name == "generate" else f"ours_{name}_cache"
         out[key] = {"time_s": statistics.median(times[name]), "times_s": times[name],
                     "tokens_generated": generated[name], "clips_encoded": encoded[name]}
-    out["speedup_vs_generate"] = out["hf_generate"]["time_s"] / out["ours_static_cache"]["time_s"]
-    out["static_over_dynamic_speed"] = out["ours_dynamic_cache"]["time_s"] / out["ours_static_cache"]["time_s"]
+    out["speedup_vs_generate"] = paired_ratio(times["generate"], times["static"])
+    out["static_over_dynamic_speed"] = paired_ratio(times["dynamic"], times["static"])
     return out
 
 
@@ -197,8 +197,9 @@ def _ratio_rows(results: dict) -> list[tuple[str, str, float, str]]:
                          ro["static_over_dynamic_speed"], what))
     st = results.get("step")
     if isinstance(st, dict):
+        # older JSON files have no paired ratio: the ratio of the medians
         rows.append(("mapo_over_grpo_step", "step after the rollout: MAPO / GRPO (same rollout)",
-                     st["mapo"]["time_s"] / st["grpo"]["time_s"],
+                     st.get("mapo_over_grpo", st["mapo"]["time_s"] / st["grpo"]["time_s"]),
                      f"{st['rows']} rows, sequence {st['sequence_length']}, tiny_mapo vs tiny_grpo configs"))
     tr = results.get("trl")
     if isinstance(tr, dict):
@@ -304,7 +305,7 @@ def run_cpu_suite(args) -> dict:
     elif not trl_available():
         results["trl"] = "skipped: TRL is not installed (pip install -e .[bench])"
     else:
-        section("trl", lambda: compare_trl(model_dir, data_dir, steps=2 if args.quick else 4, warmup=1))
+        section("trl", lambda: compare_trl(model_dir, data_dir, steps=2 if args.quick else 3, warmup=1, rounds=2 if args.quick else 4))
     results["wall_s"] = time.perf_counter() - started
     return results
 

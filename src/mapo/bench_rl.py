@@ -129,10 +129,12 @@ class RLHarness:
 def same_rollout_steps(model_dir: Path, data_dir: Path, algos: tuple[str, ...], *, overrides: list[str],
                        repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Time the step after the rollout (rewards, scoring, update, optimizer) of each algorithm on one rollout,
-    interleaving the algorithms so that load changes hit them alike. Returns {algo: {"time_s", phases...}}."""
+    interleaving the algorithms so that load changes hit them alike. Returns {algo: {"time_s", phases...}} and,
+    for two algorithms (a, b), "b_over_a": the median of the per-round ratios (`paired_ratio`)."""
     import statistics
 
     from mapo import distributed as dist_utils
+    from mapo.capture.bench import paired_ratio
     from mapo.precision import resolve_precision
     from mapo.train import load_policy
 
@@ -163,4 +165,6 @@ def same_rollout_steps(model_dir: Path, data_dir: Path, algos: tuple[str, ...], 
     for algo in algos:
         out[algo] = {"time_s": statistics.median(times[algo]), "times_s": times[algo],
                      **{f"{k}_s": statistics.median(v) for k, v in phases[algo].items() if k != "rollout"}}
+    if len(algos) == 2:
+        out[f"{algos[1]}_over_{algos[0]}"] = paired_ratio(times[algos[1]], times[algos[0]])
     return out

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from mapo.capture.bench import paired_ratio
+
 MICRO_BATCH = 16
 
 
@@ -116,7 +118,8 @@ def compare(model_dir: Path, data_dir: Path, *, steps: int = 4, warmup: int = 1,
     """{"mapo": ..., "trl": ..., "speedup": TRL s/step ÷ mapo s/step} in the issue's setting.
 
     The two run in alternating blocks (mapo, TRL, mapo, TRL, …; `rounds` of each, `steps` timed steps per
-    block after `warmup` untimed ones), so a change of machine load during the run hits both.
+    block after `warmup` untimed ones), so a change of machine load during the run hits both; "speedup" is the
+    median over rounds of the ratio of the two blocks' medians (`paired_ratio`), "per_round" those ratios.
     """
     setting = dict(prompts=8, group=8, new_tokens=40, temperature=1.3)
     torch.manual_seed(0)
@@ -125,17 +128,22 @@ def compare(model_dir: Path, data_dir: Path, *, steps: int = 4, warmup: int = 1,
     records = harness.text_only_records(setting["prompts"] * (warmup + steps))
     mapo_times: list[float] = []
     trl_times: list[float] = []
+    block_medians: dict[str, list[float]] = {"mapo": [], "trl": []}
     phases: dict[str, list[float]] = {}
     for _ in range(rounds):
         times, block_phases = harness.run_steps(warmup + steps)
         mapo_times += times[warmup:]
+        block_medians["mapo"].append(statistics.median(times[warmup:]))
         for key, values in block_phases.items():
             phases.setdefault(key, []).extend(values[warmup:])
         trl = time_trl_grpo(model_dir, records, steps=steps, warmup=warmup, reward_functions=list(cfg.reward.functions),
                             reward_weights=list(cfg.reward.weights), **setting)
         trl_times += trl["times_s"]
+        block_medians["trl"].append(statistics.median(trl["times_s"]))
     mapo = {"time_s": statistics.median(mapo_times), "times_s": mapo_times,
             "phases": {k: statistics.median(v) for k, v in phases.items()}}
     trl = {"time_s": statistics.median(trl_times), "times_s": trl_times}
     return {"setting": {**setting, "beta": 0.0, "micro_batch": MICRO_BATCH, "steps": steps, "warmup": warmup,
-                        "rounds": rounds}, "mapo": mapo, "trl": trl, "speedup": trl["time_s"] / mapo["time_s"]}
+                        "rounds": rounds}, "mapo": mapo, "trl": trl,
+            "per_round": [t / m for t, m in zip(block_medians["trl"], block_medians["mapo"])],
+            "speedup": paired_ratio(block_medians["trl"], block_medians["mapo"])}

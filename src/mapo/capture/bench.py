@@ -67,10 +67,22 @@ def median_time(step: Callable[[], None], device: torch.device, repeats: int) ->
     return statistics.median(interleaved_times({"step": step}, device, repeats)["step"])
 
 
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median over rounds of numerators[i] / denominators[i]: the ratio of two interleaved measurements.
+
+    Each round's pair ran back to back under the same machine load, so its ratio is what a load change
+    moves least; the ratio of the two medians can pair a quiet-time median with a busy-time one (seen here:
+    MAPO / GRPO read 1.07 from the medians of one run whose per-round ratios had a median of 1.21).
+    """
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty lists; got {len(numerators)} and {len(denominators)}")
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
 def interleaved_times(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, list[float]]:
     """Wall times in seconds of `repeats` rounds in which every step runs once, in turn, after one untimed
-    warm-up call each. Interleaving makes a change of machine load hit all steps alike, so ratios of their
-    medians are fairer than back-to-back blocks on a shared machine."""
+    warm-up call each. Interleaving makes a change of machine load hit all steps alike; compare two steps
+    with `paired_ratio` of their lists."""
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -221,8 +233,8 @@ def capture_overhead(
     times = interleaved_times(steps, device, repeats)
     out: dict = {name: {"time_s": statistics.median(times[name]), "peak_bytes": float(peak_bytes(step, device))}
                  for name, step in steps.items()}
-    out["sdpa_over_none"] = out["sdpa"]["time_s"] / out["none"]["time_s"]
-    out["fused_over_none"] = out["fused"]["time_s"] / out["none"]["time_s"]
+    out["sdpa_over_none"] = paired_ratio(times["sdpa"], times["none"])
+    out["fused_over_none"] = paired_ratio(times["fused"], times["none"])
     out["fused_vs_sdpa_max_abs_diff"] = (results["fused_mass"] - results["sdpa_mass"]).abs().max().item()
     out["fused_output_max_abs_diff"] = (results["fused_out"].float() - results["none_out"].float()).abs().max().item()
     return out

@@ -4,6 +4,7 @@ kernels), against the same step uncompiled, both under our CUDA graph, in one pr
 
     python3 experiments/gpu/decode_compile.py                 # 7B widths, 64 rows, prompt 512, 128 tokens
     python3 experiments/gpu/decode_compile.py --toy           # the same code at toy widths (CPU: needs a C++ compiler)
+    python3 experiments/gpu/decode_compile.py --cache-write both   # also with the cache write compiled in
 
 Why: the recorded H200 runs put the non-KV part of a 32-row step at ~8 ms against ~3 ms for reading the
 weights at peak bandwidth (experiments/RESULTS.md); at ~40 kernels per layer and 32 layers, the small kernels
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from mapo.bench_gpu import WIDTHS_7B, WIDTHS_TOY, build_model, card_peaks, time_decode  # noqa: E402
+from mapo.kv_cache import StaticKVCache  # noqa: E402
 from mapo.models.adapter import get_adapter  # noqa: E402
 
 
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toy", action="store_true")
     parser.add_argument("--prompts", type=int, default=8, help="prompts; rows = prompts × 8")
+    parser.add_argument("--cache-write", choices=("inside", "outside", "both"), default="outside",
+                        help="compile the KV-cache write with the decoder, leave it eager, or time both")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths = WIDTHS_TOY if args.toy else WIDTHS_7B
@@ -46,12 +50,30 @@ def main(argv: list[str] | None = None) -> dict:
                  "torch": torch.__version__, "widths": widths}
     out["eager_kernels"] = time_decode(**setting)
     text = get_adapter(model).text_model(model)
-    # dynamic=True: the cache's visible length changes by bucket, and one compiled graph should serve them all.
-    text.forward = torch.compile(text.forward, dynamic=True)
-    started = time.perf_counter()
-    out["compiled"] = time_decode(**setting)  # its warm-up rollouts do the compiling
-    out["compiled_total_s"] = time.perf_counter() - started
-    out["compiled_over_eager_kernels"] = out["compiled"]["step_s"] / out["eager_kernels"]["step_s"]
+    eager_forward = text.forward
+    update = StaticKVCache.update
+    # "inside": the cache write is compiled with the decoder; its in-place index_copy_ into the cache buffers
+    # (graph inputs) is functionalised, and unless Inductor re-inplaces it the step copies whole buffers back,
+    # which at 7B widths is gigabytes per step. "outside" (the default) rules that out: the write stays eager,
+    # and each layer is two compiled pieces around it (graph breaks, all replayed by our CUDA graph). On the
+    # CPU tiny model neither variant settled it: compiled decode was 1.8x faster than eager with text prompts
+    # and slower with audio prompts in both variants, on a loaded machine.
+    variants = ("inside", "outside") if args.cache_write == "both" else (args.cache_write,)
+    for variant in variants:
+        torch._dynamo.reset()
+        if variant == "outside":
+            StaticKVCache.update = torch.compiler.disable(update)
+        try:
+            # dynamic=True: the cache's visible length changes by bucket; one compiled graph should serve them all
+            text.forward = torch.compile(eager_forward, dynamic=True)
+            started = time.perf_counter()
+            out[f"compiled_cache_{variant}"] = time_decode(**setting)  # its warm-up rollouts do the compiling
+            out[f"compiled_cache_{variant}_total_s"] = time.perf_counter() - started
+        finally:
+            StaticKVCache.update = update
+            text.forward = eager_forward
+        out[f"compiled_cache_{variant}_over_eager_kernels"] = (
+            out[f"compiled_cache_{variant}"]["step_s"] / out["eager_kernels"]["step_s"])
     print(json.dumps(out, default=float))
     return out
 

@@ -23,6 +23,9 @@ Sections (each fails soft: an error or the time budget is recorded and the next 
   [rows, heads, 1, L] scores (`matmul_decode_attention`) instead of SDPA's fused kernel. With a mask and one
   query per row, SDPA takes a kernel tiled for many queries; the two matmuls read K and V once each. If it
   wins, the rollout should take it (it is not used outside this section yet).
+- decode_64rows_graph_short_prompt: decode_64rows_graph with an 8× shorter prompt. The difference is what the
+  prompt's keys/values, held and read once per row, cost a step: the most that a cache holding each prompt
+  once for its G = 8 rows could save (it would still read the prompt once per group).
 - update: forward + backward of the policy's log-probs and entropies (`hidden_states` +
   `logprobs_from_hidden`, every position scored) on rows × sequence tokens; model-FLOPs utilisation =
   6 · N · tokens / time / peak dense bf16 FLOP/s, N = the decoder layers' and LM head's parameters
@@ -400,6 +403,10 @@ def run_gpu_suite(args) -> dict:
     section("decode_64rows_graph_matmul_attention", lambda: _with(matmul_decode_attention(), lambda: time_decode(
         prompts=8, cuda_graph="on", **small, **decode)))
     section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
+    # the same rows with an 8x shorter prompt: how much of a step the replicated prompt keys/values cost, i.e.
+    # what a cache holding each prompt once per group (read once for its G rows) could save at most
+    section("decode_64rows_graph_short_prompt", lambda: time_decode(
+        prompts=8, cuda_graph="on", **{**small, "prompt_len": small["prompt_len"] // 8}, **decode))
     update = dict(model=model, widths=widths, peak_flops=peak_flops, repeats=2 if toy else 3)
     seq = 64 if toy else 1024
     section(f"update_2x{seq}", lambda: time_update(rows=2, seq=seq, checkpointing=False, **update))

@@ -177,7 +177,8 @@ def check_mini_batches(cfg, ctx: CheckContext) -> list[str]:
 @config_check
 def check_attention_loss(cfg, ctx: CheckContext) -> list[str]:
     from mapo.algos.mapo import TEMPORAL_SCHEDULES
-    from mapo.capture.attention import CAPTURE_METHODS, HEAD_REDUCTIONS, LAYER_REDUCTIONS, SUPPORTED_IMPLEMENTATIONS
+    from mapo.capture.attention import CAPTURE_METHODS, HEAD_REDUCTIONS, LAYER_REDUCTIONS
+    from mapo.models.attention_override import SUPPORTED_IMPLEMENTATIONS
 
     t, out = cfg.algo.attn, []
     if not t.eta >= 0:

@@ -15,17 +15,12 @@ keys are all blocked, gets mass 0).
 
 How it is installed, and why this way:
 
-- Each chosen `Qwen2Attention` looks its attention function up by `self.config._attn_implementation`.
-  Inside the context, *only the chosen attention modules* get a read-through view of the shared text
-  config that reports a private implementation name, registered in the attention-function registry the
-  module's modeling file uses. With methods "sdpa" and "eager" the registered wrapper first calls the
-  model's original function (`sdpa` or `eager`, whatever the model was loaded with) with the unchanged
-  arguments — so outputs and gradients of the model are exactly as without the capture — then computes
-  the mass from the same query/key tensors (after rotary embedding) and the same attention mask.
-- The attention mask is built by the text model from its own config, which is never touched, so the
-  wrapper receives exactly the padding + causal mask the original function receives (a custom
-  `_attn_implementation` on the model config would instead need its own mask function, and silently
-  get `attention_mask=None` without one — FIELD-NOTES "Attention").
+- The capture is an `mapo.models.attention_override.AttentionOverride` of the chosen layers' attention
+  modules (that module says how it redirects them without touching the model config or its mask). With
+  methods "sdpa" and "eager" the wrapper first calls the model's original function (`sdpa` or `eager`,
+  whatever the model was loaded with) with the unchanged arguments — so outputs and gradients of the model
+  are exactly as without the capture — then computes the mass from the same query/key tensors (after
+  rotary embedding) and the same attention mask.
 - method "fused" (the default of `algo.attn.method`) changes the first point: the wrapper calls the original
   function once, on query/key/value widened by `mapo.capture.kernels.fused_inputs`, and splits the result
   into the layer's output and the mass. Same function, same mask, one attention instead of two per captured
@@ -43,14 +38,12 @@ model runs several forwards inside one context, `mass` refers to the latest one;
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mapo.capture.kernels import (
     audio_mass_eager,
@@ -59,6 +52,7 @@ from mapo.capture.kernels import (
     split_fused_output,
 )
 from mapo.models.adapter import get_adapter, has_adapter
+from mapo.models.attention_override import AttentionOverride
 from mapo.models.embed import audio_span_mask
 
 #: Methods that compute the mass in a second call after the layer's own attention (see `mapo.capture.kernels`).
@@ -67,7 +61,6 @@ MASS_METHODS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": audio_mass_sdpa,
 CAPTURE_METHODS = ("fused", *MASS_METHODS)
 HEAD_REDUCTIONS = ("max", "mean")
 LAYER_REDUCTIONS = ("mean", "max")
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 # Attribute paths to a text decoder's layer list for models without a mapo adapter (a plain causal LM
 # such as Qwen2ForCausalLM, or a bare decoder); models of a supported family ask their adapter.
@@ -100,24 +93,6 @@ def audio_key_mask_from_ids(
     (the audio-span mask of `mapo.models.embed`, named for its use here).
     """
     return audio_span_mask(input_ids, audio_token_id, attention_mask)
-
-
-class _ConfigView:
-    """Read-through view of a config that reports another attention implementation.
-
-    Reads of every other attribute go to the shared config (so later changes stay visible) and writes go
-    to it too; only `_attn_implementation` differs.
-    """
-
-    def __init__(self, base: Any, attn_implementation: str) -> None:
-        object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_attn_implementation", attn_implementation)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_base"), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(object.__getattribute__(self, "_base"), name, value)
 
 
 class AudioAttentionCapture:
@@ -155,11 +130,9 @@ class AudioAttentionCapture:
         self.method = method
         self._mass_fn = MASS_METHODS.get(method)  # None for "fused"
         self.key_length = key_length
-        self._name = f"mapo_audio_capture_{id(self):x}"
-        # Filled on enter: module -> (slot in layer_indices, original attention function).
-        self._slots: dict[nn.Module, tuple[int, Callable]] = {}
-        self._saved_configs: list[tuple[nn.Module, Any]] = []
-        self._registries: list[Any] = []
+        self._slot_of = {attn: slot for slot, attn in enumerate(self._attention_modules)}
+        self._override = AttentionOverride(self._attention_modules, self._attention, "audio capture",
+                                           labels=[f"decoder layer {i}" for i in self.layer_indices])
         self._head_mass: list[torch.Tensor | None] = [None] * len(self.layer_indices)
 
     # ----------------------------------------------------------------------------- inputs
@@ -178,61 +151,19 @@ class AudioAttentionCapture:
 
     # ----------------------------------------------------------------------------- install / remove
     def __enter__(self) -> AudioAttentionCapture:
-        if self._saved_configs:
-            raise RuntimeError("this AudioAttentionCapture is already installed")
-        try:
-            self._install()
-        except BaseException:
-            self._uninstall()
-            raise
+        self._override.__enter__()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._uninstall()
-
-    def _install(self) -> None:
-        for slot, attn in enumerate(self._attention_modules):
-            config = attn.config
-            if isinstance(config, _ConfigView):
-                raise RuntimeError(f"decoder layer {self.layer_indices[slot]} is already inside another audio capture")
-            implementation = config._attn_implementation
-            if implementation not in SUPPORTED_IMPLEMENTATIONS:
-                raise ValueError(
-                    f"audio attention capture supports attn_implementation {list(SUPPORTED_IMPLEMENTATIONS)} for the "
-                    f"text decoder; layer {self.layer_indices[slot]} uses {implementation!r}"
-                )
-            modeling_module = sys.modules[type(attn).__module__]
-            registry = getattr(modeling_module, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
-            eager_default = getattr(modeling_module, "eager_attention_forward", None)
-            # The same lookup the attention module itself performs, so the wrapper calls what it would.
-            original = registry.get_interface(implementation, eager_default)
-            if original is None:
-                raise ValueError(f"{modeling_module.__name__} has no eager_attention_forward to fall back to")
-            if not any(r is registry for r in self._registries):
-                if self._name in registry:
-                    raise RuntimeError(f"attention function name {self._name!r} is already registered")
-                registry[self._name] = self._attention
-                self._registries.append(registry)
-            self._slots[attn] = (slot, original)
-            self._saved_configs.append((attn, config))
-            attn.config = _ConfigView(config, self._name)
-
-    def _uninstall(self) -> None:
-        for attn, config in reversed(self._saved_configs):
-            attn.config = config
-        self._saved_configs.clear()
-        for registry in self._registries:
-            if self._name in registry:
-                del registry[self._name]
-        self._registries.clear()
-        self._slots.clear()
+        self._override.__exit__(exc_type, exc, tb)
 
     # ----------------------------------------------------------------------------- the wrapper
     def _attention(
         self,
         module: nn.Module,
+        original: Callable,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
@@ -240,10 +171,9 @@ class AudioAttentionCapture:
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention-function signature of transformers: query [B, Hq, Q, d], key/value [B, Hkv, S, d]."""
-        if module not in self._slots:
-            raise RuntimeError(f"{type(module).__name__} called the audio capture function but is not captured")
-        slot, original = self._slots[module]
+        """The override's wrapper (`AttentionOverride`): `original` is the module's own attention function, the
+        rest its arguments as transformers passes them: query [B, Hq, Q, d], key/value [B, Hkv, S, d]."""
+        slot = self._slot_of[module]
         if self.key_length is not None and key.shape[2] != self.key_length:
             # a call over other keys (the prompt-only call of a shared-prefix pass): not recorded
             return original(module, query, key, value, attention_mask, *args, **kwargs)

@@ -39,6 +39,9 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     assert decode["bound_s"] == pytest.approx((weights + decode["kv_bytes_mean"]) / 0.01e12)
     assert decode["step_over_bound"] == pytest.approx(decode["step_s"] / decode["bound_s"])
     assert decode["graphs"] == {"captured": 0, "replayed": 0, "failed": 0}  # no CUDA graph on CPU
+    # the shared-prompt cache reads each of the 8 prompts once: 512 · (8 · 32 + 64 · new / 2)
+    shared = sections["decode_64rows_graph_shared_prompt"]
+    assert shared["shared_prompt"] and shared["kv_bytes_mean"] == 512 * (8 * 32 + 64 * shared["new_tokens"] / 2)
     update = sections["update_2x64"]
     assert update["params_counted"] == 2 * per_layer + 512 * 64  # decoder layers and LM head (no final norm)
     assert update["mfu"] == pytest.approx(6 * update["params_counted"] * 128 / update["time_s"] / 0.1e12)
@@ -77,6 +80,8 @@ def test_cpu_table_marks_targets(tmp_path):
         "scoring_bf16": {"rows": 2, "tokens": 128, "hidden": 256, "vocab": 32000, "memory": 0.31},
         "step": {"rows": 64, "sequence_length": 188, "mapo": {"time_s": 1.3}, "grpo": {"time_s": 1.0}},
         "capture_overhead": {"setting": "16 rows", "sdpa_over_none": 2.25, "fused_over_none": 1.125},
+        "rollout_audio": {"prompts": 8, "group": 8, "new_tokens": 40, "temperature": 1.3, "speedup_vs_generate": 3.2,
+                          "static_over_dynamic_speed": 1.2, "shared_over_per_row_speed": 1.04},
         "trl": "skipped: TRL is not installed",
     }
     table = bench.markdown_table(results)
@@ -88,6 +93,8 @@ def test_cpu_table_marks_targets(tmp_path):
     assert ("| scoring memory, bf16 head (as on a GPU): fused chunked peak / full logits peak | 0.31 | MISSED (<= 0.25) "
             "| 2×128 positions, H = 256, V = 32,000, fwd+bwd; speed not measured (CPU bf16 matmuls) |") in table
     assert "| trl | – | – | skipped: TRL is not installed |" in table
+    assert "| rollout (audio prompts): generate on the G-repeated batch / ours | 3.20 | met (>= 3) |" in table
+    assert "| rollout (audio): per-row prompt cache / shared prompt cache | 1.04 |  |" in table
     assert ("| captured layer: mass fused into the layer's call / no capture | 1.12 |  | one layer's attention, "
             "fwd+bwd, 16 rows |") in table
     (tmp_path / "cpu-test-1t.json").write_text(json.dumps(results))

@@ -224,6 +224,14 @@ def test_rollout_greedy_equals_generate(omni, records):
     assert (rollout.completion_ids[:, expected.shape[1]:] == tok.pad_token_id).all()
     lengths = rollout.completion_mask.sum(-1)
     assert lengths.min() < 12 and lengths.max() == 12, lengths  # some rows stop early, some do not
+    # each prompt's keys/values once for its rows (rollout.shared_prompt_cache): the same greedy tokens, and
+    # the same sampled ones
+    shared = generate_rollout(model, batch, group_size=2, max_new_tokens=12, do_sample=False, suppress_token_ids=suppress,
+                              shared_prompt_cache=True, **kwargs)
+    assert torch.equal(shared.completion_ids, rollout.completion_ids)
+    sampled = dict(group_size=3, max_new_tokens=12, temperature=1.3, seeds=[5, 6, 7, 8], suppress_token_ids=suppress, **kwargs)
+    assert torch.equal(generate_rollout(model, batch, shared_prompt_cache=True, **sampled).completion_ids,
+                       generate_rollout(model, batch, **sampled).completion_ids)
 
 
 @pytest.mark.parametrize("method", ["fused", "sdpa"])

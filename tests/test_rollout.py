@@ -201,6 +201,84 @@ def test_bucketed_cache_reads_equal_exact_reads(monkeypatch):
     assert torch.equal(exact.completion_ids, bucketed.completion_ids) and exact.completion_ids.shape[1] == 20
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_cache_decodes_what_the_per_row_cache_does(attn):
+    """Each prompt's keys/values held once for its G rows (rollout.shared_prompt_cache): the same logits at
+    every step to 1e-5 and the same sampled tokens (padded prompts, audio, GQA, penalty, bucketed reads),
+    with B·P + N·T cached columns instead of N·(P + T); the attention override is gone afterwards."""
+    import mapo.rollout as rollout_module
+    from mapo.kv_cache import SharedPromptKVCache
+
+    model = tiny_model(seed=2, eos_bias=1.5, projector_gain=50.0)
+    model.set_attn_implementation({"text_config": attn, "audio_config": "sdpa"})
+    batch = make_batch()
+    configs = [layer.self_attn.config for layer in model.model.language_model.layers]
+    kwargs = dict(group_size=4, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3],
+                  temperature=1.2, top_k=40, repetition_penalty=1.2, cache="static")
+    logits: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    caches = {}
+    step = rollout_module._StaticDecoder.step
+
+    def spy(self, tokens):
+        out = step(self, tokens)
+        logits[self.shared_prompt].append(out.clone())
+        caches[self.shared_prompt] = self.cache
+        return out
+
+    rollout_module._StaticDecoder.step = spy
+    try:
+        per_row = generate_rollout(model, batch, **kwargs)
+        shared = generate_rollout(model, batch, shared_prompt_cache=True, **kwargs)
+    finally:
+        rollout_module._StaticDecoder.step = step
+    assert torch.equal(per_row.completion_ids, shared.completion_ids)
+    assert len(logits[True]) == len(logits[False]) >= 10
+    for a, b in zip(logits[False], logits[True]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    lengths = shared.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows end at different steps
+    cache = caches[True]
+    assert isinstance(cache, SharedPromptKVCache)
+    prompt_len, rows = batch["input_ids"].shape[1], 12
+    assert cache.prompt_keys[0].shape == (3, 2, prompt_len, 16) and cache.keys[0].shape == (rows, 2, 16, 16)
+    assert caches[False].keys[0].shape == (rows, 2, prompt_len + 16, 16)
+    assert [layer.self_attn.config for layer in model.model.language_model.layers] == configs  # override removed
+    # bucketed reads (what CUDA graphs do) mask the unwritten completion columns exactly
+    rollout_module.EAGER_BUCKET = 8
+    try:
+        assert torch.equal(generate_rollout(model, batch, shared_prompt_cache=True, **kwargs).completion_ids,
+                           shared.completion_ids)
+    finally:
+        rollout_module.EAGER_BUCKET = 1
+    # greedy with one row per prompt: nothing to share, the per-row path runs and still equals generate
+    greedy = generate_rollout(model, batch, group_size=1, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD,
+                              do_sample=False, shared_prompt_cache=True)
+    assert torch.equal(greedy.completion_ids, greedy_reference(model, batch, 12)[:, : greedy.completion_ids.shape[1]])
+
+
+def test_shared_prompt_attention_hand_worked():
+    """One prompt of 2 keys, G = 2 rows with 1 own key each, d = 1, scaling 1: row r's query q_r sees
+    scores (q·k0, q·k1, q·c_r); the output is the softmax-weighted values; a padded prompt key is skipped."""
+    import math
+
+    from mapo.kv_cache import SharedPromptKVCache, shared_prompt_attention
+
+    cache = SharedPromptKVCache(1, 2, 3, torch.tensor([0]), torch.tensor([[[[False, True, True]]]]))
+    keys = torch.tensor([9.0, 0.0, math.log(3.0)]).view(1, 1, 3, 1)  # key 0 is padding
+    values = torch.tensor([100.0, 1.0, 2.0]).view(1, 1, 3, 1)
+    cache.update(keys, values, 0)
+    cache.start_decoding()
+    module = type("Attn", (), {"layer_idx": 0})()
+    own_keys = torch.tensor([0.0, math.log(2.0)]).view(2, 1, 1, 1)  # row 0: score 0, row 1: score ln 2
+    own_values = torch.tensor([3.0, 4.0]).view(2, 1, 1, 1)
+    query = torch.ones(2, 1, 1, 1)
+    out, weights = shared_prompt_attention(cache)(module, None, query, own_keys, own_values,
+                                                  torch.ones(2, 1, 1, 1, dtype=torch.bool), scaling=1.0)
+    # row 0: weights ∝ (1, 3, 1) over values (1, 2, 3) -> 10/5 = 2; row 1: ∝ (1, 3, 2) over (1, 2, 4) -> 15/6
+    assert weights is None and out.shape == (2, 1, 1, 1)
+    torch.testing.assert_close(out.flatten(), torch.tensor([2.0, 2.5]))
+
+
 def test_cuda_graph_option():
     cpu = torch.device("cpu")
     assert resolve_cuda_graph("auto", cpu, multi_process=False) is False
@@ -238,3 +316,9 @@ def test_cuda_graph_decode_equals_eager_on_gpu():
                               do_sample=False, cuda_graph="on")
     expected = greedy_reference(model, batch, 200)
     assert torch.equal(greedy.completion_ids, expected[:, : greedy.completion_ids.shape[1]])
+    # the shared-prompt cache under graphs: the same tokens as the per-row cache, eager
+    before = graph_stats()
+    shared = generate_rollout(model, batch, cuda_graph="on", shared_prompt_cache=True, **kwargs)
+    stats = {k: v - before[k] for k, v in graph_stats().items()}
+    assert stats["captured"] >= 2 and stats["failed"] == 0, stats
+    assert torch.equal(shared.completion_ids, eager.completion_ids)

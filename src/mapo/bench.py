@@ -13,7 +13,8 @@ CPU suite (one thread; what the tiny model shows):
 2. scoring:  log-prob + entropy of 8×128 positions, V = 32,000: the fused chunked function vs full fp32
              logits with autograd (fwd+bwd): speed and peak memory.
 3. rollout:  our decode loop vs `generate` on the G-repeated batch (8 prompts × G = 8, 40 new tokens,
-             T = 1.3), with audio and text-only; and the preallocated cache vs the growing one.
+             T = 1.3), with audio and text-only; the preallocated cache vs the growing one, and the per-row
+             prompt copies vs the shared-prompt cache.
 4. step:     MAPO vs GRPO (tiny_mapo / tiny_grpo configs) on one rollout: everything after the rollout.
 5. trl:      steps/s of mapo vs TRL `GRPOTrainer` on the same work (`mapo.bench_trl`), when TRL is installed.
 The GPU suite is `mapo.bench_gpu`.
@@ -127,12 +128,12 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
         lambda module, args, output: clips.__setitem__("n", clips["n"] + args[0].shape[0]))
     generated: dict[str, int] = {}
 
-    def ours(cache: str):
+    def ours(cache: str, shared: bool = False):
         def run():
             r = generate_rollout(model, batch, group_size=group, max_new_tokens=new_tokens, eos_token_id=eos,
                                  pad_token_id=pad, suppress_token_ids=suppress, seeds=list(range(prompts)),
-                                 temperature=temperature, cache=cache)
-            generated[cache] = int(r.completion_mask.sum())
+                                 temperature=temperature, cache=cache, shared_prompt_cache=shared)
+            generated["shared" if shared else cache] = int(r.completion_mask.sum())
         return run
 
     repeated = {k: v.repeat_interleave(group, 0).to(device) for k, v in batch.items()}
@@ -145,7 +146,7 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
         ended = (completion == eos).cumsum(-1) - (completion == eos).long()
         generated["generate"] = int((ended == 0).sum())
 
-    steps = {"static": ours("static"), "dynamic": ours("dynamic"), "generate": hf}
+    steps = {"static": ours("static"), "dynamic": ours("dynamic"), "shared": ours("static", shared=True), "generate": hf}
     encoded = {}
     for name, step in steps.items():
         clips["n"] = 0
@@ -156,11 +157,12 @@ def bench_rollout(model_dir: Path, data_dir: Path, *, prompts: int, group: int, 
     out = {"prompts": prompts, "group": group, "new_tokens": new_tokens, "temperature": temperature,
            "text_only": text_only, "prompt_len": int(batch["input_ids"].shape[1])}
     for name in steps:
-        key = "hf_generate" if name == "generate" else f"ours_{name}_cache"
+        key = {"generate": "hf_generate", "shared": "ours_shared_prompt_cache"}.get(name, f"ours_{name}_cache")
         out[key] = {"time_s": statistics.median(times[name]), "times_s": times[name],
                     "tokens_generated": generated[name], "clips_encoded": encoded[name]}
     out["speedup_vs_generate"] = paired_ratio(times["generate"], times["static"])
     out["static_over_dynamic_speed"] = paired_ratio(times["dynamic"], times["static"])
+    out["shared_over_per_row_speed"] = paired_ratio(times["static"], times["shared"])
     return out
 
 
@@ -195,6 +197,9 @@ def _ratio_rows(results: dict) -> list[tuple[str, str, float, str]]:
                          ro["speedup_vs_generate"], what))
             rows.append((f"static_cache_{label}", f"rollout ({label}): growing cache / preallocated cache",
                          ro["static_over_dynamic_speed"], what))
+            if "shared_over_per_row_speed" in ro:  # files from before 2026-11-28 lack it
+                rows.append((f"shared_prompt_{label}", f"rollout ({label}): per-row prompt cache / shared prompt cache",
+                             ro["shared_over_per_row_speed"], what))
     st = results.get("step")
     if isinstance(st, dict):
         # older JSON files have no paired ratio: the ratio of the medians

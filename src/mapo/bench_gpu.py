@@ -23,9 +23,10 @@ Sections (each fails soft: an error or the time budget is recorded and the next 
   [rows, heads, 1, L] scores (`matmul_decode_attention`) instead of SDPA's fused kernel. With a mask and one
   query per row, SDPA takes a kernel tiled for many queries; the two matmuls read K and V once each. If it
   wins, the rollout should take it (it is not used outside this section yet).
-- decode_64rows_graph_short_prompt: decode_64rows_graph with an 8× shorter prompt. The difference is what the
-  prompt's keys/values, held and read once per row, cost a step: the most that a cache holding each prompt
-  once for its G = 8 rows could save (it would still read the prompt once per group).
+- decode_64rows_graph_shared_prompt: decode_64rows_graph with `rollout.shared_prompt_cache` (each prompt's
+  keys/values held and read once for its G = 8 rows, `mapo.kv_cache.SharedPromptKVCache`); its bound counts
+  the bytes that cache reads (each prompt once), so step/bound stays an honest ratio. If it wins, the option
+  should default to on for CUDA.
 - update: forward + backward of the policy's log-probs and entropies (`hidden_states` +
   `logprobs_from_hidden`, every position scored) on rows × sequence tokens; model-FLOPs utilisation =
   6 · N · tokens / time / peak dense bf16 FLOP/s, N = the decoder layers' and LM head's parameters
@@ -140,7 +141,8 @@ def kv_bytes_per_token(widths: dict, dtype: torch.dtype) -> int:
     return 2 * widths["layers"] * widths["kv_heads"] * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def _decoder(model, widths: dict, *, prompts: int, group: int, prompt_len: int, cuda_graph: str):
+def _decoder(model, widths: dict, *, prompts: int, group: int, prompt_len: int, cuda_graph: str,
+             shared_prompt: bool = False):
     """(device, rollout(n)): our rollout of n new tokens on `prompts` random prompts of `prompt_len` tokens.
     Random weights: a row samples EOS with probability ~1/V per step, so a rollout runs all n steps (the
     longest row decides), and rollouts of 1 and of n tokens differ by n − 1 whole decode steps."""
@@ -153,26 +155,31 @@ def _decoder(model, widths: dict, *, prompts: int, group: int, prompt_len: int, 
 
     def rollout(n: int):
         return generate_rollout(model, batch, group_size=group, max_new_tokens=n, eos_token_id=widths["vocab"] - 2,
-                                pad_token_id=0, temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph)
+                                pad_token_id=0, temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph,
+                                shared_prompt_cache=shared_prompt)
 
     return device, rollout
 
 
 def _bound(model, widths: dict, dtype: torch.dtype, rows: int, prompt_len: int, steps: int,
-           bandwidth: float | None) -> dict:
+           bandwidth: float | None, prompts: int | None = None) -> dict:
     """The step's bytes (weights read per step, KV cache at the mean context length) and, with a bandwidth,
-    the bound in seconds."""
+    the bound in seconds. prompts: with the shared-prompt cache, the prompt is read once per prompt, not per
+    row (the bytes that cache really reads)."""
     weights = weight_bytes_per_step(model)
-    kv = kv_bytes_per_token(widths, dtype) * rows * (prompt_len + steps / 2)
+    prompt_reads = rows if prompts is None else prompts
+    kv = kv_bytes_per_token(widths, dtype) * (prompt_reads * prompt_len + rows * steps / 2)
     return {"weight_bytes": weights, "kv_bytes_mean": kv, **({"bound_s": (weights + kv) / bandwidth} if bandwidth else {})}
 
 
 def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int, cuda_graph: str,
-                bandwidth: float | None, dtype: torch.dtype) -> dict:
-    """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring)."""
+                bandwidth: float | None, dtype: torch.dtype, shared_prompt: bool = False) -> dict:
+    """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring);
+    shared_prompt: decode with `rollout.shared_prompt_cache` (the bound then counts each prompt once)."""
     from mapo.rollout import graph_stats
 
-    device, rollout = _decoder(model, widths, prompts=prompts, group=group, prompt_len=prompt_len, cuda_graph=cuda_graph)
+    device, rollout = _decoder(model, widths, prompts=prompts, group=group, prompt_len=prompt_len, cuda_graph=cuda_graph,
+                               shared_prompt=shared_prompt)
 
     def timed(n: int) -> tuple[float, int]:
         with device_timer(device) as timer:
@@ -187,8 +194,9 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
     step_s = (full - one) / max(steps - 1, 1)
     rows = prompts * group
     out = {"rows": rows, "prompt_len": prompt_len, "new_tokens": steps, "cuda_graph": cuda_graph,
-           "step_s": step_s, "tokens_per_s": rows / step_s, "prefill_and_first_token_s": one,
-           "graphs": graphs, **_bound(model, widths, dtype, rows, prompt_len, steps, bandwidth)}
+           "shared_prompt": shared_prompt, "step_s": step_s, "tokens_per_s": rows / step_s,
+           "prefill_and_first_token_s": one, "graphs": graphs,
+           **_bound(model, widths, dtype, rows, prompt_len, steps, bandwidth, prompts if shared_prompt else None)}
     if "bound_s" in out:
         out["step_over_bound"] = step_s / out["bound_s"]
     return out
@@ -403,10 +411,8 @@ def run_gpu_suite(args) -> dict:
     section("decode_64rows_graph_matmul_attention", lambda: _with(matmul_decode_attention(), lambda: time_decode(
         prompts=8, cuda_graph="on", **small, **decode)))
     section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
-    # the same rows with an 8x shorter prompt: how much of a step the replicated prompt keys/values cost, i.e.
-    # what a cache holding each prompt once per group (read once for its G rows) could save at most
-    section("decode_64rows_graph_short_prompt", lambda: time_decode(
-        prompts=8, cuda_graph="on", **{**small, "prompt_len": small["prompt_len"] // 8}, **decode))
+    section("decode_64rows_graph_shared_prompt", lambda: time_decode(
+        prompts=8, cuda_graph="on", shared_prompt=True, **small, **decode))
     update = dict(model=model, widths=widths, peak_flops=peak_flops, repeats=2 if toy else 3)
     seq = 64 if toy else 1024
     section(f"update_2x{seq}", lambda: time_update(rows=2, seq=seq, checkpointing=False, **update))

@@ -115,7 +115,8 @@ class RLHarness:
         batch = self.collator.prompts(records)
         rollout = self.runner.decode(
             generate_rollout, batch, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=list(range(n)), **self.gen_kwargs,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seeds=list(range(n)),
+            shared_prompt_cache=cfg.rollout.shared_prompt_cache, **self.gen_kwargs,
         )
         return records, rollout
 

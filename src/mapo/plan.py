@@ -27,7 +27,8 @@ What is counted, per GPU (N ranks; FSDP2 shards over all of them when N > 1):
                  trainable weights (kept for the autocast region); under FSDP the rollout and evaluation
                  gather the whole model once (full bf16 model per GPU) and the update holds the root unit
                  (token table, LM head, norms, projector) plus two decoder layers (current + prefetch).
-  rollout KV     rows × (prompt + new tokens) × 2·layers·kv_heads·head_dim in the compute dtype, every row
+  rollout KV     rows × (prompt + new tokens) × 2·layers·kv_heads·head_dim in the compute dtype (with
+                 `rollout.shared_prompt_cache`: prompts × prompt + rows × new tokens), every row
                  at its longest (the prompt is a full audio window + `prompt_text_tokens` of text); plus
                  one layer's copy while the cache grows and the sampling buffers (rows × vocabulary).
   scoring        the no-grad passes run over all local rows at once: one layer's transient + hidden states.
@@ -89,6 +90,7 @@ class PlanInputs:
     eval_batch_size: int
     micro_batch_size: int
     gradient_checkpointing: bool
+    shared_prompt_cache: bool = False  # rollout.shared_prompt_cache: B·P + N·T cached columns instead of N·(P+T)
     lora_rank: int = 0
     lora_targets: tuple[str, ...] | str = "all-linear"
     lora_dropout: float = 0.0
@@ -143,6 +145,7 @@ def inputs_from_config(cfg, world_size: int, device: str, prompt_text_tokens: in
         phase=phase,
         prompts_per_step=rollout.prompts_per_step,
         group_size=rollout.group_size,
+        shared_prompt_cache=bool(rollout.shared_prompt_cache),
         max_new_tokens=rollout.max_new_tokens,
         eval_batch_size=rollout.eval_batch_size,
         micro_batch_size=trainer.micro_batch_size,
@@ -376,9 +379,14 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     # collator's batch and its copy) and the rows' ids and masks.
     batch = prompts_local * 2 * dims.num_mel_bins * dims.audio_frames * 4 + rows * seq * 8 * 4
 
-    # Rollout: the KV cache at its longest, one layer's copy as it grows, the sampling buffers.
-    kv = rows * seq * kv_per_token
-    kv_grow = rows * seq * kv_per_token // dims.num_layers
+    # Rollout: the KV cache at its longest, one layer's copy as it grows, the sampling buffers. With the
+    # shared-prompt cache each prompt is held once for its G rows (mapo.kv_cache.SharedPromptKVCache).
+    if inputs.shared_prompt_cache and inputs.group_size >= 2:
+        kv_columns = prompts_local * prompt_len + rows * inputs.max_new_tokens
+    else:
+        kv_columns = rows * seq
+    kv = kv_columns * kv_per_token
+    kv_grow = kv_columns * kv_per_token // dims.num_layers
     sampling = rows * vocab * (44 if inputs.top_p else 20)
     rollout_extra = kv + kv_grow + sampling
 

@@ -62,7 +62,8 @@ def rl_step(phase: Phase, ref_runner, collator, cfg: MapoConfig, ctx, gen_kwargs
         rollout = phase.runner.decode(  # under FSDP the weights are gathered once for the whole rollout
             generate_rollout, batch, group_size=G, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-            repetition_penalty=cfg.rollout.repetition_penalty, seeds=seeds, **gen_kwargs,
+            repetition_penalty=cfg.rollout.repetition_penalty, seeds=seeds,
+            shared_prompt_cache=cfg.rollout.shared_prompt_cache, **gen_kwargs,
         )
     timer.add_tokens("rollout", rollout.completion_mask.sum())
     sequence_tokens = rollout.attention_mask.sum()

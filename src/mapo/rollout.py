@@ -47,8 +47,9 @@ import torch
 from torch import nn
 
 from mapo.distributed import fsdp_units
-from mapo.kv_cache import StaticKVCache, as_mask, prefill_allowed
+from mapo.kv_cache import SharedPromptKVCache, StaticKVCache, as_mask, prefill_allowed, shared_prompt_attention
 from mapo.models.adapter import ModelAdapter, get_adapter
+from mapo.models.attention_override import AttentionOverride
 from mapo.models.embed import (
     audio_token_id,
     build_inputs_embeds,
@@ -197,24 +198,34 @@ class _StaticDecoder:
     """
 
     def __init__(self, model, adapter: ModelAdapter, embeds, prompt_mask, positions, group_size: int,
-                 max_new_tokens: int, mask_kind: str, use_graph: bool):
+                 max_new_tokens: int, mask_kind: str, use_graph: bool, shared_prompt: bool = False):
         self.model, self.adapter = model, adapter
         self.embed_tokens, self.lm_head = adapter.embed_tokens(model), adapter.lm_head(model)
         num_prompts, prompt_len = prompt_mask.shape
         rows, device = num_prompts * group_size, prompt_mask.device
         self.prompt_len, self.max_len = prompt_len, prompt_len + max_new_tokens
-        self.write_position = torch.tensor([prompt_len], dtype=torch.long, device=device)
-        self.cache = StaticKVCache(num_prompts, group_size, self.max_len, self.write_position)
+        self.shared_prompt = shared_prompt
+        # the columns a step's attention reads: the whole sequence, or with a shared prompt the completion part
+        self.first_column = 0 if shared_prompt else prompt_len
+        self.columns = max_new_tokens if shared_prompt else self.max_len
+        self.write_position = torch.tensor([self.first_column], dtype=torch.long, device=device)
+        if shared_prompt:
+            self.cache = SharedPromptKVCache(num_prompts, group_size, max_new_tokens, self.write_position,
+                                             prompt_mask.bool()[:, None, None, :])
+        else:
+            self.cache = StaticKVCache(num_prompts, group_size, self.max_len, self.write_position)
         mask_dtype = embeds.dtype
         hidden = adapter.run_text_model(
             model, embeds, as_mask(prefill_allowed(prompt_mask), mask_kind, mask_dtype), positions, cache=self.cache
         )
         self.logits = self.lm_head(hidden[:, -1]).float().repeat_interleave(group_size, dim=0)  # [N, V]
         self.cache.start_decoding()
-        allowed = torch.zeros(rows, 1, 1, self.max_len, dtype=torch.bool, device=device)
-        allowed[:, 0, 0, :prompt_len] = prompt_mask.bool().repeat_interleave(group_size, dim=0)
-        self.step_mask = as_mask(allowed, mask_kind, mask_dtype)
-        self.open_value = True if mask_kind == "bool" else 0.0
+        allowed = torch.zeros(rows, 1, 1, self.columns, dtype=torch.bool, device=device)
+        if not shared_prompt:
+            allowed[:, 0, 0, :prompt_len] = prompt_mask.bool().repeat_interleave(group_size, dim=0)
+        # shared_prompt_attention reads the completion mask as bool, whatever the model's kernel takes
+        self.step_mask = allowed if shared_prompt else as_mask(allowed, mask_kind, mask_dtype)
+        self.open_value = True if shared_prompt or mask_kind == "bool" else 0.0
         # Left padding: the last prompt column is real for every row, so the next position follows it.
         self.positions = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [N, 1]
         self.tokens_in = torch.zeros(rows, dtype=torch.long, device=device)
@@ -237,10 +248,19 @@ class _StaticDecoder:
         self.positions.add_(1)
         self.write_position.add_(1)
 
+    def attention_override(self):
+        """The context the decode steps must run in: with a shared prompt, every decoder layer's attention
+        goes through `shared_prompt_attention` (prefill calls pass through); else nothing."""
+        if not self.shared_prompt:
+            return nullcontext()
+        layers = self.adapter.decoder_layers(self.model)
+        return AttentionOverride([layer.self_attn for layer in layers], shared_prompt_attention(self.cache),
+                                 "shared-prompt decode", labels=[f"decoder layer {i}" for i in range(len(layers))])
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed `tokens` [N] (written at column prompt_len + steps); returns the next logits [N, V]."""
-        length = self.prompt_len + self.steps + 1
-        visible = min(-(-length // self.bucket) * self.bucket, self.max_len)
+        """Feed `tokens` [N] (written at column first_column + steps); returns the next logits [N, V]."""
+        length = self.first_column + self.steps + 1
+        visible = min(-(-length // self.bucket) * self.bucket, self.columns)
         self.tokens_in.copy_(tokens)
         if visible in self.graphs:
             self.graphs[visible].replay()
@@ -335,6 +355,7 @@ def generate_rollout(
     cuda_graph: bool | str | None = None,
     cache: str = "auto",
     finish_check_every: int | None = None,
+    shared_prompt_cache: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt of a processor batch.
 
@@ -353,6 +374,8 @@ def generate_rollout(
     passes `rollout.cuda_graph` (in `mapo.train.generation_kwargs`) to its rollouts and evaluations.
     cache: "auto" | "static" | "dynamic".
     finish_check_every: steps between "all done?" reads (default 1 on CPU, 8 on CUDA).
+    shared_prompt_cache: with the static cache and group_size ≥ 2, hold each prompt's keys/values once for
+    its G rows and decode with `mapo.kv_cache.shared_prompt_attention` (`rollout.shared_prompt_cache`).
     Returns a Rollout with N = B·G rows and T ≤ max_new_tokens completion columns.
     """
     input_ids = prompt_batch["input_ids"]
@@ -418,9 +441,11 @@ def generate_rollout(
             embeds = build_inputs_embeds(model, input_ids, prompt_audio_embeds)
             if mask_kind is not None:
                 decoder = _StaticDecoder(model, adapter, embeds, prompt_mask, positions, group_size, max_new_tokens,
-                                         mask_kind, use_graph)
+                                         mask_kind, use_graph, shared_prompt=shared_prompt_cache and group_size >= 2)
+                override = decoder.attention_override()
             else:
                 decoder = _DynamicDecoder(model, adapter, embeds, prompt_mask, positions, group_size)
+                override = nullcontext()
             logits = decoder.logits
 
             # 3. Token-by-token decode, feeding only the new token.
@@ -434,25 +459,26 @@ def generate_rollout(
             finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
             eos_tensor = torch.tensor(eos_ids, device=device)
             steps_run = max_new_tokens
-            for step in range(max_new_tokens):
-                tokens = next_tokens(
-                    logits, settings, suppress=suppress, seen=None if seen is None else seen[:, :vocab_size],
-                    uniforms=None if uniforms is None else uniforms[:, step],
-                )
-                tokens = tokens.masked_fill(finished, pad_token_id)
-                completion[:, step] = tokens
-                finished |= torch.isin(tokens, eos_tensor)
-                if seen is not None:
-                    seen.scatter_(1, tokens[:, None], True)
-                last = step == max_new_tokens - 1
-                if last or (step + 1) % check_every == 0:
-                    all_done = bool(finished.all())
-                    if sync_finished is not None:
-                        all_done = bool(sync_finished(all_done))
-                    if all_done or last:
-                        steps_run = step + 1
-                        break
-                logits = decoder.step(tokens)
+            with override:
+                for step in range(max_new_tokens):
+                    tokens = next_tokens(
+                        logits, settings, suppress=suppress, seen=None if seen is None else seen[:, :vocab_size],
+                        uniforms=None if uniforms is None else uniforms[:, step],
+                    )
+                    tokens = tokens.masked_fill(finished, pad_token_id)
+                    completion[:, step] = tokens
+                    finished |= torch.isin(tokens, eos_tensor)
+                    if seen is not None:
+                        seen.scatter_(1, tokens[:, None], True)
+                    last = step == max_new_tokens - 1
+                    if last or (step + 1) % check_every == 0:
+                        all_done = bool(finished.all())
+                        if sync_finished is not None:
+                            all_done = bool(sync_finished(all_done))
+                        if all_done or last:
+                            steps_run = step + 1
+                            break
+                    logits = decoder.step(tokens)
     finally:
         model.train(was_training)
 

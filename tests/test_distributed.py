@@ -87,6 +87,9 @@ def check_gather_once(rank: int) -> dict:
             expected = generate_rollout(plain, batch, max_new_tokens=tokens, **kwargs).completion_ids
             out["counts"][f"{'once' if gathered else 'per_forward'}/{tokens}"] = counter.count
             out["greedy_equal"][f"{gathered}/{tokens}"] = torch.equal(rollout.completion_ids, expected)
+    # the shared-prompt cache under FSDP2 (its attention override on sharded layers): the same greedy tokens
+    shared = runner.decode(generate_rollout, batch, max_new_tokens=8, shared_prompt_cache=True, **kwargs)
+    out["shared_prompt_equal"] = torch.equal(shared.completion_ids, expected)
     return out
 
 
@@ -222,6 +225,7 @@ def test_rollout_gathers_once_and_decodes_like_one_process(two_ranks):
         assert counts["once/2"] == counts["once/8"] > 0  # does not grow with the number of tokens
         assert counts["per_forward/8"] > counts["per_forward/2"]  # the counter sees per-token gathers
         assert all(out["gather"]["greedy_equal"].values()), out["gather"]["greedy_equal"]
+        assert out["gather"]["shared_prompt_equal"]
 
 
 def test_mixed_precision_policy_keeps_fp32_masters_and_computes_in_bf16(two_ranks):

@@ -120,6 +120,13 @@ def check_sampler(cfg, ctx: CheckContext) -> list[str]:
         resolve_cuda_graph(r.cuda_graph, torch.device("cpu"), multi_process=False)
     except ValueError:
         out.append(problem("rollout.cuda_graph", r.cuda_graph, "unknown choice", "auto, on, off"))
+    if r.shared_prompt_cache:
+        from mapo.models.attention_override import SUPPORTED_IMPLEMENTATIONS
+
+        if cfg.model.attn_implementation not in SUPPORTED_IMPLEMENTATIONS:
+            out.append(problem("model.attn_implementation", cfg.model.attn_implementation,
+                               "rollout.shared_prompt_cache decodes through the text decoder's attention function "
+                               "and a prepared mask", f"{', '.join(SUPPORTED_IMPLEMENTATIONS)} (or rollout.shared_prompt_cache=false)"))
     return out
 
 

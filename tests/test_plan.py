@@ -147,7 +147,10 @@ def test_a_plan_that_does_not_fit_names_what_would():
     capacity = 80 * GIB
     assert not memory_plan(DIMS, one, capacity).fits
     advice = fixes(DIMS, one, capacity)
-    assert advice == ["4 GPUs (NPROC×NNODES)", "rollout.prompts_per_step=8 + model.lora.rank=64"]
+    # on one GPU: the shared-prompt cache and LoRA together keep all 16 prompts per step
+    assert advice == ["4 GPUs (NPROC×NNODES)", "rollout.shared_prompt_cache=true + model.lora.rank=64"]
+    assert not memory_plan(DIMS, _apply(one, "rollout.shared_prompt_cache=true"), capacity).fits
+    assert not memory_plan(DIMS, _apply(one, "model.lora.rank=64"), capacity).fits
     assert all(memory_plan(DIMS, _apply(one, a), capacity).fits for a in advice)
     assert not memory_plan(DIMS, _apply(one, "2 GPUs (NPROC×NNODES)"), capacity).fits  # the fewest that fit
     eight_tight = dataclasses.replace(q_inputs(8), micro_batch_size=16, gradient_checkpointing=False)
@@ -165,6 +168,8 @@ def _apply(inputs, advice: str):
             inputs = dataclasses.replace(inputs, world_size=int(item.split()[0]))
         elif key == "model.gradient_checkpointing":
             inputs = dataclasses.replace(inputs, gradient_checkpointing=value == "true")
+        elif key == "rollout.shared_prompt_cache":
+            inputs = dataclasses.replace(inputs, shared_prompt_cache=value == "true")
         else:
             inputs = dataclasses.replace(inputs, **{fields[key]: int(value)})  # LoRA drops the reference copy by itself
     return inputs

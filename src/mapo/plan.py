@@ -511,20 +511,24 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
 # ------------------------------------------------------------------------------------------ advice
 #: The settings a move changes on the same number of GPUs (PlanInputs field: its override), in the order advice
 #: lists them; the greedy search prefers the earlier of two equal moves.
-_SETTING = {"micro_batch_size": "trainer.micro_batch_size", "prompts_per_step": "rollout.prompts_per_step",
+_SETTING = {"shared_prompt_cache": "rollout.shared_prompt_cache",
+            "micro_batch_size": "trainer.micro_batch_size", "prompts_per_step": "rollout.prompts_per_step",
             "max_new_tokens": "rollout.max_new_tokens", "eval_batch_size": "rollout.eval_batch_size",
             "gradient_checkpointing": "model.gradient_checkpointing", "lora_rank": "model.lora.rank"}
 
 
 def _step(inputs: PlanInputs, move: str, max_world: int) -> PlanInputs | None:
     """`inputs` after one step of `move` (a PlanInputs field: double the GPUs, halve a batch or length, turn
-    checkpointing on, LoRA rank 64), or None when that move has no step left from `inputs`."""
+    the shared-prompt cache or checkpointing on, LoRA rank 64), or None when that move has no step left."""
     if move == "world_size":
         world = inputs.world_size * 2  # prompts must still split evenly over the ranks
         ok = world <= max_world and inputs.prompts_per_step % world == 0
         return dataclasses.replace(inputs, world_size=world) if ok else None
     if move == "gradient_checkpointing":
         return None if inputs.gradient_checkpointing else dataclasses.replace(inputs, gradient_checkpointing=True)
+    if move == "shared_prompt_cache":  # the same tokens, only the rollout's cache shrinks: first to try
+        useful = not inputs.shared_prompt_cache and inputs.group_size >= 2 and inputs.phase == "rl"
+        return dataclasses.replace(inputs, shared_prompt_cache=True) if useful else None
     if move == "lora_rank":
         return dataclasses.replace(inputs, lora_rank=64) if inputs.lora_rank == 0 and inputs.phase != "eval" else None
     value = getattr(inputs, move) // 2
@@ -555,8 +559,8 @@ def _describe(base: PlanInputs, changed: PlanInputs) -> str:
 def fixes(dims: ModelDims, inputs: PlanInputs, capacity: int, max_world: int = 64) -> list[str]:
     """Changes of the settings that make the plan fit, each as the overrides to give.
 
-    Every single change that fits alone (more GPUs, the largest micro-batch / prompts per step / new
-    tokens / evaluation batch that fits, activation checkpointing, LoRA); then, when no single change
+    Every single change that fits alone (more GPUs, the shared-prompt cache, the largest micro-batch /
+    prompts per step / new tokens / evaluation batch that fits, activation checkpointing, LoRA); then, when no single change
     fits on the current number of GPUs, the greedy combination there (each step the change that lowers
     the total most), and when nothing fits alone, the greedy combination allowing more GPUs too. Every
     candidate is judged by recomputing its whole plan, so a change that does not lower the phase that

@@ -24,7 +24,29 @@ import torch
 MASK_KINDS = ("bool", "additive")
 
 
-class StaticKVCache:
+class _ColumnCache:
+    """The decode half both caches share: per layer, `keys` / `values` buffers [rows, h_kv, columns, d], one
+    column written per step at `write_position`, the first `visible` columns returned."""
+
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    write_position: torch.Tensor
+    visible: int
+    decoding: bool
+
+    def _write_column(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.write_position, key_states.to(keys.dtype))
+        values.index_copy_(2, self.write_position, value_states.to(values.dtype))
+        return keys[:, :, : self.visible], values[:, :, : self.visible]
+
+    def start_decoding(self) -> None:
+        if not self.keys:
+            raise RuntimeError(f"{type(self).__name__}: decode before any prefill")
+        self.decoding = True
+
+
+class StaticKVCache(_ColumnCache):
     """Keys/values [rows, h_kv, max_len, d] per layer, allocated on the first prefill `update` of each layer.
 
     rows = num_prompts · group_size; row r belongs to prompt r // group_size.
@@ -54,18 +76,10 @@ class StaticKVCache:
                 grouped[:, :, :, :length].copy_(states[:, None])
                 store[layer_idx] = buffer
             return key_states, value_states
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, self.write_position, key_states.to(keys.dtype))
-        values.index_copy_(2, self.write_position, value_states.to(values.dtype))
-        return keys[:, :, : self.visible], values[:, :, : self.visible]
-
-    def start_decoding(self) -> None:
-        if not self.keys:
-            raise RuntimeError("StaticKVCache: decode before any prefill")
-        self.decoding = True
+        return self._write_column(key_states, value_states, layer_idx)
 
 
-class SharedPromptKVCache:
+class SharedPromptKVCache(_ColumnCache):
     """The prompt's keys/values once per prompt, [B, h_kv, P, d] per layer, and each row's completion keys/values
     [N, h_kv, T, d] (T = max new tokens): the G rows of a group share their prompt instead of holding G copies.
 
@@ -106,15 +120,7 @@ class SharedPromptKVCache:
             self.keys[layer_idx] = key_states.new_zeros(self.rows, heads, self.max_new_tokens, dim)
             self.values[layer_idx] = value_states.new_zeros(self.rows, heads, self.max_new_tokens, value_states.shape[-1])
             return key_states, value_states
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys.index_copy_(2, self.write_position, key_states.to(keys.dtype))
-        values.index_copy_(2, self.write_position, value_states.to(values.dtype))
-        return keys[:, :, : self.visible], values[:, :, : self.visible]
-
-    def start_decoding(self) -> None:
-        if not self.prompt_keys:
-            raise RuntimeError("SharedPromptKVCache: decode before any prefill")
-        self.decoding = True
+        return self._write_column(key_states, value_states, layer_idx)
 
 
 def shared_prompt_attention(cache: SharedPromptKVCache):

@@ -1,10 +1,12 @@
-"""A preallocated KV cache for the rollout's decode loop, and the attention masks that go with it.
+"""Preallocated KV caches for the rollout's decode loop, and the attention masks that go with them.
 
 `StaticKVCache` holds, per decoder layer, keys and values of shape [N, h_kv, L, d] allocated once (L = prompt
 length + max new tokens). The prompt is prefilled for the B distinct prompts and written into all G rows of
 its group without a repeated copy in between; each decode step then writes one column at a position held in
 a device tensor, so a step has static shapes and no host synchronisation (what a CUDA graph needs), and
-nothing grows by concatenation.
+nothing grows by concatenation. `SharedPromptKVCache` (`rollout.shared_prompt_cache`) keeps each prompt once
+for its G rows instead, with the completion per row, and needs its own decode attention
+(`shared_prompt_attention`), since transformers' functions expect one key sequence per row.
 
 The text decoder only ever calls `cache.update(key_states, value_states, layer_idx, ...)` on it (the
 adapter's `run_text_model` passes it as the decoder's cache argument), and the caller passes a prepared 4-D

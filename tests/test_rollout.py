@@ -250,6 +250,10 @@ def test_shared_prompt_cache_decodes_what_the_per_row_cache_does(attn):
                            shared.completion_ids)
     finally:
         rollout_module.EAGER_BUCKET = 1
+    # the growing cache cannot share: said, not silently ignored
+    with pytest.warns(UserWarning, match="shared_prompt_cache has no effect"):
+        dynamic = generate_rollout(model, batch, shared_prompt_cache=True, **{**kwargs, "cache": "dynamic"})
+    assert torch.equal(dynamic.completion_ids, per_row.completion_ids)
     # greedy with one row per prompt: nothing to share, the per-row path runs and still equals generate
     greedy = generate_rollout(model, batch, group_size=1, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD,
                               do_sample=False, shared_prompt_cache=True)

@@ -444,6 +444,10 @@ def generate_rollout(
                                          mask_kind, use_graph, shared_prompt=shared_prompt_cache and group_size >= 2)
                 override = decoder.attention_override()
             else:
+                if shared_prompt_cache and group_size >= 2:
+                    warnings.warn(f"rollout: {adapter.family} decodes with its own growing cache here (another attention "
+                                  "kernel, sliding-window layers or cache='dynamic'), so shared_prompt_cache has no effect",
+                                  stacklevel=3)
                 decoder = _DynamicDecoder(model, adapter, embeds, prompt_mask, positions, group_size)
                 override = nullcontext()
             logits = decoder.logits

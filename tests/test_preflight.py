@@ -68,8 +68,8 @@ def test_the_shipped_experiments_pass():
     (["rollout.repetition_penalty=0"], 1, "rollout.repetition_penalty=0.0: divides/multiplies the logits of seen tokens; valid: > 0"),
     (["rollout.cuda_graph=sometimes"], 1, "rollout.cuda_graph='sometimes': unknown choice; valid: auto, on, off"),
     (["rollout.shared_prompt_cache=true", "algo.attn.eta=0", "model.attn_implementation=flash_attention_2"], 1,
-     "model.attn_implementation='flash_attention_2': rollout.shared_prompt_cache decodes through the text decoder's "
-     "attention function and a prepared mask; valid: sdpa, eager (or rollout.shared_prompt_cache=false)"),
+     ("model.attn_implementation='flash_attention_2': rollout.shared_prompt_cache decodes through the text decoder's "
+      "attention function and a prepared mask; valid: sdpa, eager (or rollout.shared_prompt_cache=false)")),
     (["algo.beta=-0.5"], 1, "algo.beta=-0.5: the KL weight cannot be negative; valid: ≥ 0"),
     (["algo.mask.kind=soft2"], 1, "algo.mask.kind='soft2': unknown choice; valid: soft, threshold, topk, quantile"),
     (["algo.attn.schedule=cubic"], 1, "algo.attn.schedule='cubic': unknown choice; valid: power, exp, step, constant"),

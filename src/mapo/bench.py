@@ -34,7 +34,12 @@ from pathlib import Path
 import torch
 
 from mapo import paths
-from mapo.capture.bench import capture_overhead, interleaved_times, paired_ratio, peak_bytes
+from mapo.capture.bench import (
+    capture_overhead,
+    interleaved_times,
+    paired_ratio,
+    peak_bytes,
+)
 from mapo.capture.bench import compare as compare_capture
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "experiments" / "bench"

@@ -47,7 +47,13 @@ import torch
 from torch import nn
 
 from mapo.distributed import fsdp_units
-from mapo.kv_cache import SharedPromptKVCache, StaticKVCache, as_mask, prefill_allowed, shared_prompt_attention
+from mapo.kv_cache import (
+    SharedPromptKVCache,
+    StaticKVCache,
+    as_mask,
+    prefill_allowed,
+    shared_prompt_attention,
+)
 from mapo.models.adapter import ModelAdapter, get_adapter
 from mapo.models.attention_override import AttentionOverride
 from mapo.models.embed import (

@@ -221,8 +221,9 @@ def test_shared_prompt_cache_decodes_what_the_per_row_cache_does(attn):
 
     def spy(self, tokens):
         out = step(self, tokens)
-        logits[self.shared_prompt].append(out.clone())
-        caches[self.shared_prompt] = self.cache
+        shared_cache = isinstance(self.cache, SharedPromptKVCache)
+        logits[shared_cache].append(out.clone())
+        caches[shared_cache] = self.cache
         return out
 
     rollout_module._StaticDecoder.step = spy
@@ -267,7 +268,7 @@ def test_shared_prompt_attention_hand_worked():
 
     from mapo.kv_cache import SharedPromptKVCache, shared_prompt_attention
 
-    cache = SharedPromptKVCache(1, 2, 3, torch.tensor([0]), torch.tensor([[[[False, True, True]]]]))
+    cache = SharedPromptKVCache(torch.tensor([[0, 1, 1]]), group_size=2, max_new_tokens=1)
     keys = torch.tensor([9.0, 0.0, math.log(3.0)]).view(1, 1, 3, 1)  # key 0 is padding
     values = torch.tensor([100.0, 1.0, 2.0]).view(1, 1, 3, 1)
     cache.update(keys, values, 0)
@@ -281,6 +282,26 @@ def test_shared_prompt_attention_hand_worked():
     # row 0: weights ∝ (1, 3, 1) over values (1, 2, 3) -> 10/5 = 2; row 1: ∝ (1, 3, 2) over (1, 2, 4) -> 15/6
     assert weights is None and out.shape == (2, 1, 1, 1)
     torch.testing.assert_close(out.flatten(), torch.tensor([2.0, 2.5]))
+
+
+def test_decode_masks_and_columns_of_the_two_caches():
+    """Before any decode step: the per-row cache opens each row's prompt keys (not its padding) among P + T
+    columns and writes from column P; the shared-prompt cache's mask covers the T completion columns only,
+    all closed, bool whatever the kernel, and writes from column 0."""
+    from mapo.kv_cache import SharedPromptKVCache, StaticKVCache
+
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    per_row = StaticKVCache(prompt_mask, group_size=2, max_new_tokens=2)
+    mask, opened = per_row.decode_mask("additive", torch.float32)
+    closed = torch.finfo(torch.float32).min
+    assert (per_row.first_column, per_row.columns, per_row.write_position.tolist(), opened) == (3, 5, [3], 0.0)
+    assert mask[:, 0, 0].tolist() == [[closed, 0, 0, closed, closed]] * 2 + [[0, 0, 0, closed, closed]] * 2
+    assert per_row.decode_mask("bool", torch.float32)[0][:, 0, 0].tolist() == [[False, True, True, False, False]] * 2 + [[True, True, True, False, False]] * 2
+    shared = SharedPromptKVCache(prompt_mask, group_size=2, max_new_tokens=2)
+    mask, opened = shared.decode_mask("additive", torch.float32)
+    assert (shared.first_column, shared.columns, shared.write_position.tolist(), opened) == (0, 2, [0], True)
+    assert mask.dtype == torch.bool and mask.shape == (4, 1, 1, 2) and not mask.any()
+    assert shared.prompt_allowed[:, 0, 0].tolist() == [[False, True, True], [True, True, True]]
 
 
 def test_cuda_graph_option():

@@ -21,20 +21,49 @@ Mask formats (what transformers builds for the kernel): "bool" (SDPA: True = att
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+
+from mapo.models.attention_override import AttentionOverride
 
 MASK_KINDS = ("bool", "additive")
 
 
 class _ColumnCache:
-    """The decode half both caches share: per layer, `keys` / `values` buffers [rows, h_kv, columns, d], one
-    column written per step at `write_position`, the first `visible` columns returned."""
+    """What both caches share: built from the prompts' padding mask [B, P], the group size G and the number of
+    new tokens T; per layer, `keys` / `values` buffers [N, h_kv, columns, d] written one column per decode
+    step at `write_position` ([1] long on the mask's device, first `first_column`, advanced in place by the
+    caller), of which a step's attention reads the first `visible` (set by the caller per step).
 
-    keys: dict[int, torch.Tensor]
-    values: dict[int, torch.Tensor]
-    write_position: torch.Tensor
-    visible: int
-    decoding: bool
+    A subclass sets `first_column` and `columns` and says how a decode step's mask starts (`decode_allowed`)
+    and whether the step needs its own attention (`decode_attention`)."""
+
+    first_column: int
+    columns: int
+
+    def __init__(self, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int):
+        self.prompt_mask, self.group_size, self.max_new_tokens = prompt_mask, group_size, max_new_tokens
+        self.num_prompts, self.prompt_len = prompt_mask.shape
+        self.rows = self.num_prompts * group_size
+        self.write_position = torch.tensor([self.first_column], dtype=torch.long, device=prompt_mask.device)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.decoding = False
+        self.visible = self.columns
+
+    def decode_allowed(self) -> torch.Tensor:
+        """[N, 1, 1, columns] bool: the keys a decode step may attend before anything is written (the caller
+        opens each column as it writes it)."""
+        return torch.zeros(self.rows, 1, 1, self.columns, dtype=torch.bool, device=self.prompt_mask.device)
+
+    def decode_mask(self, mask_kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, bool | float]:
+        """(the decode steps' mask in the kernel's format, the value that opens a column in it)."""
+        return as_mask(self.decode_allowed(), mask_kind, dtype), True if mask_kind == "bool" else 0.0
+
+    def decode_attention(self, decoder_layers):
+        """The context the decode steps run in (nothing to install by default)."""
+        return nullcontext()
 
     def _write_column(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -49,21 +78,18 @@ class _ColumnCache:
 
 
 class StaticKVCache(_ColumnCache):
-    """Keys/values [rows, h_kv, max_len, d] per layer, allocated on the first prefill `update` of each layer.
+    """Keys/values [N, h_kv, P + T, d] per layer, allocated on the first prefill `update` of each layer; row r
+    belongs to prompt r // G, and decode steps write from column P on."""
 
-    rows = num_prompts · group_size; row r belongs to prompt r // group_size.
-    write_position: [1] long tensor on the model's device, the column the next decode step writes (the
-    caller advances it in place after each step).
-    """
+    def __init__(self, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int):
+        self.max_len = prompt_mask.shape[1] + max_new_tokens
+        self.first_column, self.columns = prompt_mask.shape[1], self.max_len
+        super().__init__(prompt_mask, group_size, max_new_tokens)
 
-    def __init__(self, num_prompts: int, group_size: int, max_len: int, write_position: torch.Tensor):
-        self.num_prompts, self.group_size, self.max_len = num_prompts, group_size, max_len
-        self.rows = num_prompts * group_size
-        self.write_position = write_position
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.decoding = False
-        self.visible = max_len  # columns a decode step's attention reads (set by the caller per step)
+    def decode_allowed(self) -> torch.Tensor:
+        allowed = super().decode_allowed()
+        allowed[:, 0, 0, : self.prompt_len] = self.prompt_mask.bool().repeat_interleave(self.group_size, dim=0)
+        return allowed
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Prefill (B rows, P positions): store into every row of the group, return the inputs unchanged.
@@ -90,39 +116,41 @@ class SharedPromptKVCache(_ColumnCache):
     layer); it reads each prompt once for its G rows, where attention over the per-row copies of
     `StaticKVCache` reads it G times. Memory: B·P + N·T columns instead of N·(P + T).
 
-    write_position: [1] long on the model's device, the *completion* column the next decode step writes
-    (0 at the first step; the caller advances it in place). prompt_allowed: [B, 1, 1, P] bool, the prompt's
-    non-padding keys. `visible`: completion columns a step reads (set by the caller per step).
+    `keys` / `values` (and `write_position`, `visible`) are the completion part, whose column 0 the first
+    decode step writes; prompt_allowed: [B, 1, 1, P] bool, the prompt's non-padding keys.
     """
 
-    def __init__(self, num_prompts: int, group_size: int, max_new_tokens: int, write_position: torch.Tensor,
-                 prompt_allowed: torch.Tensor):
-        if prompt_allowed.dim() != 4 or prompt_allowed.shape[0] != num_prompts or prompt_allowed.dtype != torch.bool:
-            raise ValueError(f"prompt_allowed must be [{num_prompts}, 1, 1, P] bool, got {prompt_allowed.dtype} "
-                             f"{tuple(prompt_allowed.shape)}")
-        self.num_prompts, self.group_size, self.max_new_tokens = num_prompts, group_size, max_new_tokens
-        self.rows = num_prompts * group_size
-        self.write_position, self.prompt_allowed = write_position, prompt_allowed
+    first_column = 0
+
+    def __init__(self, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int):
+        self.columns = max_new_tokens
+        super().__init__(prompt_mask, group_size, max_new_tokens)
+        self.prompt_allowed = prompt_mask.bool()[:, None, None, :]
         self.prompt_keys: dict[int, torch.Tensor] = {}
         self.prompt_values: dict[int, torch.Tensor] = {}
-        self.keys: dict[int, torch.Tensor] = {}  # completion part
-        self.values: dict[int, torch.Tensor] = {}
-        self.decoding = False
-        self.visible = max_new_tokens
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Prefill (B rows, P positions): keep them as the prompt part, return them unchanged. Decode (N rows,
         1 position): write at `write_position` of the completion part, return its first `visible` columns."""
         if not self.decoding:
             batch, heads, length, dim = key_states.shape
-            if batch != self.num_prompts or length != self.prompt_allowed.shape[-1]:
+            if batch != self.num_prompts or length != self.prompt_len:
                 raise ValueError(f"SharedPromptKVCache prefill got {tuple(key_states.shape)}; expected {self.num_prompts} "
-                                 f"rows and {self.prompt_allowed.shape[-1]} positions")
+                                 f"rows and {self.prompt_len} positions")
             self.prompt_keys[layer_idx], self.prompt_values[layer_idx] = key_states, value_states
             self.keys[layer_idx] = key_states.new_zeros(self.rows, heads, self.max_new_tokens, dim)
             self.values[layer_idx] = value_states.new_zeros(self.rows, heads, self.max_new_tokens, value_states.shape[-1])
             return key_states, value_states
         return self._write_column(key_states, value_states, layer_idx)
+
+    def decode_mask(self, mask_kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, bool | float]:
+        # shared_prompt_attention reads the completion mask as bool, whatever the model's own kernel takes
+        return self.decode_allowed(), True
+
+    def decode_attention(self, decoder_layers):
+        """Every decoder layer's attention through `shared_prompt_attention` (prefill calls pass through)."""
+        return AttentionOverride([layer.self_attn for layer in decoder_layers], shared_prompt_attention(self),
+                                 "shared-prompt decode", labels=[f"decoder layer {i}" for i in range(len(decoder_layers))])
 
 
 def shared_prompt_attention(cache: SharedPromptKVCache):

@@ -47,15 +47,8 @@ import torch
 from torch import nn
 
 from mapo.distributed import fsdp_units
-from mapo.kv_cache import (
-    SharedPromptKVCache,
-    StaticKVCache,
-    as_mask,
-    prefill_allowed,
-    shared_prompt_attention,
-)
+from mapo.kv_cache import SharedPromptKVCache, StaticKVCache, as_mask, prefill_allowed
 from mapo.models.adapter import ModelAdapter, get_adapter
-from mapo.models.attention_override import AttentionOverride
 from mapo.models.embed import (
     audio_token_id,
     build_inputs_embeds,
@@ -194,10 +187,12 @@ def resolve_cuda_graph(option: bool | str | None, device: torch.device, multi_pr
 
 
 class _StaticDecoder:
-    """Prefill into a `StaticKVCache`, then one-token steps with static shapes (optionally CUDA graphs).
+    """Prefill into a `StaticKVCache` (or with `shared_prompt` a `SharedPromptKVCache`), then one-token steps
+    with static shapes (optionally CUDA graphs).
 
     State on the device: logits [N, V] fp32 (the latest step's, overwritten in place), tokens_in [N],
-    positions [N, 1], write_position [1], step_mask [N, 1, 1, L] in the kernel's mask format.
+    positions [N, 1], write_position [1] (the cache's), step_mask [N, 1, 1, cache.columns] (the cache's
+    `decode_mask`).
     Attention reads only the first `visible` columns of the cache: the current length rounded up to
     `bucket` columns (1 when eager: exactly the written columns; GRAPH_BUCKET with CUDA graphs, one graph
     per bucket), so a long generation budget does not make every step read the whole buffer.
@@ -207,31 +202,16 @@ class _StaticDecoder:
                  max_new_tokens: int, mask_kind: str, use_graph: bool, shared_prompt: bool = False):
         self.model, self.adapter = model, adapter
         self.embed_tokens, self.lm_head = adapter.embed_tokens(model), adapter.lm_head(model)
-        num_prompts, prompt_len = prompt_mask.shape
-        rows, device = num_prompts * group_size, prompt_mask.device
-        self.prompt_len, self.max_len = prompt_len, prompt_len + max_new_tokens
-        self.shared_prompt = shared_prompt
-        # the columns a step's attention reads: the whole sequence, or with a shared prompt the completion part
-        self.first_column = 0 if shared_prompt else prompt_len
-        self.columns = max_new_tokens if shared_prompt else self.max_len
-        self.write_position = torch.tensor([self.first_column], dtype=torch.long, device=device)
-        if shared_prompt:
-            self.cache = SharedPromptKVCache(num_prompts, group_size, max_new_tokens, self.write_position,
-                                             prompt_mask.bool()[:, None, None, :])
-        else:
-            self.cache = StaticKVCache(num_prompts, group_size, self.max_len, self.write_position)
+        rows, device = prompt_mask.shape[0] * group_size, prompt_mask.device
+        self.cache = (SharedPromptKVCache if shared_prompt else StaticKVCache)(prompt_mask, group_size, max_new_tokens)
+        self.write_position = self.cache.write_position  # advanced here after each step
         mask_dtype = embeds.dtype
         hidden = adapter.run_text_model(
             model, embeds, as_mask(prefill_allowed(prompt_mask), mask_kind, mask_dtype), positions, cache=self.cache
         )
         self.logits = self.lm_head(hidden[:, -1]).float().repeat_interleave(group_size, dim=0)  # [N, V]
         self.cache.start_decoding()
-        allowed = torch.zeros(rows, 1, 1, self.columns, dtype=torch.bool, device=device)
-        if not shared_prompt:
-            allowed[:, 0, 0, :prompt_len] = prompt_mask.bool().repeat_interleave(group_size, dim=0)
-        # shared_prompt_attention reads the completion mask as bool, whatever the model's kernel takes
-        self.step_mask = allowed if shared_prompt else as_mask(allowed, mask_kind, mask_dtype)
-        self.open_value = True if shared_prompt or mask_kind == "bool" else 0.0
+        self.step_mask, self.open_value = self.cache.decode_mask(mask_kind, mask_dtype)
         # Left padding: the last prompt column is real for every row, so the next position follows it.
         self.positions = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [N, 1]
         self.tokens_in = torch.zeros(rows, dtype=torch.long, device=device)
@@ -254,19 +234,14 @@ class _StaticDecoder:
         self.positions.add_(1)
         self.write_position.add_(1)
 
-    def attention_override(self):
-        """The context the decode steps must run in: with a shared prompt, every decoder layer's attention
-        goes through `shared_prompt_attention` (prefill calls pass through); else nothing."""
-        if not self.shared_prompt:
-            return nullcontext()
-        layers = self.adapter.decoder_layers(self.model)
-        return AttentionOverride([layer.self_attn for layer in layers], shared_prompt_attention(self.cache),
-                                 "shared-prompt decode", labels=[f"decoder layer {i}" for i in range(len(layers))])
+    def decode_attention(self):
+        """The context the decode steps run in (the cache's own decode attention, if it has one)."""
+        return self.cache.decode_attention(self.adapter.decoder_layers(self.model))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed `tokens` [N] (written at column first_column + steps); returns the next logits [N, V]."""
-        length = self.first_column + self.steps + 1
-        visible = min(-(-length // self.bucket) * self.bucket, self.columns)
+        """Feed `tokens` [N] (written at the cache's column first_column + steps); returns the next logits [N, V]."""
+        length = self.cache.first_column + self.steps + 1
+        visible = min(-(-length // self.bucket) * self.bucket, self.cache.columns)
         self.tokens_in.copy_(tokens)
         if visible in self.graphs:
             self.graphs[visible].replay()
@@ -448,7 +423,7 @@ def generate_rollout(
             if mask_kind is not None:
                 decoder = _StaticDecoder(model, adapter, embeds, prompt_mask, positions, group_size, max_new_tokens,
                                          mask_kind, use_graph, shared_prompt=shared_prompt_cache and group_size >= 2)
-                override = decoder.attention_override()
+                override = decoder.decode_attention()
             else:
                 if shared_prompt_cache and group_size >= 2:
                     warnings.warn(f"rollout: {adapter.family} decodes with its own growing cache here (another attention "

@@ -160,7 +160,7 @@ def test_a_lora_base_loads_in_the_frozen_dtype_and_its_adapters_train_in_the_mas
     from mapo.distributed import DistContext
     from mapo.phase import prepare_policy
     from mapo.precision import resolve_precision
-    from mapo.train import load_policy, policy_load_dtype
+    from mapo.train import load_dtype, load_policy
 
     def config(*overrides):
         cfg = compose_run_config(tiny_env, tmp_path / "run", "tiny_mapo", "model.compute_dtype=bfloat16",
@@ -169,7 +169,7 @@ def test_a_lora_base_loads_in_the_frozen_dtype_and_its_adapters_train_in_the_mas
 
     cfg, precision = config("model.lora.rank=4", "model.lora.alpha=8", "trainer.warm_start.enabled=false")
     assert (precision.master, precision.frozen) == (torch.float32, torch.bfloat16)
-    assert policy_load_dtype(cfg, precision) == torch.bfloat16
+    assert load_dtype(cfg, precision) == torch.bfloat16
     model, _ = load_policy(cfg, DistContext(), precision)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     prepare_policy(model, cfg, precision, everything=False)
@@ -184,6 +184,6 @@ def test_a_lora_base_loads_in_the_frozen_dtype_and_its_adapters_train_in_the_mas
         assert torch.equal(base[name], param.to(torch.bfloat16)), name
 
     warm_cfg, warm_precision = config("model.lora.rank=4", "model.lora.alpha=8", "trainer.warm_start.enabled=true")
-    assert policy_load_dtype(warm_cfg, warm_precision) == torch.float32
+    assert load_dtype(warm_cfg, warm_precision) == torch.float32
     sft_cfg, sft_precision = config("model.lora.rank=4", "model.lora.alpha=8", "algo=sft", "trainer.warm_start.enabled=true")
-    assert policy_load_dtype(sft_cfg, sft_precision) == torch.bfloat16  # SFT with LoRA: no warm start runs before
+    assert load_dtype(sft_cfg, sft_precision) == torch.bfloat16  # SFT with LoRA: no warm start runs before

@@ -56,7 +56,7 @@ import torch
 
 from mapo.models.adapter import ModelDims, dims_for_config
 from mapo.models.loader import DTYPES
-from mapo.precision import reference_staging_device
+from mapo.precision import policy_load_dtype, reference_staging_device
 from mapo.scoring import lm_head_workspace_bytes
 from mapo.shared_prefix import expanded_kv_bytes, pass_positions
 
@@ -108,9 +108,8 @@ class PlanInputs:
 
     @property
     def load_dtype(self) -> str:
-        """The dtype the policy loads in (`mapo.train.policy_load_dtype`): the frozen one with LoRA and no warm
-        start (no loaded weight trains), else the master one."""
-        return self.frozen_dtype if self.lora_rank > 0 and not self.warm_start_batch else self.master_dtype
+        """The dtype the policy loads in (`mapo.precision.policy_load_dtype`, as `mapo.train` loads it)."""
+        return policy_load_dtype(self.lora_rank > 0, self.warm_start_batch > 0, self.master_dtype, self.frozen_dtype)
 
     @property
     def staged_reference(self) -> bool:

@@ -131,13 +131,22 @@ def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
 def store_trainable(module: nn.Module, dtype: torch.dtype) -> int:
     """Cast every floating parameter of `module` that requires grad to `dtype` (the master dtype), in place;
     returns how many. peft injects LoRA adapters in their base layer's dtype, which is the frozen dtype when
-    the base was loaded in it (`mapo.train.policy_load_dtype`). Call before FSDP wraps the module."""
+    the base was loaded in it (`policy_load_dtype`). Call before FSDP wraps the module."""
     count = 0
     for param in module.parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
             count += 1
     return count
+
+
+def policy_load_dtype(lora: bool, warm_start: bool, master, frozen):
+    """The dtype the policy loads in (torch dtypes or their names alike): the master one, except with LoRA and
+    no warm start before it, when no loaded weight ever trains (only the adapters `prepare_policy` injects
+    do, brought to the master dtype by `store_trainable`), so the base loads straight in the frozen one: every
+    rank holds the whole model before FSDP shards it (Qwen3-Omni-30B: ~60 GB in bf16 against ~120 GB in
+    fp32). One rule for `mapo.train` and the memory plan's load phase."""
+    return frozen if lora and not warm_start else master
 
 
 def reference_staging_device(world_size: int, device_type: str) -> torch.device | None:

@@ -55,7 +55,13 @@ from mapo.models.loader import (
 from mapo.models.lora import adapters_off, lora_enabled
 from mapo.phase import Phase, prepare_policy
 from mapo.plan import check_memory_at_start
-from mapo.precision import Precision, frozen_copy, reference_staging_device, resolve_precision
+from mapo.precision import (
+    Precision,
+    frozen_copy,
+    policy_load_dtype,
+    reference_staging_device,
+    resolve_precision,
+)
 from mapo.preflight import check_config
 from mapo.report import final_table, write_plots
 from mapo.rl import rl_step
@@ -121,10 +127,10 @@ def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = 
 
 
 def load_policy(cfg: MapoConfig, ctx, precision: Precision):
-    """(model, processor) of `cfg.model.path` on the run's device in `policy_load_dtype`, with the configured
+    """(model, processor) of `cfg.model.path` on the run's device in `load_dtype`, with the configured
     attention and activation checkpointing: the policy before warm start and `prepare_policy`."""
     model, processor = load_model_and_processor(
-        cfg.model.path, dtype=policy_load_dtype(cfg, precision), attn_implementation=cfg.model.attn_implementation,
+        cfg.model.path, dtype=load_dtype(cfg, precision), attn_implementation=cfg.model.attn_implementation,
         device=ctx.device,
     )
     if cfg.model.gradient_checkpointing:
@@ -132,13 +138,10 @@ def load_policy(cfg: MapoConfig, ctx, precision: Precision):
     return model, processor
 
 
-def policy_load_dtype(cfg: MapoConfig, precision: Precision) -> torch.dtype:
-    """The dtype the policy loads in: the master dtype, except with LoRA and no warm start before it. Then no
-    loaded weight ever trains (only the adapters `prepare_policy` injects do, and it brings them to the master
-    dtype), so the base loads straight in the frozen dtype: every rank holds the whole model before FSDP
-    shards it, and for Qwen3-Omni-30B that is ~60 GB in bf16 against ~120 GB in fp32."""
+def load_dtype(cfg: MapoConfig, precision: Precision) -> torch.dtype:
+    """`mapo.precision.policy_load_dtype` of this run (a warm start runs first unless the algorithm is SFT)."""
     warm_start = cfg.trainer.warm_start.enabled and cfg.algo.name != "sft"
-    return precision.frozen if lora_enabled(cfg.model.lora) and not warm_start else precision.master
+    return policy_load_dtype(lora_enabled(cfg.model.lora), warm_start, precision.master, precision.frozen)
 
 
 @dataclass

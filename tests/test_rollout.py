@@ -301,7 +301,7 @@ def test_decode_masks_and_columns_of_the_two_caches():
     mask, opened = shared.decode_mask("additive", torch.float32)
     assert (shared.first_column, shared.columns, shared.write_position.tolist(), opened) == (0, 2, [0], True)
     assert mask.dtype == torch.bool and mask.shape == (4, 1, 1, 2) and not mask.any()
-    assert shared.prompt_allowed[:, 0, 0].tolist() == [[False, True, True], [True, True, True]]
+    assert shared.prompt_padding[:, 0, 0].tolist() == [[True, False, False], [False, False, False]]
 
 
 def test_cuda_graph_option():

@@ -117,7 +117,8 @@ class SharedPromptKVCache(_ColumnCache):
     `StaticKVCache` reads it G times. Memory: B·P + N·T columns instead of N·(P + T).
 
     `keys` / `values` (and `write_position`, `visible`) are the completion part, whose column 0 the first
-    decode step writes; prompt_allowed: [B, 1, 1, P] bool, the prompt's non-padding keys.
+    decode step writes; prompt_padding: [B, 1, 1, P] bool, True on the prompt's padding keys (made once, read
+    by every layer of every step).
     """
 
     first_column = 0
@@ -125,7 +126,7 @@ class SharedPromptKVCache(_ColumnCache):
     def __init__(self, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int):
         self.columns = max_new_tokens
         super().__init__(prompt_mask, group_size, max_new_tokens)
-        self.prompt_allowed = prompt_mask.bool()[:, None, None, :]
+        self.prompt_padding = ~prompt_mask.bool()[:, None, None, :]
         self.prompt_keys: dict[int, torch.Tensor] = {}
         self.prompt_values: dict[int, torch.Tensor] = {}
 
@@ -174,7 +175,7 @@ def shared_prompt_attention(cache: SharedPromptKVCache):
         # prompt part, a group's G rows together against their one prompt: [B, h_kv, G·rep, P]
         grouped = query.reshape(batch, group, kv_heads, rep, dim).transpose(1, 2).reshape(batch, kv_heads, group * rep, dim)
         prompt_scores = torch.matmul(grouped, prompt_keys.transpose(-1, -2)).float().mul_(scale)
-        prompt_scores.masked_fill_(~cache.prompt_allowed, float("-inf"))
+        prompt_scores.masked_fill_(cache.prompt_padding, float("-inf"))
         prompt_scores = prompt_scores.view(batch, kv_heads, group, rep, prompt_len).transpose(1, 2)
         # completion part, per row: [N, h_kv, rep, t]
         own_scores = torch.matmul(query.reshape(rows, kv_heads, rep, dim), key.transpose(-1, -2)).float().mul_(scale)

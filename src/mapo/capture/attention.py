@@ -127,7 +127,6 @@ class AudioAttentionCapture:
         self.audio_key_mask = audio_key_mask
         self.head_reduce = head_reduce
         self.layer_reduce = layer_reduce
-        self.method = method
         self._mass_fn = MASS_METHODS.get(method)  # None for "fused"
         self.key_length = key_length
         self._slot_of = {attn: slot for slot, attn in enumerate(self._attention_modules)}

@@ -114,30 +114,31 @@ def compute_context(precision: Precision | None, device: torch.device):
     return torch.autocast(device_type=torch.device(device).type, dtype=precision.compute)
 
 
+def _cast_parameters(module: nn.Module, dtype: torch.dtype, trainable: bool) -> int:
+    """Cast every floating parameter of `module` whose requires_grad is `trainable` to `dtype`, in place
+    (buffers untouched); returns how many."""
+    count = 0
+    for param in module.parameters():
+        if param.requires_grad == trainable and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
 def store_frozen(module: nn.Module, dtype: torch.dtype) -> int:
     """Cast every parameter of `module` that does not require grad to `dtype`, in place; returns how many.
 
     Only parameters: floating buffers (e.g. rotary inverse frequencies) keep their precision.
     Call before FSDP wraps the module.
     """
-    count = 0
-    for param in module.parameters():
-        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-            count += 1
-    return count
+    return _cast_parameters(module, dtype, trainable=False)
 
 
 def store_trainable(module: nn.Module, dtype: torch.dtype) -> int:
     """Cast every floating parameter of `module` that requires grad to `dtype` (the master dtype), in place;
     returns how many. peft injects LoRA adapters in their base layer's dtype, which is the frozen dtype when
     the base was loaded in it (`policy_load_dtype`). Call before FSDP wraps the module."""
-    count = 0
-    for param in module.parameters():
-        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-            count += 1
-    return count
+    return _cast_parameters(module, dtype, trainable=True)
 
 
 def policy_load_dtype(lora: bool, warm_start: bool, master, frozen):

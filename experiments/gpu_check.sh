@@ -33,7 +33,7 @@ fi
 if want cuda_tests; then
 section "CUDA tests (capture kernels, fp32 masters under autocast, CUDA-graph decode = eager, sampler)"
 timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_capture.py tests/test_precision.py tests/test_rollout.py 2>&1 | tail -4 | tee "$OUT/pytest.txt"
-timeout 25 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_capture.py tests/test_sampling.py 2>&1 | tail -3 | tee -a "$OUT/pytest.txt"
+timeout 25 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_capture.py tests/test_sampling.py tests/test_scoring.py 2>&1 | tail -3 | tee -a "$OUT/pytest.txt"
 fi
 
 if want tiny_ratios || want train_lora || want eval || want omni; then

@@ -189,7 +189,7 @@ def test_kernels_agree_with_gqa_loop():
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("kv_heads", [2, 4])
 @pytest.mark.parametrize("model_impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", ["fused", "sdpa", "eager"])
+@pytest.mark.parametrize("method", ["auto", "fused", "sdpa", "eager"])
 def test_capture_matches_output_attentions(models, method, model_impl, kv_heads, padded):
     batch = _batch(padded)
     valid = batch["attention_mask"].bool()
@@ -427,9 +427,35 @@ def test_bench_capture_overhead_runs_and_agrees(padded):
     assert result["fused_over_none"] == result["fused"]["time_s"] / result["none"]["time_s"]
 
 
+def test_auto_method_takes_fused_only_where_it_pays(models, monkeypatch):
+    """method "auto" rides in the layer's call where `fused_capture_pays` (CPU; CUDA heads ≤ 120 wide) and
+    takes the second SDPA call elsewhere (CUDA's 128-wide heads would leave the fast kernel at 136), with the
+    same mass either way."""
+    import mapo.capture.attention as attention
+    from mapo.capture.kernels import CUDA_FAST_HEAD_WIDTH, fused_capture_pays
+
+    assert fused_capture_pays("cpu", 128) and fused_capture_pays("cpu", 256, 256)
+    assert fused_capture_pays("cuda", 120) and not fused_capture_pays("cuda", 128)
+    assert not fused_capture_pays("cuda", 64, 128) and CUDA_FAST_HEAD_WIDTH == 128
+    batch = _batch(padded=True)
+    model = models[(2, "sdpa")]
+    widened = []
+    monkeypatch.setattr(attention, "fused_inputs", lambda *a: widened.append(a[0].shape) or fused_inputs(*a))
+    masses = {}
+    for pays in (True, False):
+        monkeypatch.setattr(attention, "fused_capture_pays", lambda device, q, v, pays=pays: pays)
+        widened.clear()
+        with torch.no_grad(), capture_audio_attention(model, _audio_keys(batch), layers=(1, 2), method="auto") as cap:
+            model(**batch)
+        assert len(widened) == (2 if pays else 0)  # one widened call per captured layer, or none
+        masses[pays] = cap.mass
+    torch.testing.assert_close(masses[True], masses[False], atol=1e-6, rtol=0)
+    assert masses[True].abs().max() > 1e-2
+
+
 # ------------------------------------------------------------------------------------------ GPU (device machine)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["sdpa", "fused"])
+@pytest.mark.parametrize("method", ["sdpa", "fused", "auto"])
 def test_cuda_fused_kernel_matches_reference_fp32(method):
     # On CUDA the sdpa method runs a fused kernel (memory-efficient, value width 8), and the fused method
     # runs the model's own kernel on heads 8 wider; check both against output_attentions in value and

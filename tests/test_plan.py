@@ -277,3 +277,15 @@ def test_the_shared_prompt_cache_holds_each_prompt_once():
     assert shared.components["rollout KV cache"] == (prompts * prompt + rows * new) * column
     assert shared.phases["rollout"] < per_row.phases["rollout"]
     assert (per_row.peak_phase, shared.peak_phase) == ("rollout", "evaluation")
+
+
+def test_the_auto_capture_method_is_planned_as_the_method_it_takes():
+    """algo.attn.method=auto: on CUDA Qwen2-Audio's 128-wide heads take the second SDPA call (8 wider they
+    would leave the fast kernel), on CPU the fused call; the plan counts that method's bytes."""
+    def plan(method: str, device: str):
+        return memory_plan(DIMS, inputs_from_config(cfg_of("experiment=qwen2audio_mapo", "data.dir=/d",
+                                                           f"algo.attn.method={method}"), 8, device))
+
+    assert plan("auto", "cuda").components == plan("sdpa", "cuda").components
+    assert plan("auto", "cpu").components == plan("fused", "cpu").components
+    assert plan("fused", "cuda").components["activations"] != plan("sdpa", "cuda").components["activations"]

@@ -17,7 +17,9 @@ from mapo.scoring import (
     delta_entropy,
     hidden_states,
     kl_full_vocabulary,
+    keeps_logits,
     kl_score,
+    lm_head_workspace_bytes,
     logprobs_from_hidden,
     pick_reference_model,
     reference_pass,
@@ -316,10 +318,11 @@ def test_fused_chunks_equal_full_logits_in_value_and_gradient(wrapped):
     module = _WrappedHead(head) if wrapped else head
     expected = grads(reference)
     for chunk in (1, 4, 100):
-        got = grads(lambda: logprobs_from_hidden(module, hidden, ids, prompt_len, completion_mask=mask,
-                                                 temperature=0.7, chunk_size=chunk))
-        for name, a, b in zip(("logp", "entropy", "d_hidden", "d_weight", "d_bias"), got, expected):
-            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), (name, chunk, (a - b).abs().max().item())
+        for keep in (False, True):  # the backward recomputes the logits, or reads the ones the forward kept
+            got = grads(lambda: logprobs_from_hidden(module, hidden, ids, prompt_len, completion_mask=mask,
+                                                     temperature=0.7, chunk_size=chunk, keep_logits=keep))
+            for name, a, b in zip(("logp", "entropy", "d_hidden", "d_weight", "d_bias"), got, expected):
+                assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), (name, chunk, keep, (a - b).abs().max().item())
     assert expected[3].abs().max() > 1e-3 and expected[2][:, : prompt_len - 1].abs().max() == 0
     # No grad: the same values.
     with torch.no_grad():
@@ -347,12 +350,81 @@ def test_fused_backward_with_a_frozen_head_and_one_output(used):
     def loss(lp, ent):
         return {"both": lp.sum() - 0.3 * ent.sum(), "logp_only": lp.sum(), "entropy_only": ent.sum()}[used]
 
-    lp, ent = logprobs_from_hidden(head, hidden, ids, 1, temperature=1.3, chunk_size=3)
-    loss(lp, ent).backward()
-    fused = hidden.grad.clone()
+    fused = []
+    for keep in (False, True):
+        hidden.grad = None
+        lp, ent = logprobs_from_hidden(head, hidden, ids, 1, temperature=1.3, chunk_size=3, keep_logits=keep)
+        loss(lp, ent).backward()
+        fused.append(hidden.grad.clone())
+    assert torch.allclose(fused[0], fused[1], atol=1e-7, rtol=1e-6)  # kept = recomputed logits, up to rounding
+    fused = fused[0]
     hidden.grad = None
     logp = torch.log_softmax(head(hidden[:, :-1]) / 1.3, -1)
     loss(logp.gather(-1, ids[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)).backward()
     assert vocab_slice_width(3, positions, vocab) == 8
     assert hidden.grad.abs().max() > 1e-3
     assert torch.allclose(fused, hidden.grad, atol=1e-6, rtol=1e-5), (fused - hidden.grad).abs().max()
+
+
+def _saved_shapes(fn) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd saves while fn() runs."""
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_kept_for_the_backward_only_where_it_pays(dtype, monkeypatch):
+    """keep_logits=None keeps the [M, V] logits on CUDA in 16 bits only (`keeps_logits`); on this CPU it
+    recomputes them. Forcing it saves exactly one [M, V] tensor in the compute dtype, counted by the plan's
+    workspace (`lm_head_workspace_bytes(with_grad=True)`)."""
+    import mapo.scoring as scoring
+
+    assert keeps_logits("cuda", 2) and not keeps_logits("cuda", 4) and not keeps_logits("cpu", 2)
+    gen = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(8, 30, bias=False).to(dtype)
+    hidden = torch.randn(2, 6, 8, generator=gen).to(dtype).requires_grad_()
+    ids = torch.randint(30, (2, 5), generator=gen)
+
+    def run(**kw):
+        return logprobs_from_hidden(head, hidden, ids, 1, chunk_size=4, **kw)
+
+    assert (10, 30) not in _saved_shapes(run)
+    kept = [s for s in _saved_shapes(lambda: run(keep_logits=True)) if s == (10, 30)]
+    assert len(kept) == 1
+    # where the rule says keep (CUDA, 16-bit), the default keeps: the rule decides for the device it sees
+    monkeypatch.setattr(scoring, "keeps_logits", lambda device_type, compute_bytes: compute_bytes == dtype.itemsize)
+    assert (10, 30) in _saved_shapes(run)
+    monkeypatch.undo()
+    base = lm_head_workspace_bytes(4096, 156_032, 512, "cuda", 2)
+    assert lm_head_workspace_bytes(4096, 156_032, 512, "cuda", 2, with_grad=True) == base + 4096 * 156_032 * 2
+    assert lm_head_workspace_bytes(4096, 156_032, 512, "cuda", 4, with_grad=True) == lm_head_workspace_bytes(
+        4096, 156_032, 512, "cuda", 4)
+    assert lm_head_workspace_bytes(64, 500, 512, "cpu", 2, with_grad=True) == lm_head_workspace_bytes(64, 500, 512, "cpu", 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_keeps_the_logits_and_matches_recomputing():
+    """On CUDA in bf16 the default keeps the [M, V] logits for the backward; values equal the recomputing
+    path's and gradients agree to bf16 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(64, 3000, bias=False).cuda().bfloat16()
+    hidden = torch.randn(4, 33, 64, generator=gen).cuda().bfloat16().requires_grad_()
+    ids = torch.randint(3000, (4, 32), generator=gen).cuda()
+    assert (128, 3000) in _saved_shapes(lambda: logprobs_from_hidden(head, hidden, ids, 1, chunk_size=16))
+    results = []
+    for keep in (None, False):
+        hidden.grad = head.weight.grad = None
+        lp, ent = logprobs_from_hidden(head, hidden, ids, 1, chunk_size=16, temperature=0.8, keep_logits=keep)
+        (lp.sum() - 0.5 * ent.sum()).backward()
+        results.append((lp.detach(), ent.detach(), hidden.grad.float(), head.weight.grad.float()))
+    (lp0, ent0, dh0, dw0), (lp1, ent1, dh1, dw1) = results
+    assert torch.equal(lp0, lp1) and torch.equal(ent0, ent1)
+    for got, want in ((dh0, dh1), (dw0, dw1)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2

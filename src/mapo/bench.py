@@ -73,10 +73,11 @@ def machine_name(device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------------------- scoring
 def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch.device, repeats: int,
-                  dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> dict:
+                  dtype: torch.dtype = torch.float32, chunk_size: int | None = None, keep_logits: bool | None = None) -> dict:
     """Fused chunked (mapo.scoring.logprobs_from_hidden) vs full-logits log-probs + entropy, forward + backward.
     The LM head and hidden states are in `dtype`; both sides compute the softmax in fp32. repeats = 0 measures
-    the peak memory only (no "speed", no times). chunk_size: positions per chunk (default: scoring's own)."""
+    the peak memory only (no "speed", no times). chunk_size: positions per chunk (default: scoring's own);
+    keep_logits: keep the forward's logits for the backward (default: scoring's own choice, `keeps_logits`)."""
     from mapo.scoring import logprobs_from_hidden
 
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +87,8 @@ def bench_scoring(rows: int, tokens: int, hidden: int, vocab: int, device: torch
 
     def chunked():
         h.grad = head.weight.grad = None
-        lp, ent = logprobs_from_hidden(head, h, ids, 1, **({} if chunk_size is None else {"chunk_size": chunk_size}))
+        lp, ent = logprobs_from_hidden(head, h, ids, 1, keep_logits=keep_logits,
+                                       **({} if chunk_size is None else {"chunk_size": chunk_size}))
         (lp.sum() + ent.sum()).backward()
 
     def full():

@@ -43,6 +43,7 @@ runs the same code at toy widths (on CPU too) for the tests.
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -173,9 +174,15 @@ def _bound(model, widths: dict, dtype: torch.dtype, rows: int, prompt_len: int, 
 
 
 def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int, cuda_graph: str,
-                bandwidth: float | None, dtype: torch.dtype, shared_prompt: bool = False) -> dict:
+                bandwidth: float | None, dtype: torch.dtype, shared_prompt: bool = False, repeats: int = 3) -> dict:
     """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring);
-    shared_prompt: decode with `rollout.shared_prompt_cache` (the bound then counts each prompt once)."""
+    shared_prompt: decode with `rollout.shared_prompt_cache` (the bound then counts each prompt once).
+
+    The step time is the median over `repeats` rounds of (rollout of new_tokens − rollout of 1) / (steps − 1),
+    after one untimed rollout of the full length. Why rounds: on an H200 (2026-11-28) the same setting read
+    20.4 ms/step as the first decode of one process and 14.0-14.6 ms in every later round or process
+    (`experiments/gpu/followup_20261128.py`); one round reported whichever it met. Every rollout captures its
+    own CUDA graphs, so their capture stays inside every timed round, as in training."""
     from mapo.rollout import graph_stats
 
     device, rollout = _decoder(model, widths, prompts=prompts, group=group, prompt_len=prompt_len, cuda_graph=cuda_graph,
@@ -186,16 +193,20 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
             out = rollout(n)
         return timer.seconds, int(out.completion_ids.shape[1])
 
-    timed(min(new_tokens, 8))  # warm-up (kernels, allocator, graph capture path)
-    one, _ = timed(1)
+    timed(new_tokens)  # warm-up (kernels, allocator, graph capture path, every buffer at its full size)
+    rounds, ones = [], []
     graphs_before = graph_stats()
-    full, steps = timed(new_tokens)
-    graphs = {k: v - graphs_before[k] for k, v in graph_stats().items()}
-    step_s = (full - one) / max(steps - 1, 1)
+    for _ in range(max(1, repeats)):
+        one, _ = timed(1)
+        full, steps = timed(new_tokens)
+        rounds.append((full - one) / max(steps - 1, 1))
+        ones.append(one)
+    graphs = {k: (v - graphs_before[k]) // max(1, repeats) for k, v in graph_stats().items()}
+    step_s = statistics.median(rounds)
     rows = prompts * group
     out = {"rows": rows, "prompt_len": prompt_len, "new_tokens": steps, "cuda_graph": cuda_graph,
-           "shared_prompt": shared_prompt, "step_s": step_s, "tokens_per_s": rows / step_s,
-           "prefill_and_first_token_s": one, "graphs": graphs,
+           "shared_prompt": shared_prompt, "step_s": step_s, "step_s_rounds": rounds, "tokens_per_s": rows / step_s,
+           "prefill_and_first_token_s": statistics.median(ones), "graphs": graphs,
            **_bound(model, widths, dtype, rows, prompt_len, steps, bandwidth, prompts if shared_prompt else None)}
     if "bound_s" in out:
         out["step_over_bound"] = step_s / out["bound_s"]
@@ -410,7 +421,8 @@ def run_gpu_suite(args) -> dict:
     section("decode_profile", lambda: profile_decode(prompts=8, **{**small, "new_tokens": 17 if not toy else 6}, **decode))
     section("decode_64rows_graph_matmul_attention", lambda: _with(matmul_decode_attention(), lambda: time_decode(
         prompts=8, cuda_graph="on", **small, **decode)))
-    section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
+    section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", repeats=1,  # ~7x slower: one round
+                                                       **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
     section("decode_64rows_graph_shared_prompt", lambda: time_decode(
         prompts=8, cuda_graph="on", shared_prompt=True, **small, **decode))
     update = dict(model=model, widths=widths, peak_flops=peak_flops, repeats=2 if toy else 3)

@@ -95,7 +95,7 @@ class AttnConfig:
     layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # decoder layers captured (negative = from the top)
     head_reduce: str = "max"  # reduce over heads: max | mean
     layer_reduce: str = "mean"  # reduce over layers: mean | max
-    method: str = "fused"  # fused (indicator in the layer's own attention call) | sdpa (second indicator call, outputs bit-identical) | eager (reference)
+    method: str = "auto"  # auto (fused where it pays: CPU, CUDA heads < 121 wide; else sdpa) | fused (indicator in the layer's own attention call) | sdpa (second indicator call, outputs bit-identical) | eager (reference)
     schedule: str = "power"  # temporal weight w_t: power | exp | step | constant
     kappa: float = 1.0  # κ of the power / exp schedules
     token_gate: str = "content"  # p_t: content (letters/digits, no specials or tags) | all

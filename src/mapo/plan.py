@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from mapo.capture.kernels import fused_capture_pays
 from mapo.models.adapter import ModelDims, dims_for_config
 from mapo.models.loader import DTYPES
 from mapo.precision import policy_load_dtype, reference_staging_device
@@ -100,7 +101,7 @@ class PlanInputs:
     old_pass: bool = False
     keep_hidden: bool = False
     capture_layers: int = 0
-    capture_method: str = "fused"
+    capture_method: str = "auto"  # as algo.attn.method; "auto" is resolved for the plan's device and head width
     top_p: bool = False
     warm_start_batch: int = 0  # supervised warm start before RL (0 = none)
     prompt_text_tokens: int = PROMPT_TEXT_TOKENS
@@ -395,8 +396,8 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     casts = embed_fp32
 
     # One LM-head chunk (only completion positions go through the head): mapo.scoring's fused chunks.
-    def lm_workspace(positions: int) -> int:
-        return lm_head_workspace_bytes(positions, vocab, inputs.chunk_size, inputs.device, cb)
+    def lm_workspace(positions: int, with_grad: bool = False) -> int:
+        return lm_head_workspace_bytes(positions, vocab, inputs.chunk_size, inputs.device, cb, with_grad)
 
     # Scoring: no-grad passes over all local rows at once (one pass at a time); each prompt is computed once
     # per group unless the full hidden states are kept (mapo.shared_prefix).
@@ -431,12 +432,15 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
     outside = tokens * (3 * residual * dims.hidden_size + 4 * dims.hidden_size)  # embeddings, final norm, hidden out
     capture_with = capture_without = 0
     if inputs.capture_layers:
-        if inputs.capture_method == "fused":
+        method = inputs.capture_method
+        if method == "auto":
+            method = "fused" if fused_capture_pays(inputs.device, dims.head_dim) else "sdpa"
+        if method == "fused":
             per = fused_capture_bytes(dims, captured_queries, micro * seq, cb)
             # under checkpointing only the fp32 mass outlives a layer's recomputation
             capture_with = inputs.capture_layers * captured_queries * 4 * dims.num_heads + per
         else:
-            if inputs.capture_method == "eager":
+            if method == "eager":
                 per = micro * dims.num_heads * seq * seq * (cb + 4)  # the full attention weights
             else:
                 per = captured_queries * capture_bytes(dims, seq, cb, inputs.device)
@@ -445,7 +449,7 @@ def memory_plan(dims: ModelDims, inputs: PlanInputs, capacity: int | None = None
             # (measured with experiments/gpu/full_step.py --tiny: the capture adds 7 MiB, not 2 × the extra).
             capture_with = inputs.capture_layers * tokens * 2 * cb * dims.hidden_size + per
         capture_without = inputs.capture_layers * per
-    logits_ws = lm_workspace(micro * inputs.max_new_tokens)
+    logits_ws = lm_workspace(micro * inputs.max_new_tokens, with_grad=True)
     audio_grad = not (inputs.freeze_audio_tower and inputs.freeze_projector) and not lora
     audio_with = audio_activation_bytes(dims, clips, cb, True) if audio_grad else 0
     audio_without = audio_activation_bytes(dims, clips, cb, False) if audio_grad else 0

@@ -66,12 +66,26 @@ def lm_head_chunk_rows(chunk_size: int, vocab: int, device_type: str) -> int:
     return chunk_size
 
 
-def lm_head_workspace_bytes(positions: int, vocab: int, chunk_size: int, device_type: str, compute_bytes: int = 4) -> int:
+def keeps_logits(device_type: str, compute_bytes: int) -> bool:
+    """Whether a scored forward with gradient keeps its [M, V] logits for the backward (`keep_logits=None`):
+    on CUDA with a 16-bit compute dtype, where they cost 2 bytes per element against the ~18 that full logits
+    peak at, and save the backward's recomputing matmul. Measured on an H200 (2026-11-28, 8×512 positions,
+    V = 156,032, bf16, `experiments/gpu/followup_20261128.py`): speed 0.82× → 0.92× of full logits, memory
+    0.10 → 0.21 of theirs; the 7B-width update pass went from 36–40 % to 40–41 % MFU. On CPU, in fp32 the kept
+    logits would be 4 bytes per element and the chunks there are capped small (CPU_CHUNK_BYTES): kept bf16
+    logits took the memory to 0.27 of full logits (8×128 positions, V = 32,000), so CPU recomputes."""
+    return device_type == "cuda" and compute_bytes == 2
+
+
+def lm_head_workspace_bytes(positions: int, vocab: int, chunk_size: int, device_type: str, compute_bytes: int = 4,
+                            with_grad: bool = False) -> int:
     """Peak temporary bytes of the log-prob/entropy chunks over `positions` scored positions (for the memory
     plan): two fp32 [chunk, V] buffers (logits then log-probs/gradient, and probabilities), plus the logits in
-    the compute dtype before their fp32 copy when that dtype is narrower."""
+    the compute dtype before their fp32 copy when that dtype is narrower; with_grad: plus the [positions, V]
+    logits kept for the backward where `keeps_logits`."""
     rows = min(positions, lm_head_chunk_rows(chunk_size, vocab, device_type))
-    return rows * vocab * (8 + (compute_bytes if compute_bytes < 4 else 0))
+    kept = positions * vocab * compute_bytes if with_grad and keeps_logits(device_type, compute_bytes) else 0
+    return rows * vocab * (8 + (compute_bytes if compute_bytes < 4 else 0)) + kept
 
 
 @dataclass
@@ -222,16 +236,21 @@ def _chunk_logprob_entropy(
 
 
 def _chunk_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float,
+    logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk, no autograd: z = (h Wᵀ + b) / T in fp32 -> (log p(target), entropy, logsumexp z), each [c].
 
     log_softmax once; the probabilities overwrite z (no third [c, V] buffer); entropy = −Σ p·log p as a
-    batched dot product; logsumexp z = z_target − log p_target.
+    batched dot product; logsumexp z = z_target − log p_target. logits_out: [c, V] in the compute dtype, to
+    receive h Wᵀ + b (before the temperature) for a backward that reuses them.
     """
-    z = nn.functional.linear(hidden, weight, bias).float()
+    raw = nn.functional.linear(hidden, weight, bias)
+    if logits_out is not None:
+        logits_out.copy_(raw)
+    z = raw.float()
     if temperature != 1.0:
-        z.div_(temperature)
+        z.div_(temperature)  # raw is this call's own temporary (logits_out holds a copy)
     logp = torch.log_softmax(z, dim=-1)
     token_logp = logp.gather(1, targets[:, None]).squeeze(1)
     lse = z.gather(1, targets[:, None]).squeeze(1) - token_logp
@@ -266,26 +285,31 @@ class _FusedTokenStats(torch.autograd.Function):
     to an fp32 weight's dtype) and what accumulates is dh: [M, H], 32× smaller at those widths.
     Peak extra memory is two fp32 [chunk, V]-sized buffers. Under autocast the matmuls run in the dtype the
     forward's linear produced (recorded at forward).
-    Keeping the bf16 logits for backward instead of recomputing them was tried and not kept: on CPU in bf16
-    (8×128 positions, V = 32,000, `mapo.bench.bench_scoring`) it took the speed from 0.93× to 1.06× of full
-    logits but the memory from 0.14 to 0.27 of theirs, over the ≤ 0.25 that scoring must stay under.
+    keep_logits: the forward also writes h Wᵀ + b, in that compute dtype, into one [M, V] buffer, and the
+    backward reads its slices instead of recomputing them: one matmul of four saved for 2 bytes per element
+    in bf16 (`keeps_logits` says where that is the default, with the measurements). Values are the same either
+    way; gradients up to rounding (a matmul over a slice of columns may round unlike one over a chunk of rows).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int):
-        parts = [_chunk_stats(hidden[s : s + chunk], weight, bias, targets[s : s + chunk], temperature)
-                 for s in range(0, hidden.shape[0], chunk)]
-        logp, entropy, lse = (torch.cat(values) for values in zip(*parts))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, keep_logits: bool = False):
         device_type = hidden.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        ctx.compute_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+        logits = (torch.empty(hidden.shape[0], weight.shape[0], dtype=compute_dtype, device=hidden.device)
+                  if keep_logits else None)  # [M, V]: the backward then reads them instead of recomputing
+        parts = [_chunk_stats(hidden[s : s + chunk], weight, bias, targets[s : s + chunk], temperature,
+                              None if logits is None else logits[s : s + chunk])
+                 for s in range(0, hidden.shape[0], chunk)]
+        logp, entropy, lse = (torch.cat(values) for values in zip(*parts))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, logits)
+        ctx.compute_dtype = compute_dtype
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, logits = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, temperature = ctx.compute_dtype, ctx.temperature
         positions, vocab = hidden.shape[0], weight.shape[0]
@@ -301,7 +325,10 @@ class _FusedTokenStats(torch.autograd.Function):
         for start in range(0, vocab, width):
             stop = min(start + width, vocab)
             w = weight[start:stop].to(dtype)
-            z = nn.functional.linear(h, w, None if bias is None else bias[start:stop].to(dtype)).float()
+            if logits is None:
+                z = nn.functional.linear(h, w, None if bias is None else bias[start:stop].to(dtype)).float()
+            else:
+                z = logits[:, start:stop].to(torch.float32, copy=True)  # (never write into the saved logits)
             if temperature != 1.0:
                 z.div_(temperature)
             logp = z.sub_(lse)  # log p, in place
@@ -322,7 +349,7 @@ class _FusedTokenStats(torch.autograd.Function):
                 d_bias[start:stop] = dz.sum(0)
         if d_hidden is not None:
             d_hidden = d_hidden.to(hidden.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None
 
 
 def _fusable(lm_head: nn.Module) -> bool:
@@ -339,14 +366,17 @@ def logprobs_from_hidden(
     completion_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep_logits: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the completion tokens and full-vocabulary entropies, `chunk_size` positions at a time.
 
     hidden: [N, P+T, H]; completion_ids: [N, T]; completion_mask: [N, T] or None.
     Returns (logprobs [N, T], entropy [N, T]) in fp32, 0 where completion_mask is 0.
     Only the positions a mask keeps go through the LM head; on CPU a chunk also stays under CPU_CHUNK_BYTES.
-    With grad enabled, a plain linear head uses `_FusedTokenStats` (one custom backward, logits recomputed per chunk, never stored); another head is
-    checkpointed chunk by chunk. Either way peak memory stays at about one chunk of logits.
+    With grad enabled, a plain linear head uses `_FusedTokenStats` (one custom backward over vocabulary slices;
+    the logits recomputed there, or with keep_logits kept from the forward in the compute dtype; None: where
+    `keeps_logits`, i.e. on CUDA in bf16/fp16); another head is checkpointed chunk by chunk. Peak memory stays
+    at about one chunk of fp32 logits, plus the kept logits.
     """
     num_rows, num_tokens = completion_ids.shape
     if hidden.shape[1] != prompt_len + num_tokens:
@@ -357,7 +387,7 @@ def logprobs_from_hidden(
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     queries = hidden[:, prompt_len - 1 : prompt_len - 1 + num_tokens]
     return completion_logprobs(lm_head, queries, completion_ids, completion_mask=completion_mask,
-                               temperature=temperature, chunk_size=chunk_size)
+                               temperature=temperature, chunk_size=chunk_size, keep_logits=keep_logits)
 
 
 def completion_logprobs(
@@ -368,6 +398,7 @@ def completion_logprobs(
     completion_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep_logits: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_from_hidden` on the T query states themselves: queries [N, T, H] (query t predicts
     completion token t). Returns (logprobs [N, T], entropy [N, T]) fp32, 0 where completion_mask is 0."""
@@ -392,8 +423,12 @@ def completion_logprobs(
             queries, targets = queries.index_select(0, kept), targets.index_select(0, kept)
     if _fusable(lm_head):
         if needs_grad:
+            if keep_logits is None:
+                autocast = torch.is_autocast_enabled(device.type)
+                compute = torch.get_autocast_dtype(device.type) if autocast else lm_head.weight.dtype
+                keep_logits = keeps_logits(device.type, compute.itemsize)
             logprobs, entropy = _FusedTokenStats.apply(
-                queries, lm_head.weight, lm_head.bias, targets, float(temperature), chunk_size
+                queries, lm_head.weight, lm_head.bias, targets, float(temperature), chunk_size, keep_logits
             )
         else:
             with torch.no_grad():

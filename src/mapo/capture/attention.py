@@ -21,7 +21,8 @@ How it is installed, and why this way:
   whatever the model was loaded with) with the unchanged arguments — so outputs and gradients of the model
   are exactly as without the capture — then computes the mass from the same query/key tensors (after
   rotary embedding) and the same attention mask.
-- method "fused" (the default of `algo.attn.method`) changes the first point: the wrapper calls the original
+- method "fused" (what the default `algo.attn.method` "auto" takes on CPU, and on CUDA for heads narrower
+  than 121; see `mapo.capture.kernels.fused_capture_pays`) changes the first point: the wrapper calls the original
   function once, on query/key/value widened by `mapo.capture.kernels.fused_inputs`, and splits the result
   into the layer's output and the mass. Same function, same mask, one attention instead of two per captured
   layer; the model's outputs then equal the uncaptured ones up to floating-point rounding.
@@ -48,6 +49,7 @@ from torch import nn
 from mapo.capture.kernels import (
     audio_mass_eager,
     audio_mass_sdpa,
+    fused_capture_pays,
     fused_inputs,
     split_fused_output,
 )
@@ -57,8 +59,9 @@ from mapo.models.embed import audio_span_mask
 
 #: Methods that compute the mass in a second call after the layer's own attention (see `mapo.capture.kernels`).
 MASS_METHODS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": audio_mass_sdpa, "eager": audio_mass_eager}
-#: Every `method` of a capture: "fused" rides in the layer's own attention call, the others run after it.
-CAPTURE_METHODS = ("fused", *MASS_METHODS)
+#: Every `method` of a capture: "fused" rides in the layer's own attention call, the others run after it;
+#: "auto" takes "fused" where `fused_capture_pays` and "sdpa" elsewhere, call by call.
+CAPTURE_METHODS = ("auto", "fused", *MASS_METHODS)
 HEAD_REDUCTIONS = ("max", "mean")
 LAYER_REDUCTIONS = ("mean", "max")
 
@@ -112,7 +115,7 @@ class AudioAttentionCapture:
         layers: Sequence[int] = (-3, -2, -1),
         head_reduce: str = "max",
         layer_reduce: str = "mean",
-        method: str = "fused",
+        method: str = "auto",
         key_length: int | None = None,
     ) -> None:
         if method not in CAPTURE_METHODS:
@@ -127,7 +130,8 @@ class AudioAttentionCapture:
         self.audio_key_mask = audio_key_mask
         self.head_reduce = head_reduce
         self.layer_reduce = layer_reduce
-        self._mass_fn = MASS_METHODS.get(method)  # None for "fused"
+        self.method = method
+        self._mass_fn = MASS_METHODS.get(method)  # None for "fused" and "auto"
         self.key_length = key_length
         self._slot_of = {attn: slot for slot, attn in enumerate(self._attention_modules)}
         self._override = AttentionOverride(self._attention_modules, self._attention, "audio capture",
@@ -180,7 +184,10 @@ class AudioAttentionCapture:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5  # SDPA's default, used by the original function too
         audio_keys = self._audio_key_mask.to(key.device)
-        if self._mass_fn is None:
+        mass_fn = self._mass_fn
+        if self.method == "auto" and not fused_capture_pays(query.device.type, query.shape[-1], value.shape[-1]):
+            mass_fn = MASS_METHODS["sdpa"]
+        if mass_fn is None:
             # fused: one call of the original on widened inputs; the scaling must stay the unwidened one
             wide_q, wide_k, wide_v = fused_inputs(query, key, value, audio_keys)
             wide_out, weights = original(module, wide_q, wide_k, wide_v, attention_mask, *args,
@@ -191,7 +198,7 @@ class AudioAttentionCapture:
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        self._head_mass[slot] = self._mass_fn(query, key, audio_keys, attention_mask, scaling, is_causal)
+        self._head_mass[slot] = mass_fn(query, key, audio_keys, attention_mask, scaling, is_causal)
         return output
 
     # ----------------------------------------------------------------------------- results
@@ -220,7 +227,7 @@ def capture_audio_attention(
     layers: Sequence[int] = (-3, -2, -1),
     head_reduce: str = "max",
     layer_reduce: str = "mean",
-    method: str = "fused",
+    method: str = "auto",
     key_length: int | None = None,
 ) -> AudioAttentionCapture:
     """Context manager recording the audio attention mass of `model`'s text decoder.
@@ -231,8 +238,10 @@ def capture_audio_attention(
         (see `audio_key_mask_from_ids`); S is the full sequence length (prompt + completion).
     layers: indices into the text decoder layers; negative counts from the end (default: last 3).
     head_reduce: "max" | "mean" over query heads; layer_reduce: "mean" | "max" over the chosen layers.
-    method: "fused" (the indicator rides in the layer's own attention call) | "sdpa" (a second, indicator-value
-        SDPA call; no Q×S tensor; the model's outputs bit-identical) | "eager" (full softmax weights; reference).
+    method: "auto" (the default: "fused" where `mapo.capture.kernels.fused_capture_pays`, i.e. on CPU, and on
+        CUDA for heads narrower than 121; "sdpa" otherwise) | "fused" (the indicator rides in the layer's own
+        attention call) | "sdpa" (a second, indicator-value SDPA call; no Q×S tensor; the model's outputs
+        bit-identical) | "eager" (full softmax weights; reference).
     key_length: record only attention calls over exactly this many keys (None: every call). A shared-prefix
         pass (mapo.shared_prefix) calls each layer twice, for the prompt alone and for the completion
         queries over prompt + completion keys; only the second is wanted, its mass is then [B, T].

@@ -38,6 +38,24 @@ import torch.nn.functional as F
 #: widths up to 256 in such steps; Qwen2-Audio's 128 becomes 136).
 FUSED_EXTRA_WIDTH = 8
 
+#: On CUDA, the widest head (query/key and value) for which PyTorch's fused attention kernels stay on their
+#: fast path: the memory-efficient kernel, the one a masked (padded) call takes, is built for widths ≤ 128 and
+#: beyond that runs a generic, much slower variant. Measured on an H200 (2026-11-28, one layer's attention at
+#: 7B head shapes, S = 4096, padded, forward + backward, `experiments/gpu/followup_20261128.py`): heads of 128
+#: widened to 136 made the fused capture cost 2.66× the uncaptured attention against the second call's
+#: 1.79×; heads of 120 widened to 128, 1.10× against 1.84×.
+CUDA_FAST_HEAD_WIDTH = 128
+
+
+def fused_capture_pays(device_type: str, head_dim: int, value_dim: int | None = None,
+                       width: int = FUSED_EXTRA_WIDTH) -> bool:
+    """Whether the fused capture is the cheaper method for heads of `head_dim` (and `value_dim`) on a device
+    of `device_type`: on CUDA only while the widened heads stay within CUDA_FAST_HEAD_WIDTH (so for
+    Qwen2-Audio's and the Omni thinkers' 128-wide heads the second call wins there), elsewhere always (on
+    CPU the fused call cost 1.09× at 7B head shapes against the second call's 1.98×)."""
+    widest = max(head_dim, head_dim if value_dim is None else value_dim) + width
+    return device_type != "cuda" or widest <= CUDA_FAST_HEAD_WIDTH
+
 
 def default_indicator_width(query: torch.Tensor) -> int:
     """Width of the indicator "value" that keeps SDPA on a fused kernel (no Q×S matrix).

@@ -26,8 +26,8 @@ want full_step && section "issue 7: one MAPO step, full-depth Qwen2-Audio-7B wid
 want full_step && timeout 150 python3 experiments/gpu/full_step.py 2>&1 | tail -45 | tee "$OUT/full_step.txt"
 
 if want bench7b; then
-section "issue 10: 7B-width suite (decode vs the bandwidth bound and its kernel profile, the matmul decode-attention experiment, update MFU, scoring)"
-timeout 160 python3 -m mapo.bench --suite gpu7b --budget-s 110 --out "$OUT/bench" 2>&1 | grep -v "it/s" | tail -40 | tee "$OUT/bench.txt"
+section "issue 10: 7B-width suite (decode vs the bandwidth bound and its kernel profile, eager and compiled, update MFU, scoring, capture)"
+timeout 230 python3 -m mapo.bench --suite gpu7b --budget-s 170 --out "$OUT/bench" 2>&1 | grep -v "it/s" | tail -40 | tee "$OUT/bench.txt"
 fi
 
 if want cuda_tests; then

@@ -28,6 +28,7 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     results = json.loads(next(tmp_path.glob("*-gpu7b.json")).read_text())
     sections = results["sections"]
     assert all(isinstance(v, dict) for v in sections.values()), sections  # nothing failed or skipped
+    table = (tmp_path / "README.md").read_text()
     # Hand count of the toy decoder's weights read per step (fp32): per layer q 64·64+64, k and v 64·32+32 each
     # (2 KV heads × 16), o 64·64, MLP 3·64·128, two norms 2·64; then the final norm 64 and the LM head 512·64.
     per_layer = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
@@ -39,6 +40,11 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     assert decode["bound_s"] == pytest.approx((weights + decode["kv_bytes_mean"]) / 0.01e12)
     assert decode["step_over_bound"] == pytest.approx(decode["step_s"] / decode["bound_s"])
     assert decode["graphs"] == {"captured": 0, "replayed": 0, "failed": 0}  # no CUDA graph on CPU
+    assert len(decode["step_s_rounds"]) == 3 and decode["step_s"] == sorted(decode["step_s_rounds"])[1]  # median
+    for rows in (64, 32, 128):  # rollout.compile, traced by dynamo's "eager" backend at toy widths
+        compiled = sections[f"decode_{rows}rows_graph_compiled"]
+        assert compiled["compile_decoder"] == "eager" and compiled["rows"] == rows and compiled["warmup_s"] > 0
+    assert "| decode_64rows_graph_compiled | 64 rows, prompt 32, 12 tokens, compiled (warm-up " in table
     # the shared-prompt cache reads each of the 8 prompts once: 512 · (8 · 32 + 64 · new / 2)
     shared = sections["decode_64rows_graph_shared_prompt"]
     assert shared["shared_prompt"] and shared["kv_bytes_mean"] == 512 * (8 * 32 + 64 * shared["new_tokens"] / 2)
@@ -55,7 +61,6 @@ def test_gpu_suite_runs_at_toy_widths_on_cpu(tmp_path):
     assert "matmul" in profile["per_step_s"] and all(v >= 0 for v in profile["per_step_s"].values())
     assert not profile["share"] or sum(profile["share"].values()) == pytest.approx(1.0)
     assert profile["total_over_bound"] == pytest.approx(profile["total_s"] / profile["bound_s"])
-    table = (tmp_path / "README.md").read_text()
     assert "| decode_profile | 64 rows, eager, cpu ops per step: " in table
     assert "gpu7b suite (toy widths)" in table and "| decode_64rows_eager |" in table and "MFU" in table
     overhead = sections["capture_overhead"]

@@ -261,6 +261,49 @@ def test_shared_prompt_cache_decodes_what_the_per_row_cache_does(attn):
     assert torch.equal(greedy.completion_ids, greedy_reference(model, batch, 12)[:, : greedy.completion_ids.shape[1]])
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_compiled_decoder_decodes_what_the_eager_one_does(shared):
+    """rollout.compile: the decode steps through torch.compile of the text decoder (the cache writes eager)
+    sample the same tokens as the eager steps, with the per-row and the shared-prompt cache; the prefill stays
+    eager; afterwards the module's forward and the caches' writes are the class's own again. The "eager"
+    backend runs what dynamo traced (graph breaks at the cache writes, guards, dynamic shapes) without
+    Inductor's minutes of C++ compiling on this CPU; the GPU runs time Inductor's code."""
+    from mapo.decode_compile import EAGER_CACHE_WRITES
+
+    torch._dynamo.reset()
+    model = tiny_model(seed=2, eos_bias=1.5, projector_gain=50.0)
+    text = model.model.language_model
+    writes = {cls: cls.__dict__["update"] for cls in EAGER_CACHE_WRITES}
+    kwargs = dict(group_size=4, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD, seeds=[1, 2, 3],
+                  temperature=1.2, top_k=40, repetition_penalty=1.2, cache="static", shared_prompt_cache=shared)
+    calls = {"compiled": 0}
+    compile_fn = torch.compile
+
+    def counting_compile(fn, **options):
+        calls["compiled"] += 1
+        assert options == {"dynamic": True, "backend": "eager"}
+        return compile_fn(fn, **options)
+
+    eager = generate_rollout(model, make_batch(), **kwargs)
+    torch.compile, original = counting_compile, torch.compile
+    try:
+        compiled = generate_rollout(model, make_batch(), compile_decoder="eager", **kwargs)
+        again = generate_rollout(model, make_batch(), compile_decoder="eager", **kwargs)
+    finally:
+        torch.compile = original
+    assert calls["compiled"] == 2  # one compiled forward per rollout (torch reuses the compiled code)
+    assert torch.equal(eager.completion_ids, compiled.completion_ids)
+    assert torch.equal(compiled.completion_ids, again.completion_ids)
+    lengths = compiled.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max() and compiled.completion_ids.shape[1] >= 10
+    assert "forward" not in text.__dict__  # the class's forward again
+    assert all(cls.__dict__["update"] is update for cls, update in writes.items())
+    # the growing cache has nothing to compile this way: said, and decoded eagerly
+    with pytest.warns(UserWarning, match="compile_decoder has no effect"):
+        dynamic = generate_rollout(model, make_batch(), compile_decoder="eager", **{**kwargs, "cache": "dynamic"})
+    assert torch.equal(dynamic.completion_ids, eager.completion_ids)
+
+
 def test_shared_prompt_attention_hand_worked():
     """One prompt of 2 keys, G = 2 rows with 1 own key each, d = 1, scaling 1: row r's query q_r sees
     scores (q·k0, q·k1, q·c_r); the output is the softmax-weighted values; a padded prompt key is skipped."""

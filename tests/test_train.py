@@ -401,8 +401,10 @@ def test_an_evaluation_only_run_builds_no_reference(tiny_env, tmp_path, monkeypa
 
 
 def test_every_rollout_of_a_run_gets_the_configured_cuda_graph(tiny_env, tmp_path, monkeypatch):
-    """`rollout.cuda_graph` reaches the training rollouts and the evaluations (at start and at the end)
-    through the run's generation keywords: each rollout receives the configured value, none the default."""
+    """`rollout.cuda_graph` and `rollout.compile` reach the training rollouts and the evaluations (at start and
+    at the end) through the run's generation keywords: each rollout receives the configured values, none the
+    defaults. (The spy then decodes uncompiled: Inductor would compile for minutes on this CPU; the compiled
+    decode itself is tested in test_rollout.)"""
     from mapo import evaluate, rl, train
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, whatever ran before
@@ -412,12 +414,12 @@ def test_every_rollout_of_a_run_gets_the_configured_cuda_graph(tiny_env, tmp_pat
         real = module.generate_rollout
 
         def spy(*args, caller=caller, real=real, **kwargs):
-            received.append((caller, kwargs.get("cuda_graph")))
-            return real(*args, **kwargs)
+            received.append((caller, (kwargs.get("cuda_graph"), kwargs.get("compile_decoder"))))
+            return real(*args, **{**kwargs, "compile_decoder": False})
 
         monkeypatch.setattr(module, "generate_rollout", spy)
     overrides = [o for o in train_cmd(tiny_env, tmp_path / "run", "tiny_mapo")[3:] if not o.startswith("trainer.steps=")]
-    overrides += ["trainer.steps=1", "trainer.warm_start.enabled=false", "rollout.cuda_graph=off"]
+    overrides += ["trainer.steps=1", "trainer.warm_start.enabled=false", "rollout.cuda_graph=off", "rollout.compile=true"]
     train.run(OmegaConf.to_object(compose_cfg(overrides)))
     assert {caller for caller, _ in received} == {"rl", "eval"}
-    assert {value for _, value in received} == {"off"}, received
+    assert {value for _, value in received} == {("off", True)}, received

@@ -18,15 +18,14 @@ Sections (each fails soft: an error or the time budget is recorded and the next 
   device time per step, next to the bound and the timed step (CUDA graphs remove the host's launch gaps,
   not kernel time, so the graph step is at least the summed kernel time). On CPU (--toy) the categories are
   the operators' own CPU time.
-- decode_64rows_graph_matmul_attention: an experiment for the decode gap, the same as decode_64rows_graph with
-  the one-query attention of each decode step done as two batched matmuls and an fp32 softmax over the
-  [rows, heads, 1, L] scores (`matmul_decode_attention`) instead of SDPA's fused kernel. With a mask and one
-  query per row, SDPA takes a kernel tiled for many queries; the two matmuls read K and V once each. If it
-  wins, the rollout should take it (it is not used outside this section yet).
 - decode_64rows_graph_shared_prompt: decode_64rows_graph with `rollout.shared_prompt_cache` (each prompt's
   keys/values held and read once for its G = 8 rows, `mapo.kv_cache.SharedPromptKVCache`); its bound counts
-  the bytes that cache reads (each prompt once), so step/bound stays an honest ratio. If it wins, the option
-  should default to on for CUDA.
+  the bytes that cache reads (each prompt once), so step/bound stays an honest ratio. (H200, 2026-11-28:
+  1.26x the per-row step; the option saves memory, not time.)
+- decode_*_graph_compiled: the 64-, 32- and 128-row decodes with `rollout.compile` (`mapo.decode_compile`);
+  the first one's untimed warm-up compiles (`warmup_s`), the others reuse the compiled code.
+- (`matmul_decode_attention`, the one-query attention as two batched matmuls, was a section until the H200
+  run of 2026-11-28 measured it at 1.13x the SDPA step; `experiments/gpu/followup_20261128.py` still uses it.)
 - update: forward + backward of the policy's log-probs and entropies (`hidden_states` +
   `logprobs_from_hidden`, every position scored) on rows × sequence tokens; model-FLOPs utilisation =
   6 · N · tokens / time / peak dense bf16 FLOP/s, N = the decoder layers' and LM head's parameters
@@ -143,7 +142,7 @@ def kv_bytes_per_token(widths: dict, dtype: torch.dtype) -> int:
 
 
 def _decoder(model, widths: dict, *, prompts: int, group: int, prompt_len: int, cuda_graph: str,
-             shared_prompt: bool = False):
+             shared_prompt: bool = False, compile_decoder: bool | str = False):
     """(device, rollout(n)): our rollout of n new tokens on `prompts` random prompts of `prompt_len` tokens.
     Random weights: a row samples EOS with probability ~1/V per step, so a rollout runs all n steps (the
     longest row decides), and rollouts of 1 and of n tokens differ by n − 1 whole decode steps."""
@@ -157,7 +156,7 @@ def _decoder(model, widths: dict, *, prompts: int, group: int, prompt_len: int, 
     def rollout(n: int):
         return generate_rollout(model, batch, group_size=group, max_new_tokens=n, eos_token_id=widths["vocab"] - 2,
                                 pad_token_id=0, temperature=1.0, seeds=list(range(prompts)), cuda_graph=cuda_graph,
-                                shared_prompt_cache=shared_prompt)
+                                shared_prompt_cache=shared_prompt, compile_decoder=compile_decoder)
 
     return device, rollout
 
@@ -174,9 +173,11 @@ def _bound(model, widths: dict, dtype: torch.dtype, rows: int, prompt_len: int, 
 
 
 def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: int, new_tokens: int, cuda_graph: str,
-                bandwidth: float | None, dtype: torch.dtype, shared_prompt: bool = False, repeats: int = 3) -> dict:
+                bandwidth: float | None, dtype: torch.dtype, shared_prompt: bool = False, repeats: int = 3,
+                compile_decoder: bool | str = False) -> dict:
     """Decode step time of `generate_rollout` and its memory-bandwidth bound (see the module docstring);
-    shared_prompt: decode with `rollout.shared_prompt_cache` (the bound then counts each prompt once).
+    shared_prompt: decode with `rollout.shared_prompt_cache` (the bound then counts each prompt once);
+    compile_decoder: with `rollout.compile` (the untimed warm-up rollout compiles).
 
     The step time is the median over `repeats` rounds of (rollout of new_tokens − rollout of 1) / (steps − 1),
     after one untimed rollout of the full length. Why rounds: on an H200 (2026-11-28) the same setting read
@@ -186,14 +187,16 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
     from mapo.rollout import graph_stats
 
     device, rollout = _decoder(model, widths, prompts=prompts, group=group, prompt_len=prompt_len, cuda_graph=cuda_graph,
-                               shared_prompt=shared_prompt)
+                               shared_prompt=shared_prompt, compile_decoder=compile_decoder)
 
     def timed(n: int) -> tuple[float, int]:
         with device_timer(device) as timer:
             out = rollout(n)
         return timer.seconds, int(out.completion_ids.shape[1])
 
+    started = time.perf_counter()
     timed(new_tokens)  # warm-up (kernels, allocator, graph capture path, every buffer at its full size)
+    warmup_s = time.perf_counter() - started  # with compile_decoder: mostly the compile
     rounds, ones = [], []
     graphs_before = graph_stats()
     for _ in range(max(1, repeats)):
@@ -205,7 +208,7 @@ def time_decode(model, widths: dict, *, prompts: int, group: int, prompt_len: in
     step_s = statistics.median(rounds)
     rows = prompts * group
     out = {"rows": rows, "prompt_len": prompt_len, "new_tokens": steps, "cuda_graph": cuda_graph,
-           "shared_prompt": shared_prompt, "step_s": step_s, "step_s_rounds": rounds, "tokens_per_s": rows / step_s,
+           "shared_prompt": shared_prompt, "compile_decoder": compile_decoder, "warmup_s": warmup_s, "step_s": step_s, "step_s_rounds": rounds, "tokens_per_s": rows / step_s,
            "prefill_and_first_token_s": statistics.median(ones), "graphs": graphs,
            **_bound(model, widths, dtype, rows, prompt_len, steps, bandwidth, prompts if shared_prompt else None)}
     if "bound_s" in out:
@@ -419,8 +422,6 @@ def run_gpu_suite(args) -> dict:
     decode = dict(model=model, widths=widths, group=8, bandwidth=bandwidth, dtype=dtype)
     section("decode_64rows_graph", lambda: time_decode(prompts=8, cuda_graph="on", **small, **decode))
     section("decode_profile", lambda: profile_decode(prompts=8, **{**small, "new_tokens": 17 if not toy else 6}, **decode))
-    section("decode_64rows_graph_matmul_attention", lambda: _with(matmul_decode_attention(), lambda: time_decode(
-        prompts=8, cuda_graph="on", **small, **decode)))
     section("decode_64rows_eager", lambda: time_decode(prompts=8, cuda_graph="off", repeats=1,  # ~7x slower: one round
                                                        **{**small, "new_tokens": small["new_tokens"] // 2}, **decode))
     section("decode_64rows_graph_shared_prompt", lambda: time_decode(
@@ -431,6 +432,13 @@ def run_gpu_suite(args) -> dict:
     section(f"update_4x{seq}", lambda: time_update(rows=4, seq=seq, checkpointing=False, **update))
     section("decode_32rows_graph", lambda: time_decode(prompts=4, cuda_graph="on", **small, **decode))
     section("decode_128rows_graph", lambda: time_decode(prompts=16, cuda_graph="on", **{**small, "prompt_len": small["prompt_len"] // 2}, **decode))
+    # rollout.compile: the first section compiles (its warm-up, seconds to a minute); the others reuse the code.
+    # --toy (the tests, on CPU) traces with dynamo's "eager" backend: Inductor's C++ compile takes minutes there.
+    compiler = "eager" if toy else True
+    section("decode_64rows_graph_compiled", lambda: time_decode(prompts=8, cuda_graph="on", compile_decoder=compiler, **small, **decode))
+    section("decode_32rows_graph_compiled", lambda: time_decode(prompts=4, cuda_graph="on", compile_decoder=compiler, **small, **decode))
+    section("decode_128rows_graph_compiled", lambda: time_decode(
+        prompts=16, cuda_graph="on", compile_decoder=compiler, **{**small, "prompt_len": small["prompt_len"] // 2}, **decode))
     section(f"update_8x{seq}_checkpointed", lambda: time_update(rows=8, seq=seq, checkpointing=True, **update))
     del model
     if device.type == "cuda":
@@ -464,7 +472,8 @@ def markdown_table(results: dict) -> str:
         elif key.startswith("decode"):
             bound = f", bound {sec['bound_s'] * 1e3:.2f} ms → step/bound **{sec['step_over_bound']:.2f}** (target ≤ 2)" if "bound_s" in sec else ""
             g = sec.get("graphs", {})
-            lines.append(f"| {key} | {sec['rows']} rows, prompt {sec['prompt_len']}, {sec['new_tokens']} tokens, graph "
+            compiled = f", compiled (warm-up {sec['warmup_s']:.0f} s)" if sec.get("compile_decoder") else ""
+            lines.append(f"| {key} | {sec['rows']} rows, prompt {sec['prompt_len']}, {sec['new_tokens']} tokens{compiled}, graph "
                          f"{sec['cuda_graph']} (captured {g.get('captured', 0)}, replayed {g.get('replayed', 0)}, failed "
                          f"{g.get('failed', 0)}): {sec['step_s'] * 1e3:.2f} ms/step, {sec['tokens_per_s']:.0f} tok/s{bound} |")
         elif key.startswith("update"):

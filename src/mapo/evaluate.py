@@ -97,6 +97,7 @@ def generate_answers(
     top_p: float = 1.0,
     seeds: Sequence[int] | None = None,
     cuda_graph: bool | str | None = None,
+    compile_decoder: bool | str = False,
     on_batch: Callable[[Sequence[Record], Rollout], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
@@ -104,6 +105,7 @@ def generate_answers(
 
     seeds: one per record (sampling draws of record i come from seeds[i], whatever its batch);
     cuda_graph: the decode's CUDA-graph option (`mapo.rollout.generate_rollout`; None = "auto");
+    compile_decoder: decode through a compiled text decoder (`rollout.compile`, `mapo.decode_compile`);
     on_batch(batch_records, rollout) runs after each batch is generated (e.g. collapse diagnostics on
     the same completions); progress(n) is told how many records each batch finished.
     """
@@ -128,6 +130,7 @@ def generate_answers(
             drop_audio=drop_audio,
             sync_finished=sync_finished,
             cuda_graph=cuda_graph,
+            compile_decoder=compile_decoder,
         )
         ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, pad_token_id)
         texts.extend(tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True))

@@ -167,7 +167,14 @@ def shared_prompt_attention(cache: SharedPromptKVCache):
     def attention(module, original, query, key, value, attention_mask, *args, scaling=None, **kwargs):
         if not cache.decoding:
             return original(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
-        prompt_keys, prompt_values = cache.prompt_keys[module.layer_idx], cache.prompt_values[module.layer_idx]
+        return decode(module.layer_idx, query, key, value, attention_mask, scaling)
+
+    # Left out of a compiled decoder (`mapo.decode_compile`): indexing the per-layer lists makes dynamo
+    # specialise on the layer, one recompile per layer until its limit; the few large kernels here gain
+    # nothing from fusion, and a CUDA graph replays them either way.
+    @torch.compiler.disable
+    def decode(layer: int, query, key, value, attention_mask, scaling):
+        prompt_keys, prompt_values = cache.prompt_keys[layer], cache.prompt_values[layer]
         batch, kv_heads, prompt_len, dim = prompt_keys.shape
         rows, heads = query.shape[0], query.shape[1]
         group, rep = rows // batch, heads // kv_heads

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mapo.decode_compile import compiled_text_decoder
 from mapo.distributed import fsdp_units
 from mapo.kv_cache import SharedPromptKVCache, StaticKVCache, as_mask, prefill_allowed
 from mapo.models.adapter import ModelAdapter, get_adapter
@@ -337,6 +338,7 @@ def generate_rollout(
     cache: str = "auto",
     finish_check_every: int | None = None,
     shared_prompt_cache: bool = False,
+    compile_decoder: bool | str = False,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt of a processor batch.
 
@@ -357,6 +359,9 @@ def generate_rollout(
     finish_check_every: steps between "all done?" reads (default 1 on CPU, 8 on CUDA).
     shared_prompt_cache: with the static cache and group_size ≥ 2, hold each prompt's keys/values once for
     its G rows and decode with `mapo.kv_cache.shared_prompt_attention` (`rollout.shared_prompt_cache`).
+    compile_decoder: run the decode steps through `torch.compile` of the text decoder (`rollout.compile`,
+    `mapo.decode_compile`); True uses Inductor, a string names another torch.compile backend. Static cache,
+    single process only (otherwise a warning, and the steps stay eager).
     Returns a Rollout with N = B·G rows and T ≤ max_new_tokens completion columns.
     """
     input_ids = prompt_batch["input_ids"]
@@ -432,6 +437,14 @@ def generate_rollout(
                 decoder = _DynamicDecoder(model, adapter, embeds, prompt_mask, positions, group_size)
                 override = nullcontext()
             logits = decoder.logits
+            compiled = nullcontext()
+            if compile_decoder and mask_kind is not None and sync_finished is None:
+                backend = compile_decoder if isinstance(compile_decoder, str) else "inductor"
+                compiled = compiled_text_decoder(adapter.text_model(model), backend)
+            elif compile_decoder:
+                why = "a distributed run (FSDP hooks run in every forward)" if sync_finished is not None else (
+                    "the growing cache (another attention kernel, sliding-window layers or cache='dynamic')")
+                warnings.warn(f"rollout: compile_decoder has no effect with {why}; decoding uncompiled", stacklevel=3)
 
             # 3. Token-by-token decode, feeding only the new token.
             num_rows = num_prompts * group_size
@@ -444,7 +457,7 @@ def generate_rollout(
             finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
             eos_tensor = torch.tensor(eos_ids, device=device)
             steps_run = max_new_tokens
-            with override:
+            with override, compiled:
                 for step in range(max_new_tokens):
                     tokens = next_tokens(
                         logits, settings, suppress=suppress, seen=None if seen is None else seen[:, :vocab_size],

@@ -117,10 +117,11 @@ def sampling_summary(cfg: MapoConfig, model_path: str | Path) -> str:
 
 def generation_kwargs(cfg: MapoConfig, processor, ctx, vocab_size: int | None = None) -> dict:
     """Rollout and evaluation keywords, passed to every rollout of the run (evaluation's included): stop, pad
-    and suppressed ids, `rollout.cuda_graph`, and under torchrun the finish sync; `vocab_size` (the LM head's
+    and suppressed ids, `rollout.cuda_graph`, `rollout.compile`, and under torchrun the finish sync; `vocab_size` (the LM head's
     rows) suppresses the rows past the tokenizer."""
     kwargs = generation_tokens(processor, vocab_size)  # stop, pad and suppressed ids (shared with mapo.eval)
     kwargs["cuda_graph"] = cfg.rollout.cuda_graph
+    kwargs["compile_decoder"] = cfg.rollout.compile
     if ctx.enabled:
         kwargs["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
     return kwargs

@@ -131,8 +131,19 @@ def test_collapse_values_match_an_eager_full_forward(tiny_env):
     assert (mass[~valid] == 0).all() and (abs_dh[~valid] == 0).all()
 
 
-def test_options_take_effect(tiny_env, tmp_path):
+def test_options_take_effect(tiny_env, tmp_path, monkeypatch):
     model = tiny_env["model"]
+    # --compile reaches every rollout (the spy decodes uncompiled: Inductor compiles for minutes on a CPU;
+    # the compiled decode is tested in test_rollout) and is recorded in the summary
+    import mapo.evaluate as evaluate
+
+    real, received = evaluate.generate_rollout, []
+    monkeypatch.setattr(evaluate, "generate_rollout", lambda *a, **kw: received.append(kw["compile_decoder"])
+                        or real(*a, **{**kw, "compile_decoder": False}))
+    run_eval("--model", model, "--data", MMAU, "--out", tmp_path / "c", "--max-new-tokens", 2, "--compile")
+    assert received and set(received) == {True}
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["options"]["compile"] is True
+    monkeypatch.undo()
     # one condition: only its rows, it is the main condition, no flip rate, no collapse files
     run_eval("--model", model, "--data", MMAU, "--out", tmp_path / "a", "--conditions", "no_audio", "--max-new-tokens", 3)
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
     dev.add_argument("--attn-implementation", default="sdpa", help="text attention kernel (sdpa or eager for --collapse)")
     dev.add_argument("--fsdp", action="store_true", help="shard the weights over the ranks (FSDP2) instead of one copy per rank")
+    dev.add_argument("--compile", action="store_true",
+                     help="decode through torch.compile of the text decoder (mapo.decode_compile; CUDA, one process: "
+                          "~10 %% faster steps at 7B widths on an H200; the first batch compiles for 15-35 s)")
     dev.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     diag = p.add_argument_group("collapse diagnostics")
     diag.add_argument("--collapse", action="store_true",
@@ -121,7 +124,7 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
     collator = Collator(processor, feature_cache=feature_cache if feature_cache is not None else FeatureCache())
     generation: dict[str, Any] = dict(
         generation_tokens(processor, get_adapter(model).vocab_size(model)), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+        do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, compile_decoder=args.compile,
     )
     if ctx.enabled:
         generation["sync_finished"] = lambda done: dist_utils.all_done(done, ctx, ctx.device)
@@ -157,7 +160,7 @@ def evaluate_folder(model_path: str | Path, bench: Benchmark, args: argparse.Nam
     rows = score_rows(bench.records, outputs, extras)
     collapse = pooled_curves(diagnostics) if diagnostics else None
     options = {k: getattr(args, k) for k in ("conditions", "batch_size", "max_new_tokens", "do_sample", "temperature",
-                                             "top_p", "seed", "limit", "collapse", "attn_implementation")}
+                                             "top_p", "seed", "limit", "collapse", "attn_implementation", "compile")}
     options.update(dtype=dtype, device=str(ctx.device))
     summary = summarize(
         bench.records, rows, bench.layout, notes=bench.notes, model=str(model_path), manifest=str(bench.path),

@@ -32,6 +32,8 @@ from torch import nn
 
 from mapo.kv_cache import SharedPromptKVCache, StaticKVCache
 
+#: Variants dynamo may compile per code object while decoding (its default is 8; see `compiled_text_decoder`).
+RECOMPILE_LIMIT = 64
 #: The cache classes whose `update` (the in-place write) stays out of the compiled graph.
 EAGER_CACHE_WRITES = (StaticKVCache, SharedPromptKVCache)
 
@@ -50,7 +52,10 @@ def compiled_text_decoder(text_model: nn.Module, backend: str = "inductor") -> I
         # Each layer's attention resumes after its cache write in a frame of its own, which dynamo would
         # specialise on `self.layer_idx`: one recompile per layer, and past `recompile_limit` (8) the deeper
         # layers would silently run eager (seen at 12 toy layers: 11 recompiles; with this, 3 for any depth).
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        # transformers' `deprecate_kwarg` wrapper is one code object around many forwards (model, layer,
+        # attention...), each a variant of its frame: the tiny model alone reached the limit of 8 there.
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=limit):
             yield text_model
     finally:
         for cls, update in writes.items():

@@ -10,7 +10,8 @@ The first rollout pays the compile: 15-35 s there.
 How: while `compiled_text_decoder` is entered, the text decoder module's `forward` is an instance attribute
 holding `torch.compile` of its own forward; leaving restores the class's. The prefill runs before the context
 is entered, so it stays eager and only the one-token steps are compiled. A `dynamic=True` compile serves
-every cache length and every batch, and every layer (see below), without recompiling. The KV-cache writes (`StaticKVCache.update`,
+every cache length, batch and layer after a few recompiles at the start (3 for the toy decoders, whatever
+their depth; see the comments in `compiled_text_decoder`). The KV-cache writes (`StaticKVCache.update`,
 `SharedPromptKVCache.update`) stay eager, under `torch.compiler.disable`. Their in-place `index_copy_` into
 the cache buffers, graph inputs, would otherwise be functionalised; unless Inductor re-inplaced it, the step
 would copy whole buffers (at 7B widths gigabytes per step). That costs a graph break per layer, and our CUDA

@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from mapo.bench_gpu import WIDTHS_7B, WIDTHS_TOY, build_model, card_peaks, time_decode  # noqa: E402
-from mapo.kv_cache import StaticKVCache  # noqa: E402
 from mapo.models.adapter import get_adapter  # noqa: E402
 
 
@@ -52,29 +51,28 @@ def main(argv: list[str] | None = None) -> dict:
     out["eager_kernels"] = time_decode(**setting)
     text = get_adapter(model).text_model(model)
     eager_forward = text.forward
-    update = StaticKVCache.update
-    # "inside": the cache write is compiled with the decoder; its in-place index_copy_ into the cache buffers
-    # (graph inputs) is functionalised, and unless Inductor re-inplaces it the step copies whole buffers back,
-    # which at 7B widths would be gigabytes per step. "outside" (the default) rules that out: the write stays
-    # eager, and each layer is two compiled pieces around it (graph breaks, all replayed by our CUDA graph, so
-    # on a GPU they cost only the fusion across them). On CPU at toy widths (2026-11-28, loaded machine): with
-    # a 32-token prompt inside ran at 0.51x the eager step in one run and 1.35x in another, outside at 1.34x;
-    # with a 512-token prompt inside took 9.4 ms against 5.4 ms eager, its extra time growing with the cache
-    # as a copy of the buffers would.
+    # "outside" (the default) is `rollout.compile` itself (`mapo.decode_compile`): the cache write stays eager,
+    # and each layer is two compiled pieces around it (graph breaks, all replayed by our CUDA graph, so on a
+    # GPU they cost only the fusion across them). "inside" compiles the write with the decoder: its in-place
+    # index_copy_ into the cache buffers (graph inputs) is functionalised, and unless Inductor re-inplaces it
+    # the step copies whole buffers back, which at 7B widths would be gigabytes per step. On CPU at toy widths
+    # (2026-11-28, loaded machine): with a 32-token prompt inside ran at 0.51x the eager step in one run and
+    # 1.35x in another, outside at 1.34x; with a 512-token prompt inside took 9.4 ms against 5.4 ms eager, its
+    # extra time growing with the cache as a copy of the buffers would.
     variants = ("inside", "outside") if args.cache_write == "both" else (args.cache_write,)
     for variant in variants:
         torch._dynamo.reset()
+        started = time.perf_counter()
         if variant == "outside":
-            StaticKVCache.update = torch.compiler.disable(update)
-        try:
-            # dynamic=True: the cache's visible length changes by bucket; one compiled graph should serve them all
-            text.forward = torch.compile(eager_forward, dynamic=True)
-            started = time.perf_counter()
-            out[f"compiled_cache_{variant}"] = time_decode(**setting)  # its warm-up rollouts do the compiling
-            out[f"compiled_cache_{variant}_total_s"] = time.perf_counter() - started
-        finally:
-            StaticKVCache.update = update
-            text.forward = eager_forward
+            out["compiled_cache_outside"] = time_decode(**setting, compile_decoder=True)  # warm-up compiles
+        else:
+            try:
+                # dynamic=True: the cache's visible length changes by bucket; one graph should serve them all
+                text.forward = torch.compile(eager_forward, dynamic=True)
+                out["compiled_cache_inside"] = time_decode(**setting)  # its warm-up rollouts do the compiling
+            finally:
+                text.forward = eager_forward
+        out[f"compiled_cache_{variant}_total_s"] = time.perf_counter() - started
         out[f"compiled_cache_{variant}_over_eager_kernels"] = (
             out[f"compiled_cache_{variant}"]["step_s"] / out["eager_kernels"]["step_s"])
     print(json.dumps(out, default=float))

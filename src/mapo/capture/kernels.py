@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 
 #: Zero channels the fused method appends to query, key and value (the value's first one holds the
-#: indicator). 8 keeps CUDA kernels' head widths a multiple of 8 (flash and memory-efficient kernels take
-#: widths up to 256 in such steps; Qwen2-Audio's 128 becomes 136).
+#: indicator). 8 keeps CUDA kernels' head widths a multiple of 8, which they require; whether the wider head
+#: still runs fast is `fused_capture_pays`' question (Qwen2-Audio's 128 becomes 136, off the fast path).
 FUSED_EXTRA_WIDTH = 8
 
 #: On CUDA, the widest head (query/key and value) for which PyTorch's fused attention kernels stay on their
